@@ -1,0 +1,54 @@
+# speaker-sim — `make demo` runs the main job, `make test` passes the tests.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SHARED ?= $(abspath ../shared)
+# The CPU build of torch: a plain `torch` requirement would pull several GB of CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+DEFAULT_MODEL := speech_campplus_sv_zh_en_16k-common_advanced
+
+.PHONY: install demo test test-fast lint format bench clean
+
+$(BIN)/speaker-sim: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(BIN)/speaker-sim pretrained
+
+# Make the shared real weights visible as ./pretrained/<model>/ (links, never copies).
+pretrained:
+	@mkdir -p pretrained
+	@if [ -d "$(SHARED)/pretrained" ]; then \
+	  for d in "$(SHARED)"/pretrained/*/; do \
+	    n=$$(basename "$$d"); [ -e "pretrained/$$n" ] || ln -s "$$d" "pretrained/$$n"; \
+	  done; \
+	else echo "note: $(SHARED)/pretrained not found; put checkpoints under pretrained/<model>/"; fi
+
+demo: install
+	$(BIN)/speaker-sim compare pretrained/$(DEFAULT_MODEL)/examples/
+
+test: install
+	SPEAKER_SIM_SHARED=$(SHARED) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	SPEAKER_SIM_SHARED=$(SHARED) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+bench: install
+	$(BIN)/speaker-sim bench --out bench-results/engine.json
+	$(BIN)/python benchmarks/bench_metrics.py
+
+clean:
+	rm -rf $(VENV) pretrained .pytest_cache .mypy_cache .ruff_cache build *.egg-info src/*.egg-info

@@ -1,0 +1,1 @@
+"""The command line: a Typer app with one module per command. The only layer that prints."""

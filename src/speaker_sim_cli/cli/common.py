@@ -1,0 +1,129 @@
+"""Options shared by several commands, and the pieces they assemble from them."""
+
+from __future__ import annotations
+
+import json
+import math
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..models.registry import DEFAULT_MODEL
+
+ModelOpt = Annotated[
+    str, typer.Option("--model", "-m", help="ModelScope id (iic/ or damo/) or alias.")
+]
+ModelDirOpt = Annotated[
+    Path | None,
+    typer.Option(help="Folder holding the model's checkpoint under its official file name."),
+]
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option(help="Embedding cache folder [default: $SPEAKER_SIM_CACHE or the user cache]."),
+]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")]
+DeviceOpt = Annotated[
+    str, typer.Option(help="auto, cpu, cuda or cuda:N (auto: the GPU when there is one).")
+]
+BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Most recordings in one batch.")]
+BatchFramesOpt = Annotated[
+    int,
+    typer.Option(min=0, help="Padded-frame budget of a batch (0: 12k on CPU, 200k on GPU)."),
+]
+WorkersOpt = Annotated[
+    int, typer.Option(min=-1, help="Decoding worker processes (-1: cores - 1, at most 8).")
+]
+ChunkOpt = Annotated[
+    float | None,
+    typer.Option(
+        min=0.5,
+        help="Embed every recording as the average of windows of S seconds "
+        "(default: whole recordings, windows of 10 s only beyond 300 s).",
+    ),
+]
+MinDurOpt = Annotated[
+    float, typer.Option(min=0.0, help="Recordings shorter than this many seconds fail.")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class ScoreFormat(str, Enum):
+    csv = "csv"
+    kaldi = "kaldi"
+    wespeaker = "wespeaker"
+
+
+class OnError(str, Enum):
+    keep = "keep"
+    skip = "skip"
+    fail = "fail"
+
+
+DEFAULT = DEFAULT_MODEL
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    from ..engine.cache import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(_clean(data), indent=2) + "\n").encode())
+
+
+def _clean(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if hasattr(x, "item") and not isinstance(x, str | bytes):
+        return _clean(x.item())
+    return x
+
+
+def metrics_block(m: Any) -> dict[str, Any]:
+    """The report's ``metrics``: fractions, thresholds, one entry per p_target."""
+    out: dict[str, Any] = {
+        "eer": m.eer,
+        "eer_threshold": m.eer_threshold,
+        "min_dcf": {f"{p:g}": v for p, v in m.min_dcf.items()},
+        "min_dcf_threshold": {f"{p:g}": v for p, v in m.min_dcf_threshold.items()},
+        "c_miss": m.c_miss,
+        "c_fa": m.c_fa,
+    }
+    if m.threshold is not None:
+        out["threshold"] = m.threshold
+        out["far"] = m.far
+        out["frr"] = m.frr
+        out["actual_dcf"] = {f"{p:g}": v for p, v in (m.actual_dcf or {}).items()}
+    out["definition"] = m.definition
+    return out
+
+
+def metrics_table(rows: list[tuple[str, Any]], title: str) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title, show_header=True, header_style="bold")
+    t.add_column("")
+    t.add_column("EER %", justify="right")
+    ps = sorted({p for _, m in rows for p in m.min_dcf})
+    for p in ps:
+        t.add_column(f"minDCF({p:g})", justify="right")
+    t.add_column("targets", justify="right")
+    t.add_column("non-targets", justify="right")
+    for name, m in rows:
+        t.add_row(
+            name,
+            f"{100 * m.eer:.3f}",
+            *[f"{m.min_dcf[p]:.4f}" if p in m.min_dcf else "" for p in ps],
+            str(m.n_targets),
+            str(m.n_nontargets),
+        )
+    return t

@@ -1,0 +1,91 @@
+"""``speaker-sim embed``: an embedding matrix and its index."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import common as c
+from .ui import EXIT_PARTIAL, STATE, EmbedProgress, errors_to_exit, say
+
+
+def embed(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="wav.scp files (utt path), list files (a path a line) or audio files.",
+                       show_default=False),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    model: c.ModelOpt = c.DEFAULT,
+    model_dir: c.ModelDirOpt = None,
+    cache_dir: c.CacheDirOpt = None,
+    no_cache: c.NoCacheOpt = False,
+    device: c.DeviceOpt = "auto",
+    precision: Annotated[c.Precision, typer.Option(help="Model precision.")] = c.Precision.fp32,
+    batch_size: c.BatchSizeOpt = 32,
+    batch_frames: c.BatchFramesOpt = 0,
+    workers: c.WorkersOpt = -1,
+    chunk_seconds: c.ChunkOpt = None,
+    min_duration: c.MinDurOpt = 0.3,
+    quiet: c.QuietOpt = False,
+) -> None:
+    """Write OUT/embeddings.npy (N x D float32, not normalised) and OUT/index.csv (key,path).
+
+    Row i of the matrix is row i of the index; recordings that fail are listed in
+    OUT/failures.csv instead (exit 3).
+    """
+    STATE["quiet"] = quiet
+    with errors_to_exit():
+        import numpy as np
+
+        from ..engine.cache import atomic_write_bytes, npy_bytes
+        from ..engine.embedder import EngineConfig
+        from ..pipeline import Extractor
+        from ..trials import read_inputs
+
+        recs = read_inputs([str(p) for p in inputs])
+        engine = EngineConfig(
+            device=device, precision=precision.value, batch_size=batch_size,
+            batch_frames=batch_frames, workers=workers, chunk_seconds=chunk_seconds,
+            min_duration=min_duration,
+        )  # fmt: skip
+        ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache)
+        bar = EmbedProgress()
+        try:
+            res = ex.embed_paths([str(r.path) for r in recs], *bar.callbacks)
+        finally:
+            bar.stop()
+        good = [r for r in recs if str(r.path) in res.embeddings]
+        bad = [r for r in recs if str(r.path) in res.failures]
+        mat = (
+            np.stack([res.embeddings[str(r.path)] for r in good]).astype(np.float32)
+            if good
+            else np.zeros((0, ex.spec.dim), np.float32)
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "embeddings.npy", npy_bytes(mat))
+        atomic_write_bytes(out / "index.csv", _csv(["key", "path"], [[r.key, str(r.path)] for r in good]))
+        if bad:
+            rows = [[r.key, str(r.path), res.failures[str(r.path)]] for r in bad]
+            atomic_write_bytes(out / "failures.csv", _csv(["key", "path", "error"], rows))
+        c.write_json(out / "model.json", ex.describe())
+        say(
+            f"{len(good)} embeddings ({ex.spec.dim}-dim, {ex.spec.alias}) -> {out}/embeddings.npy; "
+            f"{res.embedded} embedded, {res.cached} from cache"
+        )
+        for r in bad:
+            say(f"[red]failed[/red] {r.path}: {res.failures[str(r.path)]}")
+    if bad:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _csv(header: list[str], rows: list[list[str]]) -> bytes:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue().encode()

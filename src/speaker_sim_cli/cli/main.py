@@ -1,0 +1,49 @@
+"""The ``speaker-sim`` command."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .compare import compare
+from .embed import embed
+from .models_cmd import models
+from .score import score
+from .ui import STATE
+
+app = typer.Typer(
+    name="speaker-sim",
+    help="Same speaker or not? Batch speaker-verification scoring with the 3D-Speaker zoo.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+) -> None:
+    if debug:
+        STATE["debug"] = True
+
+
+app.command()(score)
+app.command()(embed)
+app.command()(compare)
+app.command()(models)
+
+
+def _register_optional() -> None:
+    from .eval_cmd import register as register_eval
+
+    register_eval(app)
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,205 @@
+"""``speaker-sim score``: trials in, one cosine score per trial out."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import common as c
+from .ui import EXIT_PARTIAL, EmbedProgress, STATE, err_console, errors_to_exit, say, warn
+
+
+def score(
+    trials: Annotated[
+        Path,
+        typer.Argument(
+            help="Trial list: CSV with a header (enrollment,test[,label]), Kaldi trials "
+            "(enroll test [target|nontarget]) or a VoxCeleb list (1 path1 path2).",
+            show_default=False,
+        ),
+    ],
+    wav_scp: Annotated[
+        Path | None, typer.Option(help="Kaldi wav.scp: trial items are utterance ids.")
+    ] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option(help="Folder relative paths resolve against [default: the trial file's]."),
+    ] = None,
+    model: c.ModelOpt = c.DEFAULT,
+    model_dir: c.ModelDirOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Score file [default: stdout].")
+    ] = None,
+    fmt: Annotated[c.ScoreFormat, typer.Option("--format", help="Score file format.")] = (
+        c.ScoreFormat.csv
+    ),
+    report: Annotated[Path | None, typer.Option(help="Write a JSON report here.")] = None,
+    cache_dir: c.CacheDirOpt = None,
+    no_cache: c.NoCacheOpt = False,
+    device: c.DeviceOpt = "auto",
+    precision: Annotated[c.Precision, typer.Option(help="Model precision.")] = c.Precision.fp32,
+    batch_size: c.BatchSizeOpt = 32,
+    batch_frames: c.BatchFramesOpt = 0,
+    workers: c.WorkersOpt = -1,
+    chunk_seconds: c.ChunkOpt = None,
+    min_duration: c.MinDurOpt = 0.3,
+    p_target: Annotated[
+        list[float] | None,
+        typer.Option(help="Target prior of a minDCF; repeatable [default: 0.01 and 0.05]."),
+    ] = None,
+    on_error: Annotated[
+        c.OnError,
+        typer.Option(help="keep: failed trials get an error column; skip: leave them out; "
+                     "fail: stop at the first bad recording."),
+    ] = c.OnError.keep,
+    allow_commands: Annotated[
+        bool, typer.Option(help="Allow wav.scp entries that are shell commands ('... |').")
+    ] = False,
+    quiet: c.QuietOpt = False,
+) -> None:
+    """Score every trial by cosine; EER / minDCF when the trials have labels.
+
+    Each unique recording is embedded once (and cached). Scores are raw cosine in [-1, 1].
+    Metrics follow the NIST SRE16 scorer of 3D-Speaker and WeSpeaker: EER interpolated at the
+    FNR/FPR crossing; minDCF normalised, c_miss = c_fa = 1.
+    Exit codes: 0 done, 1 failure, 2 usage error, 3 done but some recordings failed.
+    """
+    STATE["quiet"] = quiet
+    with errors_to_exit():
+        _run(
+            trials, wav_scp, root, model, model_dir, out, fmt.value, report, cache_dir, no_cache,
+            device, precision.value, batch_size, batch_frames, workers, chunk_seconds,
+            min_duration, p_target or [0.01, 0.05], on_error.value, allow_commands,
+        )  # fmt: skip
+
+
+def _run(
+    trials_path: Path, wav_scp: Path | None, root: Path | None, model: str,
+    model_dir: Path | None, out: Path | None, fmt: str, report: Path | None,
+    cache_dir: Path | None, no_cache: bool, device: str, precision: str, batch_size: int,
+    batch_frames: int, workers: int, chunk_seconds: float | None, min_duration: float,
+    p_targets: list[float], on_error: str, allow_commands: bool,
+) -> None:  # fmt: skip
+    from ..engine.embedder import EngineConfig
+    from ..errors import UsageError
+    from ..pipeline import Extractor, score_trials
+    from ..scorefiles import atomic_text_output, check_whitespace_safe, write_scores
+    from ..trials import read_trials, read_wav_scp, resolve_trial_items
+
+    t0 = time.perf_counter()
+    tl = read_trials(trials_path)
+    scp = read_wav_scp(wav_scp, allow_commands) if wav_scp else None
+    if scp is not None and any(v.rstrip().endswith("|") for v in scp.values()):
+        raise UsageError("wav.scp commands are recognised but not run by this version")
+    if root is not None and not root.is_dir():
+        raise UsageError(f"--root {root}: not a folder")
+    check_whitespace_safe(tl.items(), fmt)
+    recs, missing = resolve_trial_items(
+        tl, root, scp, wav_scp.resolve().parent if wav_scp else None
+    )
+    engine = EngineConfig(
+        device=device, precision=precision, batch_size=batch_size, batch_frames=batch_frames,
+        workers=workers, chunk_seconds=chunk_seconds, min_duration=min_duration,
+    )  # fmt: skip
+    t_load = time.perf_counter()
+    ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache)
+    load_s = time.perf_counter() - t_load
+    if ex.cache.write_error:
+        warn(f"cache not writable ({ex.cache.write_error}); running without writing it")
+    bar = EmbedProgress()
+    try:
+        res = score_trials(tl, recs, missing, ex, *bar.callbacks)
+    finally:
+        bar.stop()
+    n_fail_trials = int((~res.ok).sum())
+    if on_error == "fail" and res.failures:
+        f = res.failures[0]
+        raise UsageError(f"{f.path}: {f.reason} (--on-error fail)")
+
+    metrics = None
+    labels = tl.labels
+    if labels is not None:
+        from ..scoring.metrics import evaluate
+
+        ok = res.ok
+        try:
+            metrics = evaluate(res.scores[ok], labels[ok], p_targets=p_targets)
+        except ValueError as exc:
+            warn(f"no metrics: {exc}")
+
+    def write(stream: object) -> int:
+        return write_scores(
+            stream,  # type: ignore[arg-type]
+            tl.enroll, tl.test, res.scores, labels, res.errors, fmt,
+            skip_failed=on_error == "skip",
+        )  # fmt: skip
+
+    written = atomic_text_output(out, write)
+    counts = {
+        "trials": len(tl),
+        "scored": int(res.ok.sum()),
+        "failed": n_fail_trials,
+        "written": written,
+        "targets": int(labels.sum()) if labels is not None else None,
+        "nontargets": int(len(labels) - labels.sum()) if labels is not None else None,
+        "recordings": res.recordings,
+        "failed_recordings": len(res.failures),
+        "embedded": res.embed.embedded,
+        "from_cache": res.embed.cached,
+        "duplicate_trials": len(tl) - len(set(zip(tl.enroll, tl.test))),
+    }
+    st = ex.embedder.stats
+    timing = {
+        "total_s": round(time.perf_counter() - t0, 3),
+        "model_load_s": round(load_s, 3),
+        "embed_s": round(res.embed.seconds, 3),
+        "audio_s": round(st.audio_seconds, 3),
+        "x_realtime": round(st.audio_seconds / res.embed.seconds, 1)
+        if res.embed.seconds > 0 and st.audio_seconds
+        else None,
+    }
+    if report is not None:
+        doc = {
+            "trials": tl.describe(),
+            "metrics": c.metrics_block(metrics) if metrics is not None else None,
+            "counts": counts,
+            "model": ex.describe(),
+            "extraction": {"chunked_recordings": st.chunked, "padding_overhead": round(
+                st.padded_frames / st.frames - 1, 4) if st.frames else 0.0},
+            "failures": [f.to_dict() for f in res.failures],
+            "timing": timing,
+            "scores": str(out) if out else "stdout",
+            "score_format": fmt,
+        }
+        c.write_json(report, doc)
+    _summary(res, counts, timing, metrics, ex)
+    if res.failures:
+        raise typer.Exit(EXIT_PARTIAL)
+
+
+def _summary(res, counts, timing, metrics, ex) -> None:  # type: ignore[no-untyped-def]
+    if STATE["quiet"]:
+        return
+    say(
+        f"{counts['scored']}/{counts['trials']} trials scored with {ex.spec.alias} "
+        f"({ex.embedder.device}, {ex.engine_cfg.precision}); {counts['recordings']} recordings: "
+        f"{counts['embedded']} embedded, {counts['from_cache']} from cache; "
+        f"{timing['total_s']:.1f} s"
+    )
+    if metrics is not None:
+        err_console.print(c.metrics_table([("scores", metrics)], "Metrics (NIST SRE16 scorer)"))
+    if res.failures:
+        from rich.table import Table
+
+        t = Table(title=f"{len(res.failures)} recordings failed "
+                  f"({counts['failed']} trials not scored)", title_style="red")  # fmt: skip
+        t.add_column("recording")
+        t.add_column("reason")
+        for f in res.failures:
+            t.add_row(f.path, f.reason)
+        err_console.print(t)
+    if ex.embedder.stats.chunked:
+        say(f"{ex.embedder.stats.chunked} long recordings were embedded as averages of windows")

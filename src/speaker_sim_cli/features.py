@@ -1,0 +1,169 @@
+"""Kaldi-compatible log mel filterbank in torch: batched, on any device.
+
+The computation follows Kaldi's ``compute-fbank-feats`` (and so
+``torchaudio.compliance.kaldi.fbank``) for the settings the 3D-Speaker models use: frames of
+25 ms every 10 ms with snip edges, DC removal, pre-emphasis 0.97, a povey window, a 512-point
+power spectrum, triangular mel filters between 20 Hz and Nyquist, natural log floored at float32
+epsilon, no dither. Per-utterance mean subtraction is a separate step (:func:`mean_normalize`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+
+
+@dataclass(frozen=True)
+class FbankConfig:
+    """Front-end settings. They are part of every embedding's cache key."""
+
+    sample_rate: int = 16000
+    num_mel_bins: int = 80
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    preemphasis: float = 0.97
+    low_freq: float = 20.0
+    high_freq: float = 0.0  # <= 0: offset from Nyquist, as in Kaldi
+    window: str = "povey"
+    mean_norm: bool = True
+
+    @property
+    def window_size(self) -> int:
+        return int(self.sample_rate * self.frame_length_ms * 0.001)
+
+    @property
+    def window_shift(self) -> int:
+        return int(self.sample_rate * self.frame_shift_ms * 0.001)
+
+    @property
+    def n_fft(self) -> int:
+        return 1 << (self.window_size - 1).bit_length()
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def num_frames(num_samples: int | torch.Tensor, cfg: FbankConfig) -> torch.Tensor | int:
+    """Frames Kaldi produces from ``num_samples`` with snip edges (0 when too short)."""
+    if isinstance(num_samples, torch.Tensor):
+        n = torch.div(num_samples - cfg.window_size, cfg.window_shift, rounding_mode="floor") + 1
+        return n.clamp_min(0)
+    if num_samples < cfg.window_size:
+        return 0
+    return 1 + (num_samples - cfg.window_size) // cfg.window_shift
+
+
+def _mel(freq: torch.Tensor | float) -> torch.Tensor:
+    return 1127.0 * torch.log1p(torch.as_tensor(freq, dtype=torch.float64) / 700.0)
+
+
+@lru_cache(maxsize=16)
+def _mel_banks(cfg: FbankConfig) -> torch.Tensor:
+    """Triangular filters (num_mel_bins, n_fft // 2 + 1) in float64, Kaldi's layout."""
+    nyquist = 0.5 * cfg.sample_rate
+    high = cfg.high_freq if cfg.high_freq > 0 else nyquist + cfg.high_freq
+    if not 0 <= cfg.low_freq < high <= nyquist:
+        raise ValueError(f"bad mel range low={cfg.low_freq} high={high} for rate {cfg.sample_rate}")
+    n_bins = cfg.n_fft // 2
+    mel_low, mel_high = _mel(cfg.low_freq), _mel(high)
+    delta = (mel_high - mel_low) / (cfg.num_mel_bins + 1)
+    idx = torch.arange(cfg.num_mel_bins, dtype=torch.float64)[:, None]
+    left = mel_low + idx * delta
+    center = left + delta
+    right = center + delta
+    mel = _mel(torch.arange(n_bins, dtype=torch.float64) * (cfg.sample_rate / cfg.n_fft))[None, :]
+    up = (mel - left) / (center - left)
+    down = (right - mel) / (right - center)
+    banks = torch.clamp(torch.minimum(up, down), min=0.0)
+    # Kaldi has no filter weight on the Nyquist bin.
+    return torch.nn.functional.pad(banks, (0, 1))
+
+
+@lru_cache(maxsize=16)
+def _window(cfg: FbankConfig) -> torch.Tensor:
+    n = cfg.window_size
+    if cfg.window == "povey":
+        return torch.hann_window(n, periodic=False, dtype=torch.float64).pow(0.85)
+    if cfg.window == "hamming":
+        return torch.hamming_window(n, periodic=False, alpha=0.54, beta=0.46, dtype=torch.float64)
+    if cfg.window == "hanning":
+        return torch.hann_window(n, periodic=False, dtype=torch.float64)
+    raise ValueError(f"unknown window {cfg.window!r}")
+
+
+def fbank(
+    waves: torch.Tensor,
+    lengths: torch.Tensor | None = None,
+    cfg: FbankConfig = FbankConfig(),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log mel filterbank of a batch of waveforms.
+
+    Args:
+        waves: (B, N) or (N,) float waveform at ``cfg.sample_rate``, amplitude as decoded
+            (floats in [-1, 1]); rows zero-padded to N.
+        lengths: (B,) valid samples per row; None means every row is N samples long.
+
+    Returns:
+        feats (B, T, num_mel_bins) in the input's dtype and on its device, frames past a row's
+        valid count set to 0; and frame counts (B,) int64.
+
+    >>> feats, n = fbank(torch.zeros(2, 16000).uniform_(-0.1, 0.1))
+    >>> tuple(feats.shape), n.tolist()
+    ((2, 98, 80), [98, 98])
+    """
+    if waves.dim() == 1:
+        waves = waves[None]
+    if waves.dim() != 2:
+        raise ValueError(f"waves must be (B, N), got shape {tuple(waves.shape)}")
+    batch, n_samples = waves.shape
+    device, dtype = waves.device, waves.dtype
+    if lengths is None:
+        lengths = torch.full((batch,), n_samples, dtype=torch.long, device=device)
+    lengths = lengths.to(device=device, dtype=torch.long)
+    frames_per_row = num_frames(lengths, cfg)
+    assert isinstance(frames_per_row, torch.Tensor)
+    t_max = int(num_frames(n_samples, cfg))
+    n_mel = cfg.num_mel_bins
+    if t_max == 0:
+        return waves.new_zeros(batch, 0, n_mel), frames_per_row
+
+    frames = waves.unfold(1, cfg.window_size, cfg.window_shift)  # (B, T, W)
+    frames = frames - frames.mean(dim=-1, keepdim=True)
+    if cfg.preemphasis:
+        prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+        frames = frames - cfg.preemphasis * prev
+    frames = frames * _window(cfg).to(device=device, dtype=dtype)
+    spec = torch.fft.rfft(frames, n=cfg.n_fft, dim=-1)
+    power = spec.real.square() + spec.imag.square()
+    mel = torch.matmul(power, _mel_banks(cfg).to(device=device, dtype=dtype).T)
+    eps = torch.finfo(torch.float32).eps
+    feats = torch.log(torch.clamp(mel, min=eps))
+    valid = torch.arange(t_max, device=device)[None, :] < frames_per_row[:, None]
+    feats = feats * valid[..., None].to(dtype)
+    return feats, frames_per_row
+
+
+def mean_normalize(feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Subtract each row's mean over its valid frames; padded frames stay 0. feats: (B, T, F)."""
+    t_max = feats.shape[1]
+    valid = (torch.arange(t_max, device=feats.device)[None, :] < lengths[:, None]).to(feats.dtype)
+    denom = lengths.clamp_min(1).to(feats.dtype)[:, None]
+    mean = (feats * valid[..., None]).sum(dim=1) / denom
+    return (feats - mean[:, None, :]) * valid[..., None]
+
+
+def compute_features(
+    waves: torch.Tensor, lengths: torch.Tensor | None, cfg: FbankConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's front end: fbank, then mean normalisation when the config asks for it."""
+    feats, n = fbank(waves, lengths, cfg)
+    if cfg.mean_norm:
+        feats = mean_normalize(feats, n)
+    return feats, n
+
+
+def seconds_to_frames(seconds: float, cfg: FbankConfig) -> int:
+    return max(0, math.floor((seconds * 1000.0 - cfg.frame_length_ms) / cfg.frame_shift_ms) + 1)

@@ -1,0 +1,241 @@
+"""ERes2NetV2 (3D-Speaker) with padding-aware batched inference.
+
+The network treats the fbank as a one-channel image (B, 1, F, T): a 3x3 stem, four stages of
+bottleneck Res2Net blocks (stages 3 and 4 fuse their sub-bands with attentional feature fusion,
+AFF), a bottom-up fusion of stage 3 (down-sampled) into stage 4, temporal statistics pooling and
+a linear embedding layer. State-dict keys follow 3D-Speaker's ``ERes2NetV2`` so its checkpoints
+load with ``strict=True``.
+
+Padding: time is the last axis throughout. Every tensor that feeds a 3x3 convolution or the
+pooling is re-zeroed past its row's valid length (the time lengths halve, floor mode, at each
+stride-2 stage), so a zero-padded row gets the embedding it would get alone.
+
+Example::
+
+    >>> import torch
+    >>> model = ERes2NetV2(m_channels=8, embedding_size=16).eval()
+    >>> model(torch.randn(2, 50, 80), torch.tensor([50, 31])).shape
+    torch.Size([2, 16])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from speaker_sim_cli.models.masking import conv_out_lengths, masked_mean, time_mask
+
+__all__ = ["ERes2NetV2"]
+
+_STD_EPS = 1e-8  # 3D-Speaker's statistics pooling: sqrt(var + 1e-8), var unbiased
+
+
+def _relu20(x: torch.Tensor) -> torch.Tensor:
+    """The blocks' activation: ReLU clipped at 20 (3D-Speaker uses Hardtanh(0, 20))."""
+    return F.hardtanh(x, 0.0, 20.0)
+
+
+def _zero_pad(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Multiply by a (B, 1, 1, T) float mask, or pass through when there is none."""
+    return x if mask is None else x * mask
+
+
+def _masked_var(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Unbiased variance over the last axis (valid frames only), like ``torch.var``."""
+    if lengths is None:
+        return x.var(dim=-1)
+    mean = masked_mean(x, lengths, keepdim=True)
+    mask = time_mask(lengths, x.shape[-1]).to(x.dtype)
+    mask = mask.view([x.shape[0]] + [1] * (x.dim() - 2) + [x.shape[-1]])
+    sq = ((x - mean) * mask).pow(2).sum(dim=-1)
+    n = lengths.to(x.dtype).view([x.shape[0]] + [1] * (x.dim() - 2))
+    return sq / (n - 1)
+
+
+class AttentionalFusion(nn.Module):
+    """AFF: mixes ``x`` and ``y`` (same shape) with a learned per-position gate in (0, 2).
+
+    ``x * g + y * (2 - g)`` is zero wherever both inputs are zero, so fusion keeps padding zero.
+    """
+
+    def __init__(self, channels: int = 64, r: int = 4) -> None:
+        super().__init__()
+        inter = channels // r
+        self.local_att = nn.Sequential(
+            nn.Conv2d(channels * 2, inter, kernel_size=1),
+            nn.BatchNorm2d(inter),
+            nn.SiLU(inplace=True),
+            nn.Conv2d(inter, channels, kernel_size=1),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        gate = 1.0 + torch.tanh(self.local_att(torch.cat((x, y), dim=1)))
+        return x * gate + y * (2.0 - gate)
+
+
+class Res2Bottleneck(nn.Module):
+    """ERes2NetV2 block: 1x1 (stride) -> ``scale`` chained 3x3 sub-band convs -> 1x1, residual.
+
+    With ``fuse=True`` each sub-band is merged into the running one by AFF instead of a sum.
+    ``forward(x, mask)`` takes the (B, 1, 1, T_out) float mask of the block's output time axis.
+    """
+
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        baseWidth: int = 26,
+        scale: int = 2,
+        expansion: int = 2,
+        fuse: bool = False,
+    ) -> None:
+        super().__init__()
+        width = planes * baseWidth // 64
+        out_planes = planes * expansion
+        self.width = width
+        self.scale = scale
+        self.stride = stride
+        self.conv1 = nn.Conv2d(in_planes, width * scale, kernel_size=1, stride=stride, bias=False)
+        self.bn1 = nn.BatchNorm2d(width * scale)
+        self.convs = nn.ModuleList(
+            nn.Conv2d(width, width, kernel_size=3, padding=1, bias=False) for _ in range(scale)
+        )
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(scale))
+        self.fuse_models = nn.ModuleList(
+            AttentionalFusion(channels=width, r=4) for _ in range(scale - 1 if fuse else 0)
+        )
+        self.fuse = fuse
+        self.conv3 = nn.Conv2d(width * scale, out_planes, kernel_size=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.shortcut: nn.Module = nn.Sequential()
+        if stride != 1 or in_planes != out_planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_planes),
+            )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # 1x1 convs (strided or not) read only valid input frames for valid output frames, so
+        # only what feeds the 3x3 convs (and the block output) needs re-zeroing.
+        out = _zero_pad(_relu20(self.bn1(self.conv1(x))), mask)
+        bands = torch.split(out, self.width, dim=1)
+        outs: list[torch.Tensor] = []
+        sp = bands[0]
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
+            if i > 0:
+                sp = self.fuse_models[i - 1](sp, bands[i]) if self.fuse else sp + bands[i]
+            sp = _zero_pad(_relu20(bn(conv(sp))), mask)
+            outs.append(sp)
+        out = self.bn3(self.conv3(torch.cat(outs, dim=1)))
+        return _zero_pad(_relu20(out + self.shortcut(x)), mask)
+
+
+class ERes2NetV2(nn.Module):
+    """ERes2NetV2 speaker embedder (3D-Speaker layout and defaults).
+
+    ``forward(feats, lengths)``: feats (B, T, feat_dim) mean-normalised fbank, zero-padded;
+    lengths (B,) int64 valid frames per row (None: all T). Returns (B, embedding_size).
+    Fixture archs: ``eres2netv2_192`` is the default; ``eres2netv2_w24s4ep4`` is
+    ``baseWidth=24, scale=4, expansion=4``.
+    """
+
+    def __init__(
+        self,
+        feat_dim: int = 80,
+        embedding_size: int = 192,
+        m_channels: int = 64,
+        num_blocks: Sequence[int] = (3, 4, 6, 3),
+        baseWidth: int = 26,
+        scale: int = 2,
+        expansion: int = 2,
+        pooling_func: str = "TSTP",
+        two_emb_layer: bool = False,
+    ) -> None:
+        super().__init__()
+        if pooling_func not in ("TAP", "TSDP", "TSTP"):
+            raise ValueError(f"pooling_func must be TAP, TSDP or TSTP, got {pooling_func!r}")
+        self.feat_dim = feat_dim
+        self.embedding_size = embedding_size
+        self.pooling_func = pooling_func
+        self.two_emb_layer = two_emb_layer
+        self._in_planes = m_channels
+        stage_kw = {"baseWidth": baseWidth, "scale": scale, "expansion": expansion}
+
+        self.conv1 = nn.Conv2d(1, m_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(m_channels)
+        self.layer1 = self._stage(m_channels, num_blocks[0], 1, False, stage_kw)
+        self.layer2 = self._stage(m_channels * 2, num_blocks[1], 2, False, stage_kw)
+        self.layer3 = self._stage(m_channels * 4, num_blocks[2], 2, True, stage_kw)
+        self.layer4 = self._stage(m_channels * 8, num_blocks[3], 2, True, stage_kw)
+        self.layer3_ds = nn.Conv2d(
+            m_channels * 4 * expansion,
+            m_channels * 8 * expansion,
+            kernel_size=3,
+            stride=2,
+            padding=1,
+            bias=False,
+        )
+        self.fuse34 = AttentionalFusion(channels=m_channels * 8 * expansion, r=4)
+
+        stats_dim = int(feat_dim / 8) * m_channels * 8 * expansion
+        n_stats = 2 if pooling_func == "TSTP" else 1
+        self.seg_1 = nn.Linear(stats_dim * n_stats, embedding_size)
+        self.seg_bn_1: nn.Module = nn.Identity()
+        self.seg_2: nn.Module = nn.Identity()
+        if two_emb_layer:
+            self.seg_bn_1 = nn.BatchNorm1d(embedding_size, affine=False)
+            self.seg_2 = nn.Linear(embedding_size, embedding_size)
+
+    def _stage(
+        self, planes: int, n: int, stride: int, fuse: bool, kw: dict[str, int]
+    ) -> nn.ModuleList:
+        blocks = nn.ModuleList()
+        for s in [stride] + [1] * (n - 1):
+            blocks.append(Res2Bottleneck(self._in_planes, planes, s, fuse=fuse, **kw))
+            self._in_planes = planes * kw["expansion"]
+        return blocks
+
+    @staticmethod
+    def _run_stage(
+        stage: nn.ModuleList, x: torch.Tensor, lengths: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        stride = int(getattr(stage[0], "stride", 1))
+        if lengths is not None:
+            lengths = conv_out_lengths(lengths, kernel=1, stride=stride)
+        t_out = (x.shape[-1] - 1) // stride + 1
+        mask = None if lengths is None else time_mask(lengths, t_out).to(x.dtype)[:, None, None]
+        for block in stage:
+            x = block(x, mask)
+        return x, lengths
+
+    def _pool(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+        stats: list[torch.Tensor] = []
+        if self.pooling_func in ("TAP", "TSTP"):
+            stats.append(masked_mean(x, lengths).flatten(start_dim=1))
+        if self.pooling_func in ("TSDP", "TSTP"):
+            stats.append(torch.sqrt(_masked_var(x, lengths) + _STD_EPS).flatten(start_dim=1))
+        return torch.cat(stats, dim=1)
+
+    def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        x = feats.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T)
+        mask = None
+        if lengths is not None:
+            lengths = lengths.to(device=feats.device, dtype=torch.long)
+            mask = time_mask(lengths, x.shape[-1]).to(x.dtype)[:, None, None]
+        x = _zero_pad(x, mask)
+        x = _zero_pad(F.relu(self.bn1(self.conv1(x))), mask)
+        out1, len1 = self._run_stage(self.layer1, x, lengths)
+        out2, len2 = self._run_stage(self.layer2, out1, len1)
+        out3, len3 = self._run_stage(self.layer3, out2, len2)
+        out4, len4 = self._run_stage(self.layer4, out3, len3)
+        # layer3_ds (3x3, stride 2, pad 1) gives the same time lengths as the 1x1 stride-2 path.
+        fused = self.fuse34(out4, self.layer3_ds(out3))
+        emb = self.seg_1(self._pool(fused, len4))
+        if self.two_emb_layer:
+            emb = self.seg_2(self.seg_bn_1(F.relu(emb)))
+        return emb

@@ -1,0 +1,148 @@
+"""The model zoo: one table, the single source of truth for ids, archs and checkpoints.
+
+Every ModelScope id that 3D-Speaker's ``speakerlab/bin/infer_sv.py`` serves, with the revision
+3D-Speaker pins, the checkpoint's file name, the architecture and its arguments, and the front
+end. ``damo/...`` ids are accepted for ``iic/...``; each model also has a short alias.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UsageError
+from ..features import FbankConfig
+
+DEFAULT_MODEL = "iic/speech_campplus_sv_zh_en_16k-common_advanced"
+
+
+@dataclass(frozen=True)
+class Arch:
+    """An architecture: the class that builds it and its constructor arguments."""
+
+    name: str
+    module: str
+    cls: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Any:
+        mod = importlib.import_module(f"speaker_sim_cli.models.{self.module}")
+        return getattr(mod, self.cls)(**self.kwargs)
+
+
+ARCHS: dict[str, Arch] = {
+    a.name: a
+    for a in [
+        Arch("campplus192", "campplus", "CAMPPlus", {"feat_dim": 80, "embedding_size": 192}),
+        Arch("campplus512", "campplus", "CAMPPlus", {"feat_dim": 80, "embedding_size": 512}),
+        Arch(
+            "eres2net_vox",
+            "eres2net",
+            "ERes2Net",
+            {"feat_dim": 80, "embedding_size": 192, "m_channels": 32},
+        ),
+        Arch(
+            "eres2net_base512",
+            "eres2net",
+            "ERes2Net",
+            {"feat_dim": 80, "embedding_size": 512, "m_channels": 32},
+        ),
+        Arch(
+            "eres2net_large512",
+            "eres2net",
+            "ERes2Net",
+            {"feat_dim": 80, "embedding_size": 512, "m_channels": 64},
+        ),
+        Arch("eres2net_huge192", "eres2net", "ERes2NetHuge", {"feat_dim": 80, "embedding_size": 192}),
+        Arch(
+            "eres2netv2_192",
+            "eres2netv2",
+            "ERes2NetV2",
+            {"feat_dim": 80, "embedding_size": 192, "base_width": 26, "scale": 2, "expansion": 2},
+        ),
+        Arch(
+            "eres2netv2_w24s4ep4",
+            "eres2netv2",
+            "ERes2NetV2",
+            {"feat_dim": 80, "embedding_size": 192, "base_width": 24, "scale": 4, "expansion": 4},
+        ),
+        Arch("ecapa1024", "ecapa", "ECAPATDNN", {"input_size": 80, "lin_neurons": 192}),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One row of the zoo."""
+
+    id: str
+    alias: str
+    revision: str
+    checkpoint: str
+    arch: str
+    dim: int
+    trained_on: str
+    frontend: FbankConfig = FbankConfig()
+
+    @property
+    def name(self) -> str:
+        """The folder name the hub uses (the part after ``iic/``)."""
+        return self.id.split("/", 1)[1]
+
+    @property
+    def sample_rate(self) -> int:
+        return self.frontend.sample_rate
+
+    def build(self) -> Any:
+        return ARCHS[self.arch].build()
+
+
+MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(DEFAULT_MODEL, "campplus-zh-en", "v1.0.0", "campplus_cn_en_common.pt",
+              "campplus192", 192, "large zh+en corpus"),
+    ModelSpec("iic/speech_campplus_sv_zh-cn_16k-common", "campplus-zh", "v1.0.0",
+              "campplus_cn_common.bin", "campplus192", 192, "200k zh speakers"),
+    ModelSpec("iic/speech_campplus_sv_en_voxceleb_16k", "campplus-vox", "v1.0.2",
+              "campplus_voxceleb.bin", "campplus512", 512, "VoxCeleb"),
+    ModelSpec("iic/speech_eres2net_sv_en_voxceleb_16k", "eres2net-vox", "v1.0.2",
+              "pretrained_eres2net.ckpt", "eres2net_vox", 192, "VoxCeleb"),
+    ModelSpec("iic/speech_eres2net_sv_zh-cn_16k-common", "eres2net-zh", "v1.0.5",
+              "pretrained_eres2net_aug.ckpt", "eres2net_huge192", 192, "200k zh speakers"),
+    ModelSpec("iic/speech_eres2net_base_200k_sv_zh-cn_16k-common", "eres2net-base-zh", "v1.0.0",
+              "pretrained_eres2net.pt", "eres2net_base512", 512, "200k zh speakers"),
+    ModelSpec("iic/speech_eres2net_base_sv_zh-cn_3dspeaker_16k", "eres2net-base-3dspeaker",
+              "v1.0.1", "eres2net_base_model.ckpt", "eres2net_base512", 512, "3D-Speaker"),
+    ModelSpec("iic/speech_eres2net_large_sv_zh-cn_3dspeaker_16k", "eres2net-large-3dspeaker",
+              "v1.0.0", "eres2net_large_model.ckpt", "eres2net_large512", 512, "3D-Speaker"),
+    ModelSpec("iic/speech_eres2netv2_sv_zh-cn_16k-common", "eres2netv2-zh", "v1.0.1",
+              "pretrained_eres2netv2.ckpt", "eres2netv2_192", 192, "200k zh speakers"),
+    ModelSpec("iic/speech_eres2netv2w24s4ep4_sv_zh-cn_16k-common", "eres2netv2-w24s4ep4-zh",
+              "v1.0.1", "pretrained_eres2netv2w24s4ep4.ckpt", "eres2netv2_w24s4ep4", 192,
+              "200k zh speakers"),
+    ModelSpec("iic/speech_ecapa-tdnn_sv_zh-cn_cnceleb_16k", "ecapa-cnceleb", "v1.0.0",
+              "ecapa-tdnn.ckpt", "ecapa1024", 192, "CN-Celeb"),
+    ModelSpec("iic/speech_ecapa-tdnn_sv_zh-cn_3dspeaker_16k", "ecapa-3dspeaker", "v1.0.0",
+              "ecapa-tdnn.ckpt", "ecapa1024", 192, "3D-Speaker"),
+    ModelSpec("iic/speech_ecapa-tdnn_sv_en_voxceleb_16k", "ecapa-vox", "v1.0.1",
+              "ecapa_tdnn.bin", "ecapa1024", 192, "VoxCeleb"),
+)  # fmt: skip
+
+_BY_KEY: dict[str, ModelSpec] = {}
+for _m in MODELS:
+    _BY_KEY[_m.id.lower()] = _m
+    _BY_KEY[_m.alias.lower()] = _m
+    _BY_KEY["damo/" + _m.name.lower()] = _m
+    _BY_KEY[_m.name.lower()] = _m
+
+
+def get_model(key: str) -> ModelSpec:
+    """Look a model up by ModelScope id (``iic/`` or ``damo/``), folder name or alias."""
+    spec = _BY_KEY.get(key.strip().lower())
+    if spec is None:
+        known = ", ".join(m.alias for m in MODELS)
+        raise UsageError(
+            f"unknown model {key!r}: use a ModelScope id or an alias ({known}); "
+            "`speaker-sim models` lists them"
+        )
+    return spec

@@ -1,0 +1,181 @@
+"""Find, verify and load checkpoints. The only module that may touch a model hub.
+
+Lookup order for a model's checkpoint file:
+``--model-dir`` -> ``$SPEAKER_SIM_PRETRAINED/<name>/`` -> ``./pretrained/<name>/`` ->
+the ModelScope cache -> ``modelscope.snapshot_download(id, revision)`` unless offline
+(``SPEAKER_SIM_OFFLINE=1`` or ``MODELSCOPE_OFFLINE=1``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointMismatchError, WeightsNotFoundError
+from .registry import ModelSpec
+
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net")
+
+
+@dataclass(frozen=True)
+class Found:
+    """Where a checkpoint was found and how (``model-dir``, ``env``, ``pretrained``, ...)."""
+
+    path: Path
+    source: str
+
+
+def candidate_dirs(spec: ModelSpec, model_dir: str | Path | None = None) -> list[tuple[Path, str]]:
+    """The folders searched for ``spec.checkpoint``, in order, with a label for each."""
+    dirs: list[tuple[Path, str]] = []
+    if model_dir is not None:
+        dirs.append((Path(model_dir).expanduser(), "model-dir"))
+    env = os.environ.get("SPEAKER_SIM_PRETRAINED")
+    if env:
+        dirs.append((Path(env).expanduser() / spec.name, "SPEAKER_SIM_PRETRAINED"))
+    dirs.append((Path.cwd() / "pretrained" / spec.name, "pretrained"))
+    ms_cache = Path(
+        os.environ.get("MODELSCOPE_CACHE", Path.home() / ".cache" / "modelscope" / "hub")
+    ).expanduser()
+    for org in ("iic", "damo"):
+        dirs.append((ms_cache / "models" / org / spec.name, "modelscope-cache"))
+        dirs.append((ms_cache / org / spec.name, "modelscope-cache"))
+    return dirs
+
+
+def find_checkpoint(spec: ModelSpec, model_dir: str | Path | None = None) -> Found | None:
+    """The first existing checkpoint file along the lookup order, or None."""
+    for folder, source in candidate_dirs(spec, model_dir):
+        path = folder / spec.checkpoint
+        if path.is_file():
+            return Found(path.resolve(), source)
+    return None
+
+
+def offline() -> bool:
+    return any(os.environ.get(v, "") in ("1", "true", "True") for v in (
+        "SPEAKER_SIM_OFFLINE", "MODELSCOPE_OFFLINE", "HF_HUB_OFFLINE"))  # fmt: skip
+
+
+def resolve_checkpoint(spec: ModelSpec, model_dir: str | Path | None = None) -> Found:
+    """Find the checkpoint, downloading it when online. Raises WeightsNotFoundError."""
+    found = find_checkpoint(spec, model_dir)
+    if found is not None:
+        return found
+    if model_dir is not None:
+        raise WeightsNotFoundError(
+            f"{spec.checkpoint} not found in --model-dir {Path(model_dir).resolve()}: "
+            f"put the checkpoint of {spec.id} there under its official name"
+        )
+    where = Path.cwd() / "pretrained" / spec.name
+    hint = (
+        f"checkpoint {spec.checkpoint} of {spec.id} not found; put it in {where}/ "
+        "(or set SPEAKER_SIM_PRETRAINED, or pass --model-dir)"
+    )
+    if offline():
+        raise WeightsNotFoundError(hint + " — offline, so no download was tried")
+    try:
+        path = _download(spec)
+    except Exception as exc:  # any hub / network failure
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise WeightsNotFoundError(f"{hint} — download from ModelScope failed: {reason}") from None
+    return Found(path, "download")
+
+
+def _download(spec: ModelSpec) -> Path:
+    from modelscope.hub.snapshot_download import snapshot_download
+
+    folder = Path(snapshot_download(spec.id, revision=spec.revision))
+    path = folder / spec.checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(f"the download has no {spec.checkpoint}")
+    return path
+
+
+def sha256(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_hash(path: Path) -> str:
+    """sha256 of a checkpoint, memoised in a sidecar keyed by size and mtime."""
+    from ..paths import default_cache_dir
+
+    st = path.stat()
+    memo_dir = default_cache_dir() / "hashes"
+    memo = memo_dir / (hashlib.sha1(str(path).encode()).hexdigest() + ".txt")
+    stamp = f"{st.st_size}:{st.st_mtime_ns}"
+    try:
+        saved_stamp, digest = memo.read_text().split()
+        if saved_stamp == stamp and len(digest) == 64:
+            return digest
+    except (OSError, ValueError):
+        pass
+    digest = sha256(path)
+    try:
+        memo_dir.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(f"{stamp} {digest}")
+        os.replace(tmp, memo)
+    except OSError:
+        pass
+    return digest
+
+
+def unwrap_state_dict(obj: Any) -> dict[str, Any]:
+    """A plain state dict from what hubs ship: wrapped under a key, with ``module.`` prefixes."""
+    import torch
+
+    seen = 0
+    while isinstance(obj, Mapping) and seen < 3:
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj, seen = inner, seen + 1
+    if not isinstance(obj, Mapping):
+        raise CheckpointMismatchError(f"checkpoint holds a {type(obj).__name__}, not a state dict")
+    out = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.", "model.", "encoder.", "embedding_model."):
+        if out and all(k.startswith(prefix) for k in out):
+            out = {k[len(prefix) :]: v for k, v in out.items()}
+    return out
+
+
+def load_checkpoint_into(module: Any, path: Path, arch: str) -> None:
+    """Load ``path`` into ``module`` with strict=True; a clear error when keys do not fit."""
+    import torch
+
+    try:
+        raw = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointMismatchError(
+            f"{path}: cannot read as a torch checkpoint ({str(exc).splitlines()[0][:200]})"
+        ) from None
+    state = unwrap_state_dict(raw)
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [f"{path} does not fit architecture {arch}:"]
+        if missing:
+            parts.append(f"{len(missing)} missing keys (first: {', '.join(missing[:5])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (first: {', '.join(unexpected[:5])})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (first: {'; '.join(shapes[:3])})")
+        raise CheckpointMismatchError(" ".join(parts))
+    module.load_state_dict(state, strict=True)

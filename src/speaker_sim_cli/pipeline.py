@@ -1,0 +1,214 @@
+"""trials -> unique recordings -> cache lookup -> embed the misses -> score -> metrics."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .audio import probe
+from .engine.cache import EmbeddingCache
+from .engine.embedder import Embedder, EngineConfig
+from .errors import AudioError
+from .models.registry import ModelSpec, get_model
+from .models.weights import Found, checkpoint_hash, load_checkpoint_into, resolve_checkpoint
+from .paths import default_cache_dir
+from .records import Failure, Recording, TrialList
+
+CACHE_FORMAT = 1
+
+
+@dataclass
+class EmbedResult:
+    """Embeddings by resolved path, failures by resolved path, and what it took."""
+
+    embeddings: dict[str, np.ndarray]
+    failures: dict[str, str]
+    embedded: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+
+
+class Extractor:
+    """A model loaded on a device with its cache: embeds recordings, each content once."""
+
+    def __init__(
+        self,
+        model: str | ModelSpec,
+        model_dir: str | Path | None = None,
+        engine: EngineConfig | None = None,
+        cache_dir: str | Path | None = None,
+        use_cache: bool = True,
+    ) -> None:
+        self.spec = get_model(model) if isinstance(model, str) else model
+        self.engine_cfg = engine or EngineConfig()
+        self.found: Found = resolve_checkpoint(self.spec, model_dir)
+        module = self.spec.build()
+        load_checkpoint_into(module, self.found.path, self.spec.arch)
+        self.embedder = Embedder(self.spec, module, self.engine_cfg)
+        self.checkpoint_sha256 = checkpoint_hash(self.found.path)
+        root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.cache = EmbeddingCache(root if use_cache else None, self.ingredients(), self.spec.dim)
+
+    def ingredients(self) -> dict[str, Any]:
+        return {
+            "format": CACHE_FORMAT,
+            "model": self.spec.id,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "frontend": self.spec.frontend.to_dict(),
+            "mode": self.engine_cfg.mode(),
+            "precision": self.engine_cfg.precision,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.spec.id,
+            "arch": self.spec.arch,
+            "dim": self.spec.dim,
+            "checkpoint": str(self.found.path),
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "found_via": self.found.source,
+            "device": str(self.embedder.device),
+            "precision": self.engine_cfg.precision,
+            "mode": self.engine_cfg.mode(),
+        }
+
+    def embed_paths(
+        self,
+        paths: Sequence[str | Path],
+        progress: Callable[[int, float], None] | None = None,
+        on_start: Callable[[int, float], None] | None = None,
+    ) -> EmbedResult:
+        """Embed unique files. Failures never raise; they are returned with their reason."""
+        t0 = time.perf_counter()
+        embeddings: dict[str, np.ndarray] = {}
+        failures: dict[str, str] = {}
+        by_digest: dict[str, list[str]] = {}
+        for p in dict.fromkeys(str(x) for x in paths):
+            try:
+                digest = self.cache.file_hash(Path(p))
+            except FileNotFoundError:
+                failures[p] = "file not found"
+                continue
+            except IsADirectoryError:
+                failures[p] = "is a directory, not an audio file"
+                continue
+            except OSError as exc:
+                failures[p] = f"cannot read ({exc.strerror or exc})"
+                continue
+            by_digest.setdefault(digest, []).append(p)
+        todo: list[str] = []
+        est: list[int] = []
+        cached = 0
+        for digest, ps in by_digest.items():
+            hit = self.cache.get(digest)
+            if hit is not None:
+                for p in ps:
+                    embeddings[p] = hit
+                cached += 1
+                continue
+            try:
+                info = probe(ps[0])
+            except AudioError as exc:
+                for p in ps:
+                    failures[p] = exc.reason
+                continue
+            todo.append(digest)
+            est.append(int(info.duration * self.spec.sample_rate))
+        if on_start is not None:
+            on_start(len(todo), sum(est) / self.spec.sample_rate)
+        embedded = 0
+        if todo:
+            files = [by_digest[d][0] for d in todo]
+            for i, emb, err in self.embedder.embed_files(files, est, progress):
+                ps = by_digest[todo[i]]
+                if emb is None:
+                    for p in ps:
+                        failures[p] = err or "unknown error"
+                    continue
+                self.cache.put(todo[i], emb)
+                embedded += 1
+                for p in ps:
+                    embeddings[p] = emb
+        return EmbedResult(embeddings, failures, embedded, cached, time.perf_counter() - t0)
+
+
+@dataclass
+class ScoreResult:
+    """Per-trial scores (NaN where a recording failed) with the reason, and the failures."""
+
+    trials: TrialList
+    scores: np.ndarray
+    errors: list[str | None]
+    failures: list[Failure]
+    embed: EmbedResult
+    recordings: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> np.ndarray:
+        return ~np.isnan(self.scores)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, 1e-12)
+
+
+def cosine_pairs(
+    emb: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 200_000
+) -> np.ndarray:
+    """Cosine of rows ``emb[a[i]]`` and ``emb[b[i]]`` in float64, in chunks (O(chunk) memory)."""
+    e = l2_normalize(emb.astype(np.float64))
+    out = np.empty(len(a), dtype=np.float64)
+    for s in range(0, len(a), chunk):
+        out[s : s + chunk] = np.einsum("ij,ij->i", e[a[s : s + chunk]], e[b[s : s + chunk]])
+    return out
+
+
+def score_trials(
+    trials: TrialList,
+    recordings: dict[str, Recording],
+    missing: dict[str, str],
+    extractor: Extractor,
+    progress: Callable[[int, float], None] | None = None,
+    on_start: Callable[[int, float], None] | None = None,
+) -> ScoreResult:
+    """Embed every unique recording once and score each trial by cosine."""
+    paths = [str(r.path) for r in recordings.values()]
+    res = extractor.embed_paths(paths, progress, on_start)
+    item_reason: dict[str, str] = dict(missing)
+    keys = list(recordings)
+    for k in keys:
+        reason = res.failures.get(str(recordings[k].path))
+        if reason is not None:
+            item_reason[k] = reason
+    good = [k for k in keys if k not in item_reason]
+    index = {k: i for i, k in enumerate(good)}
+    dim = extractor.spec.dim
+    mat = (
+        np.stack([res.embeddings[str(recordings[k].path)] for k in good])
+        if good
+        else np.zeros((0, dim), np.float32)
+    )
+    n = len(trials)
+    a = np.fromiter((index.get(x, -1) for x in trials.enroll), dtype=np.int64, count=n)
+    b = np.fromiter((index.get(x, -1) for x in trials.test), dtype=np.int64, count=n)
+    ok = (a >= 0) & (b >= 0)
+    scores = np.full(n, np.nan)
+    if ok.any():
+        scores[ok] = cosine_pairs(mat, a[ok], b[ok])
+    errors: list[str | None] = [None] * n
+    if not ok.all():
+        for i in np.flatnonzero(~ok):
+            bad = [x for x in (trials.enroll[i], trials.test[i]) if x in item_reason]
+            errors[i] = "; ".join(f"{x}: {item_reason[x]}" for x in dict.fromkeys(bad))
+    failures = [
+        Failure(k, str(recordings[k].path) if k in recordings else k, r)
+        for k, r in item_reason.items()
+    ]
+    return ScoreResult(trials, scores, errors, failures, res, len(keys))

@@ -1,0 +1,225 @@
+"""Score files other tools read and write; no torch.
+
+- ``csv``: ``enrollment,test[,label],score[,error]`` (ours; header; rows in input order);
+- ``kaldi``: ``enroll test label score`` as Kaldi / 3D-Speaker write them (label 1/0), or
+  ``enroll test score`` without labels;
+- ``wespeaker``: ``enroll test score target|nontarget`` (or ``enroll test score``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from .errors import UsageError
+from .trials import ENROLL_NAMES, LABEL_NAMES, TEST_NAMES, TARGET_WORDS, parse_label, read_text
+
+FORMATS = ("csv", "kaldi", "wespeaker")
+
+
+@dataclass
+class ScoreTable:
+    """Scores read back: NaN where the writer recorded a failure."""
+
+    enroll: list[str]
+    test: list[str]
+    scores: np.ndarray
+    labels: np.ndarray | None
+    source: str
+    format: str
+
+
+def _fmt(x: float) -> str:
+    return "" if math.isnan(x) else f"{x:.6f}"
+
+
+def write_scores(
+    out: IO[str],
+    enroll: list[str],
+    test: list[str],
+    scores: np.ndarray,
+    labels: np.ndarray | None,
+    errors: list[str | None] | None,
+    fmt: str = "csv",
+    skip_failed: bool = False,
+) -> int:
+    """Write rows in input order; returns how many rows were written."""
+    has_err = errors is not None and any(e is not None for e in errors)
+    rows = 0
+    if fmt == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        header = ["enrollment", "test"] + (["label"] if labels is not None else []) + ["score"]
+        if has_err and not skip_failed:
+            header.append("error")
+        w.writerow(header)
+        for i in range(len(enroll)):
+            err = errors[i] if errors is not None else None
+            if err is not None and skip_failed:
+                continue
+            row = [enroll[i], test[i]]
+            if labels is not None:
+                row.append(str(int(labels[i])))
+            row.append(_fmt(float(scores[i])))
+            if has_err and not skip_failed:
+                row.append(err or "")
+            w.writerow(row)
+            rows += 1
+        return rows
+    if fmt not in FORMATS:
+        raise UsageError(f"unknown score format {fmt!r}: use one of {', '.join(FORMATS)}")
+    for i in range(len(enroll)):
+        if math.isnan(float(scores[i])):
+            continue  # whitespace formats have no place for a failure; the report counts it
+        s = _fmt(float(scores[i]))
+        if labels is None:
+            out.write(f"{enroll[i]} {test[i]} {s}\n")
+        elif fmt == "kaldi":
+            out.write(f"{enroll[i]} {test[i]} {int(labels[i])} {s}\n")
+        else:
+            word = "target" if labels[i] else "nontarget"
+            out.write(f"{enroll[i]} {test[i]} {s} {word}\n")
+        rows += 1
+    return rows
+
+
+def check_whitespace_safe(items: list[str], fmt: str) -> None:
+    if fmt == "csv":
+        return
+    bad = next((x for x in items if any(c.isspace() for c in x)), None)
+    if bad is not None:
+        raise UsageError(
+            f"item {bad!r} contains whitespace, which the {fmt} score format cannot hold: "
+            "use --format csv"
+        )
+
+
+def atomic_text_output(path: Path | None, write: "WriteFn") -> int:
+    """Run ``write(stream)`` into ``path`` atomically (temp + rename), or to stdout."""
+    if path is None:
+        return write(sys.stdout)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            n = write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return n
+
+
+from collections.abc import Callable  # noqa: E402
+
+WriteFn = Callable[[IO[str]], int]
+
+
+def read_scores(path: str | Path) -> ScoreTable:
+    """Read a score file in any of the three formats (detected)."""
+    p = Path(path)
+    text = read_text(p)
+    lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
+    if not lines:
+        raise UsageError(f"{p}: the score file is empty")
+    if "," in lines[0][1]:
+        return _read_csv(p, text)
+    enroll, test, scores, labels = [], [], [], []
+    fmt = None
+    for lineno, line in lines:
+        f = line.split()
+        where = f"{p}:{lineno}"
+        if len(f) == 3:
+            this = "plain"
+            e, t, s, lab = f[0], f[1], f[2], None
+        elif len(f) == 4:
+            if f[3].lower() in TARGET_WORDS and _is_float(f[2]):
+                this, e, t, s, lab = "wespeaker", f[0], f[1], f[2], f[3]
+            elif f[2].lower() in TARGET_WORDS and _is_float(f[3]):
+                this, e, t, s, lab = "kaldi", f[0], f[1], f[3], f[2]
+            else:
+                raise UsageError(f"{where}: cannot tell score from label in {line.strip()!r}")
+        else:
+            raise UsageError(f"{where}: expected 3 or 4 fields, found {len(f)}")
+        if fmt is None:
+            fmt = this
+        elif fmt != this:
+            raise UsageError(f"{where}: line format {this} differs from earlier lines ({fmt})")
+        if not _is_float(s):
+            raise UsageError(f"{where}: score {s!r} is not a number")
+        enroll.append(e)
+        test.append(t)
+        scores.append(float(s))
+        if lab is not None:
+            labels.append(parse_label(lab, where))
+    arr = np.asarray(labels, dtype=np.int8) if labels else None
+    return ScoreTable(enroll, test, np.asarray(scores, dtype=np.float64), arr, str(p), fmt or "?")
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True
+
+
+def _read_csv(p: Path, text: str) -> ScoreTable:
+    rows = list(csv.reader(io.StringIO(text)))
+    header = [h.strip().lower() for h in rows[0]]
+    if "score" not in header:
+        raise UsageError(f"{p}:1: no 'score' column in the header")
+    e = next((header.index(n) for n in ENROLL_NAMES if n in header), None)
+    t = next((header.index(n) for n in TEST_NAMES if n in header and header.index(n) != e), None)
+    if e is None or t is None:
+        raise UsageError(f"{p}:1: no enrollment / test columns in the header")
+    s_col = header.index("score")
+    lab = next((header.index(n) for n in LABEL_NAMES if n in header), None)
+    enroll, test, scores, labels = [], [], [], []
+    for lineno, r in enumerate(rows[1:], 2):
+        if not any(c.strip() for c in r):
+            continue
+        if len(r) < len(header) - (1 if header[-1] == "error" else 0):
+            raise UsageError(f"{p}:{lineno}: expected {len(header)} fields, found {len(r)}")
+        val = r[s_col].strip()
+        if val and not _is_float(val):
+            raise UsageError(f"{p}:{lineno}: score {val!r} is not a number")
+        enroll.append(r[e])
+        test.append(r[t])
+        scores.append(float(val) if val else math.nan)
+        if lab is not None:
+            labels.append(parse_label(r[lab], f"{p}:{lineno}"))
+    arr = np.asarray(labels, dtype=np.int8) if lab is not None else None
+    return ScoreTable(enroll, test, np.asarray(scores, dtype=np.float64), arr, str(p), "csv")
+
+
+def attach_labels(table: ScoreTable, trials_path: str | Path) -> np.ndarray:
+    """Labels for each scored pair, looked up by (enroll, test) in a labelled trial list."""
+    from .trials import read_trials
+
+    tl = read_trials(trials_path)
+    if tl.labels is None:
+        raise UsageError(f"{trials_path}: the trial list has no labels")
+    lut = {(a, b): int(lab) for a, b, lab in zip(tl.enroll, tl.test, tl.labels)}
+    out = np.empty(len(table.enroll), dtype=np.int8)
+    for i, (a, b) in enumerate(zip(table.enroll, table.test)):
+        lab = lut.get((a, b))
+        if lab is None:
+            lab = lut.get((b, a))
+        if lab is None:
+            raise UsageError(
+                f"{table.source}: trial ({a}, {b}) is not in the labelled list {trials_path}"
+            )
+        out[i] = lab
+    return out

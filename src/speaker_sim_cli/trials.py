@@ -1,0 +1,251 @@
+"""Readers for trial lists, wav.scp and path lists; no torch.
+
+Trial formats (detected from the content):
+
+- CSV / TSV with a header: ``enrollment,test[,label]`` and the usual synonyms
+  (enroll/test, utt1/utt2, audio1/audio2, label/target/is_target, ...);
+- Kaldi trials: ``enroll test [target|nontarget|1|0]``, whitespace separated;
+- VoxCeleb lists: ``1 path1 path2``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UsageError
+from .records import Recording, TrialList
+
+ENROLL_NAMES = ("enrollment", "enroll", "enrol", "enrolment", "utt1", "audio1", "path1", "wav1",
+                "file1", "a", "left", "ref", "reference", "prompt", "spk", "model", "enroll_path")
+TEST_NAMES = ("test", "utt2", "audio2", "path2", "wav2", "file2", "b", "right", "hyp", "probe",
+              "segment", "test_path", "trial")  # fmt: skip
+LABEL_NAMES = ("label", "target", "is_target", "same", "same_speaker", "key", "labels", "y")
+TARGET_WORDS = {"1": 1, "0": 0, "target": 1, "nontarget": 0, "non-target": 0, "true": 1,
+                "false": 0, "yes": 1, "no": 0, "tgt": 1, "imp": 0, "impostor": 0}  # fmt: skip
+
+
+def parse_label(value: str, where: str) -> int:
+    v = value.strip().lower()
+    if v in TARGET_WORDS:
+        return TARGET_WORDS[v]
+    try:
+        f = float(v)
+    except ValueError:
+        f = float("nan")
+    if f in (0.0, 1.0):
+        return int(f)
+    raise UsageError(
+        f"{where}: unknown label {value!r} (use 1/0, target/nontarget or true/false)"
+    )
+
+
+def read_text(path: Path) -> str:
+    if not path.exists():
+        raise UsageError(f"{path}: file not found")
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory, expected a file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a UTF-8 text file") from None
+
+
+def read_trials(path: str | Path) -> TrialList:
+    """Read a trial list in any supported format. Raises UsageError naming file and line."""
+    p = Path(path)
+    text = read_text(p)
+    lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
+    if not lines:
+        raise UsageError(f"{p}: the trial list is empty")
+    first = lines[0][1]
+    if "," in first or "\t" in first and _header_columns(first.split("\t")) is not None:
+        return _read_delimited(p, text, "\t" if "," not in first else ",")
+    return _read_whitespace(p, lines)
+
+
+def _norm(name: str) -> str:
+    return name.strip().lower().replace(" ", "_").replace("-", "_")
+
+
+def _header_columns(fields: Sequence[str]) -> tuple[int, int, int | None] | None:
+    names = [_norm(f) for f in fields]
+    e = next((names.index(n) for n in ENROLL_NAMES if n in names), None)
+    t = next((names.index(n) for n in TEST_NAMES if n in names and names.index(n) != e), None)
+    if e is None or t is None:
+        return None
+    lab = next((names.index(n) for n in LABEL_NAMES if n in names), None)
+    return e, t, lab
+
+
+def _read_delimited(p: Path, text: str, delim: str) -> TrialList:
+    reader = csv.reader(io.StringIO(text), delimiter=delim)
+    rows = [(i + 1, r) for i, r in enumerate(reader) if any(c.strip() for c in r)]
+    header = rows[0][1]
+    cols = _header_columns(header)
+    fmt = "csv" if delim == "," else "tsv"
+    if cols is None:
+        # No recognisable header: positional columns enrollment,test[,label].
+        if len(header) not in (2, 3):
+            raise UsageError(
+                f"{p}:{rows[0][0]}: no header naming the enrollment and test columns "
+                f"(expected e.g. 'enrollment,test,label'), and {len(header)} fields"
+            )
+        e, t, lab = 0, 1, (2 if len(header) == 3 else None)
+        body = rows
+        fmt += " (no header)"
+    else:
+        e, t, lab = cols
+        body = rows[1:]
+    width = len(header)
+    enroll, test, labels, numbers = [], [], [], []
+    for lineno, r in body:
+        if len(r) != width:
+            raise UsageError(f"{p}:{lineno}: expected {width} fields, found {len(r)}")
+        a, b = r[e].strip(), r[t].strip()
+        if not a or not b:
+            raise UsageError(f"{p}:{lineno}: empty enrollment or test field")
+        enroll.append(a)
+        test.append(b)
+        numbers.append(lineno)
+        if lab is not None:
+            labels.append(parse_label(r[lab], f"{p}:{lineno}"))
+    if not enroll:
+        raise UsageError(f"{p}: the trial list has a header but no trials")
+    arr = np.asarray(labels, dtype=np.int8) if lab is not None else None
+    return TrialList(enroll, test, arr, str(p), fmt, numbers)
+
+
+def _read_whitespace(p: Path, lines: list[tuple[int, str]]) -> TrialList:
+    first = lines[0][1].split()
+    vox = (
+        len(first) == 3
+        and first[0].lower() in TARGET_WORDS
+        and first[2].lower() not in TARGET_WORDS
+    )
+    enroll, test, labels, numbers = [], [], [], []
+    has_label: bool | None = None
+    for lineno, line in lines:
+        f = line.split()
+        where = f"{p}:{lineno}"
+        if vox:
+            if len(f) != 3:
+                raise UsageError(f"{where}: expected 'label path1 path2', found {len(f)} fields")
+            labels.append(parse_label(f[0], where))
+            enroll.append(f[1])
+            test.append(f[2])
+        else:
+            if len(f) not in (2, 3):
+                raise UsageError(
+                    f"{where}: expected 'enroll test [target|nontarget]', found {len(f)} fields"
+                )
+            if has_label is None:
+                has_label = len(f) == 3
+            elif has_label != (len(f) == 3):
+                raise UsageError(f"{where}: some lines have a label and some do not")
+            enroll.append(f[0])
+            test.append(f[1])
+            if has_label:
+                labels.append(parse_label(f[2], where))
+        numbers.append(lineno)
+    arr = np.asarray(labels, dtype=np.int8) if labels else None
+    return TrialList(enroll, test, arr, str(p), "voxceleb" if vox else "kaldi", numbers)
+
+
+def read_wav_scp(path: str | Path, allow_commands: bool = False) -> dict[str, str]:
+    """Kaldi wav.scp: ``utt path`` (the path may contain spaces). Raises UsageError."""
+    p = Path(path)
+    out: dict[str, str] = {}
+    for lineno, line in enumerate(read_text(p).splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(maxsplit=1)
+        if len(parts) != 2:
+            raise UsageError(f"{p}:{lineno}: expected 'utt-id path', found {line.strip()!r}")
+        utt, target = parts
+        if target.rstrip().endswith("|") and not allow_commands:
+            raise UsageError(
+                f"{p}:{lineno}: entry {utt!r} is a command ({target.strip()!r}); "
+                "pass --allow-commands to run wav.scp commands, or list audio files"
+            )
+        if utt in out:
+            raise UsageError(f"{p}:{lineno}: utterance id {utt!r} appears twice")
+        out[utt] = target.strip()
+    if not out:
+        raise UsageError(f"{p}: wav.scp is empty")
+    return out
+
+
+def read_inputs(inputs: Sequence[str | Path]) -> list[Recording]:
+    """``embed`` inputs: wav.scp files, list files (one path a line) or audio paths."""
+    from .audio_formats import is_audio_path
+
+    recs: list[Recording] = []
+    for item in inputs:
+        p = Path(item)
+        if is_audio_path(p):
+            recs.append(Recording(str(item), p.resolve()))
+            continue
+        text = read_text(p)
+        base = p.parent
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        if lines and all(len(ln.split(maxsplit=1)) == 2 for ln in lines) and not any(
+            is_audio_path(Path(ln)) for ln in lines[:5]
+        ):
+            for utt, target in read_wav_scp(p).items():
+                recs.append(Recording(utt, resolve_path(target, base)))
+        else:
+            recs.extend(Recording(ln, resolve_path(ln, base)) for ln in lines)
+    if not recs:
+        raise UsageError("no recordings given")
+    return recs
+
+
+def resolve_path(item: str, root: Path) -> Path:
+    p = Path(item).expanduser()
+    return p if p.is_absolute() else (root / p)
+
+
+def resolve_trial_items(
+    trials: TrialList, root: Path | None = None, wav_scp: dict[str, str] | None = None,
+    scp_dir: Path | None = None,
+) -> tuple[dict[str, Recording], dict[str, str]]:
+    """Map each unique item to a Recording; items missing from wav.scp are returned apart.
+
+    Without ``root``, relative paths resolve against the trial file's folder; when the first
+    item is not there, against the nearest parent folder that has it.
+    """
+    items = trials.items()
+    missing: dict[str, str] = {}
+    out: dict[str, Recording] = {}
+    if wav_scp is not None:
+        base = scp_dir or Path.cwd()
+        for it in items:
+            if it in wav_scp:
+                out[it] = Recording(it, resolve_path(wav_scp[it], base))
+            else:
+                missing[it] = "utterance id not in wav.scp"
+        return out, missing
+    if root is None:
+        root = guess_root(Path(trials.source).resolve().parent, items)
+    for it in items:
+        out[it] = Recording(it, resolve_path(it, root))
+    return out, missing
+
+
+def guess_root(start: Path, items: Sequence[str]) -> Path:
+    rel = [it for it in items if not Path(it).expanduser().is_absolute()][:20]
+    if not rel:
+        return start
+    for cand in (start, *start.parents):
+        if any((cand / it).exists() for it in rel):
+            return cand
+    return start

@@ -1,0 +1,72 @@
+"""Shared test fixtures.
+
+Tests that need ``../shared`` (real audio, fixtures, weights) use the ``shared`` fixture: it
+skips with a reason when the folder is absent, and fails instead when
+``SPEAKER_SIM_REQUIRE_SHARED=1`` (as ``.ci/run`` sets). ``--device`` runs the device-aware tests
+on another torch device (SpeechBrain's habit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SPEAKER_SIM_SHARED", REPO.parent / "shared")).resolve()
+REAL_CKPT = (
+    SHARED / "pretrained" / "speech_campplus_sv_zh_en_16k-common_advanced" / "campplus_cn_en_common.pt"
+)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--device", default="cpu", help="torch device for device-aware tests")
+
+
+@pytest.fixture(scope="session")
+def device(request: pytest.FixtureRequest) -> str:
+    dev = str(request.config.getoption("--device"))
+    if dev.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("CUDA is not available on this machine")
+    return dev
+
+
+def need(path: Path, what: str) -> Path:
+    """Return ``path`` if it exists; otherwise skip (or fail when shared data is required)."""
+    if path.exists():
+        return path
+    msg = f"{what} not found at {path}"
+    if os.environ.get("SPEAKER_SIM_REQUIRE_SHARED") == "1":
+        pytest.fail(f"{msg} (SPEAKER_SIM_REQUIRE_SHARED=1)")
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return need(SHARED, "../shared (real audio and fixtures)")
+
+
+@pytest.fixture(scope="session")
+def real_ckpt(shared: Path) -> Path:
+    return need(REAL_CKPT, "real CAM++ checkpoint")
+
+
+@pytest.fixture(scope="session")
+def synth_state_dict(shared: Path):
+    """Function (arch name) -> synthetic state dict of torch tensors for that arch's schema."""
+    import torch
+
+    sys.path.insert(0, str(shared / "tools"))
+    from synth_weights import synth_state_dict as synth  # type: ignore[import-not-found]
+
+    def build(arch: str) -> dict[str, "torch.Tensor"]:
+        schema = json.loads((shared / "fixtures" / "arch" / f"{arch}.schema.json").read_text())
+        return {k: torch.from_numpy(v) for k, v in synth(schema).items()}
+
+    return build
