@@ -22,6 +22,18 @@ REAL_CKPT = (
 )
 
 
+# Tests never download and never touch the user's cache.
+os.environ.setdefault("SPEAKER_SIM_OFFLINE", "1")
+os.environ.setdefault("MODELSCOPE_OFFLINE", "1")
+if SHARED.joinpath("pretrained").is_dir():
+    os.environ.setdefault("SPEAKER_SIM_PRETRAINED", str(SHARED / "pretrained"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["SPEAKER_SIM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--device", default="cpu", help="torch device for device-aware tests")
 

@@ -102,50 +102,64 @@ def test_batch_invariance(case, arch: str) -> None:
     assert max(errs) <= TOL, f"{arch}: relative L2 per row {errs}"
 
 
-def test_padding_content_is_ignored(case) -> None:
-    """Garbage (not zeros) past the valid length changes nothing when lengths are given."""
-    c = case("eres2net_vox")
-    x, lengths = pad(c.feats, fill=3.0)
-    with torch.no_grad():
-        batch = c.model(x, lengths)
-    for i in range(len(c.feats)):
-        assert rel_l2(batch[i], c.alone[i]) <= TOL
-
-
-def test_padding_without_lengths_changes_short_rows(case) -> None:
-    """Sanity check that the invariance test can fail: ignoring lengths shifts padded rows."""
-    c = case("eres2net_vox")
-    x, lengths = pad(c.feats)
-    with torch.no_grad():
-        batch = c.model(x)
-    shortest = int(lengths.argmin())
-    assert rel_l2(batch[shortest], c.alone[shortest]) > 1e-2
-
-
-def test_none_lengths_equal_full_lengths(case) -> None:
-    c = case("eres2net_vox")
+@pytest.fixture(scope="module")
+def tiny() -> dict[str, torch.nn.Module]:
+    """Small seeded models (no shared data) for the masking edge cases, both block types."""
     torch.manual_seed(0)
-    x = torch.randn(2, 123, 80)
-    full = torch.full((2,), 123, dtype=torch.int64)
-    with torch.no_grad():
-        a = c.model(x)
-        b = c.model(x, full)
-    assert a.shape == (2, 192)
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    models: dict[str, torch.nn.Module] = {
+        "eres2net": ERes2Net(embedding_size=16, m_channels=8),
+        "huge": ERes2NetHuge(embedding_size=16, m_channels=8),
+    }
+    for m in models.values():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):  # non-trivial BN so biases leak
+                torch.nn.init.normal_(mod.bias, 0.0, 0.3)
+                torch.nn.init.normal_(mod.running_mean, 0.0, 0.3)
+        m.eval()
+    return models
 
 
-@pytest.mark.parametrize("length", [57, 58, 64])
-def test_odd_and_even_lengths(case, length: int) -> None:
+@pytest.mark.parametrize("which", ["eres2net", "huge"])
+@pytest.mark.parametrize("length", [9, 57, 58, 64])
+def test_odd_and_even_lengths(tiny, which: str, length: int) -> None:
     """Stride-2 stages round up (ceil(L/2)); odd, even and power-of-two lengths all hold."""
-    c = case("eres2net_vox")
-    torch.manual_seed(length)
-    short = torch.randn(length, 80)
-    long = torch.randn(101, 80)
+    model = tiny[which]
+    g = torch.Generator().manual_seed(length)
+    short = torch.randn(length, 80, generator=g)
+    long = torch.randn(101, 80, generator=g)
     x, lengths = pad([short, long])
     with torch.no_grad():
-        alone = c.model(short[None])[0]
-        batch = c.model(x, lengths)
+        alone = model(short[None])[0]
+        batch = model(x, lengths)
+        unmasked = model(x)
     assert rel_l2(batch[0], alone) <= TOL
+    assert rel_l2(batch[1], model(long[None])[0]) <= TOL
+    # Sanity check that this test can fail: ignoring lengths shifts the padded row.
+    assert rel_l2(unmasked[0], alone) > 1e-3
+
+
+def test_padding_content_is_ignored(tiny) -> None:
+    """Garbage (not zeros) past the valid length changes nothing when lengths are given."""
+    model = tiny["eres2net"]
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(n, 80, generator=g) for n in (40, 77, 120)]
+    x, lengths = pad(feats, fill=3.0)
+    with torch.no_grad():
+        batch = model(x, lengths)
+        for i, f in enumerate(feats):
+            assert rel_l2(batch[i], model(f[None])[0]) <= TOL
+
+
+@pytest.mark.parametrize("which", ["eres2net", "huge"])
+def test_none_lengths_equal_full_lengths(tiny, which: str) -> None:
+    model = tiny[which]
+    x = torch.randn(2, 123, 80, generator=torch.Generator().manual_seed(2))
+    full = torch.full((2,), 123, dtype=torch.int64)
+    with torch.no_grad():
+        a = model(x)
+        b = model(x, full)
+    assert a.shape == (2, 16)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_huge_differs_in_block_shape() -> None:

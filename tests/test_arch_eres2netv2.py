@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from speaker_sim_cli.models.eres2netv2 import ERes2NetV2
+from speaker_sim_cli.models.eres2netv2 import ERes2NetV2, Res2Bottleneck
 
 TOL = 1e-4
 
@@ -103,24 +103,27 @@ def test_batch_invariance(case, arch: str) -> None:
     assert max(errs) <= TOL, f"{arch}: relative L2 per row {errs}"
 
 
+# The two shortest fixture utterances (48 and 285 frames) keep the checks below cheap.
+SHORT_PAIR = (3, 0)
+
+
 def test_padding_content_is_ignored(case) -> None:
     """Garbage (not zeros) past the valid length changes nothing when lengths are given."""
     c = case("eres2netv2_192")
-    x, lengths = pad(c.feats, fill=3.0)
+    x, lengths = pad([c.feats[i] for i in SHORT_PAIR], fill=3.0)
     with torch.no_grad():
         batch = c.model(x, lengths)
-    for i in range(len(c.feats)):
-        assert rel_l2(batch[i], c.alone[i]) <= TOL
+    for row, i in enumerate(SHORT_PAIR):
+        assert rel_l2(batch[row], c.alone[i]) <= TOL
 
 
 def test_padding_without_lengths_changes_short_rows(case) -> None:
     """Sanity check that the invariance test can fail: ignoring lengths shifts padded rows."""
     c = case("eres2netv2_192")
-    x, lengths = pad(c.feats)
+    x, _ = pad([c.feats[i] for i in SHORT_PAIR])
     with torch.no_grad():
         batch = c.model(x)
-    shortest = int(lengths.argmin())
-    assert rel_l2(batch[shortest], c.alone[shortest]) > 1e-2
+    assert rel_l2(batch[0], c.alone[SHORT_PAIR[0]]) > 1e-2
 
 
 def test_none_lengths_equal_full_lengths(case) -> None:
@@ -135,25 +138,24 @@ def test_none_lengths_equal_full_lengths(case) -> None:
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("length", [57, 58, 64])
-def test_odd_and_even_lengths(case, length: int) -> None:
+def test_odd_and_even_lengths(case) -> None:
     """Stride-2 stages give floor((L-1)/2)+1 frames; odd, even and power-of-two lengths hold."""
     c = case("eres2netv2_192")
-    torch.manual_seed(length)
-    short = torch.randn(length, 80)
-    long = torch.randn(101, 80)
-    x, lengths = pad([short, long])
+    torch.manual_seed(0)
+    rows = [torch.randn(n, 80) for n in (57, 58, 64, 101)]
+    x, lengths = pad(rows)
     with torch.no_grad():
-        alone = c.model(short[None])[0]
         batch = c.model(x, lengths)
-    assert rel_l2(batch[0], alone) <= TOL
+        for i, row in enumerate(rows[:3]):
+            assert rel_l2(batch[i], c.model(row[None])[0]) <= TOL, f"length {row.shape[0]}"
 
 
 def test_block_shapes_follow_width_scale_expansion() -> None:
     m = ERes2NetV2(baseWidth=24, scale=4, expansion=4)
-    block = m.layer3[0]
+    block, plain = m.layer3[0], m.layer2[0]
+    assert isinstance(block, Res2Bottleneck) and isinstance(plain, Res2Bottleneck)
     assert len(block.convs) == 4 and len(block.fuse_models) == 3
-    assert len(m.layer2[0].fuse_models) == 0
+    assert len(plain.fuse_models) == 0
     assert m.seg_1.in_features == 2 * 10 * 64 * 8 * 4
 
 

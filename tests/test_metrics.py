@@ -100,7 +100,7 @@ def test_perfect_separation() -> None:
 def test_all_scores_tied() -> None:
     # only accept-all and reject-all exist: EER = 0.5 whatever the order
     for y in ([1, 0, 1, 0], [0, 0, 1, 1], [1, 1, 0, 0]):
-        fpr, fnr, thr = det_curve([0.5] * 4, y)
+        fpr, fnr, _ = det_curve([0.5] * 4, y)
         np.testing.assert_array_equal(fpr, [1, 0])
         np.testing.assert_array_equal(fnr, [0, 1])
         assert compute_eer([0.5] * 4, y) == (0.5, 0.5)
@@ -151,8 +151,8 @@ def test_matches_sklearn_det_curve(seed: int) -> None:
     s = np.round(rng.normal(y * 1.0, 1.0), 1)
     fpr, fnr, _ = det_curve(s, y)
     sk_fpr, sk_fnr, _ = skm.det_curve(y, s, drop_intermediate=False)
-    ours = set(zip(np.round(fpr, 12), np.round(fnr, 12)))
-    theirs = set(zip(np.round(sk_fpr, 12), np.round(sk_fnr, 12)))
+    ours = set(zip(np.round(fpr, 12), np.round(fnr, 12), strict=True))
+    theirs = set(zip(np.round(sk_fpr, 12), np.round(sk_fnr, 12), strict=True))
     # sklearn trims the flat tails where fpr or fnr is already 0; otherwise the same points
     assert theirs <= ours
     assert all(a == 0 or b == 0 for a, b in ours - theirs)

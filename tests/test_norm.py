@@ -70,7 +70,7 @@ def naive_asnorm(scores, pairs, enroll, test, cohort, top_n):
     t = test / np.linalg.norm(test, axis=1, keepdims=True)
     c = cohort / np.linalg.norm(cohort, axis=1, keepdims=True)
     out = []
-    for s, (i, j) in zip(scores, pairs):
+    for s, (i, j) in zip(scores, pairs, strict=True):
         se = np.sort(c @ e[i])[::-1][:top_n]
         st = np.sort(c @ t[j])[::-1][:top_n]
         out.append(0.5 * ((s - se.mean()) / se.std() + (s - st.mean()) / st.std()))

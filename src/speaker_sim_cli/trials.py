@@ -197,8 +197,10 @@ def read_inputs(inputs: Sequence[str | Path]) -> list[Recording]:
         text = read_text(p)
         base = p.parent
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        if lines and all(len(ln.split(maxsplit=1)) == 2 for ln in lines) and not any(
-            is_audio_path(Path(ln)) for ln in lines[:5]
+        if p.suffix == ".scp" or (
+            all(len(ln.split(maxsplit=1)) == 2 for ln in lines)
+            and not any(is_audio_path(Path(ln.split()[0])) for ln in lines)
+            and not any(resolve_path(ln, base).exists() for ln in lines[:20])
         ):
             for utt, target in read_wav_scp(p).items():
                 recs.append(Recording(utt, resolve_path(target, base)))

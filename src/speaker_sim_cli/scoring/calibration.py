@@ -85,9 +85,7 @@ def _weighted_ce(
     z: npt.NDArray[np.float64], is_target: npt.NDArray[np.bool_], w_t: float, w_n: float
 ) -> float:
     """Prior-weighted cross-entropy (nats) of posterior log-odds z."""
-    return float(
-        w_t * _softplus(-z[is_target]).sum() + w_n * _softplus(z[~is_target]).sum()
-    )
+    return float(w_t * _softplus(-z[is_target]).sum() + w_n * _softplus(z[~is_target]).sum())
 
 
 def fit_calibration(
@@ -182,8 +180,8 @@ def cllr(llr: npt.ArrayLike, labels: npt.ArrayLike) -> float:
         >>> cllr([0.0, 0.0], [1, 0])
         1.0
     """
-    x, is_target = _check_inputs(llr, labels)
-    x = x.astype(np.float64, copy=False)
+    x_in, is_target = _check_inputs(llr, labels)
+    x = np.asarray(x_in, dtype=np.float64)
     c_t = float(_softplus(-x[is_target]).mean())
     c_n = float(_softplus(x[~is_target]).mean())
     return 0.5 * (c_t + c_n) / _LOG2
@@ -195,7 +193,7 @@ def _pav(y: npt.NDArray[np.float64], w: npt.NDArray[np.float64]) -> npt.NDArray[
     val: list[float] = []
     wt: list[float] = []
     cnt: list[int] = []
-    for yi, wi in zip(y.tolist(), w.tolist()):
+    for yi, wi in zip(y.tolist(), w.tolist(), strict=True):
         v, ww, c = yi, wi, 1
         while val and val[-1] >= v:
             pw = wt.pop()
@@ -212,8 +210,9 @@ def _pav(y: npt.NDArray[np.float64], w: npt.NDArray[np.float64]) -> npt.NDArray[
 
 def pav_llr(
     scores: npt.ArrayLike, labels: npt.ArrayLike
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.int64],
-           npt.NDArray[np.int64]]:
+) -> tuple[
+    npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.int64], npt.NDArray[np.int64]
+]:
     """Optimal monotone score -> LLR map on this data (PAV), per distinct score.
 
     Tied scores are pooled first, so they always receive the same LLR.

@@ -64,9 +64,7 @@ def _check_inputs(
     s = np.asarray(scores)
     y = np.asarray(labels)
     if s.ndim != 1 or y.ndim != 1:
-        raise ValueError(
-            f"scores and labels must be 1-D, got shapes {s.shape} and {y.shape}"
-        )
+        raise ValueError(f"scores and labels must be 1-D, got shapes {s.shape} and {y.shape}")
     if s.shape[0] != y.shape[0]:
         raise ValueError(
             f"scores and labels have different lengths: {s.shape[0]} scores, {y.shape[0]} labels"

@@ -92,9 +92,7 @@ def _check_trials(
     if s.ndim != 1:
         raise ValueError(f"scores must be 1-D (n_trials,), got shape {s.shape}")
     if p.ndim != 2 or p.shape[1] != 2 or p.shape[0] != s.shape[0]:
-        raise ValueError(
-            f"pairs must have shape (n_trials, 2) = ({s.shape[0]}, 2), got {p.shape}"
-        )
+        raise ValueError(f"pairs must have shape (n_trials, 2) = ({s.shape[0]}, 2), got {p.shape}")
     if p.size and not np.issubdtype(p.dtype, np.integer):
         raise ValueError(f"pairs must hold integer row indices, got dtype {p.dtype}")
     ei = p[:, 0].astype(np.intp)
@@ -153,9 +151,7 @@ def snorm(
         >>> snorm([0.0], [[0, 0]], E, T, C).tolist()  # mu = std = 0.5 on both sides
         [-1.0]
     """
-    return normalize_scores(
-        scores, pairs, cohort_stats(enroll, cohort), cohort_stats(test, cohort)
-    )
+    return normalize_scores(scores, pairs, cohort_stats(enroll, cohort), cohort_stats(test, cohort))
 
 
 def asnorm(

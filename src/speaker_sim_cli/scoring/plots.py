@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from speaker_sim_cli.scoring.metrics import (
+    _check_dcf_params,
     _check_inputs,
     _counts,
     _eer_index,
@@ -131,6 +132,7 @@ def plot_det(
     """
     if not curves:
         raise ValueError("plot_det needs at least one (label, scores, labels) curve")
+    _check_dcf_params(p_target, 1.0, 1.0)
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 6.0), dpi=120)
@@ -214,9 +216,9 @@ def plot_histograms(
     edges = np.histogram_bin_edges(s, bins=bins)
     fig = Figure(figsize=(7.0, 4.2), dpi=120)
     ax = fig.add_subplot()
-    ax.hist(s[~y], bins=edges, density=True, alpha=0.55, color="C3",
+    ax.hist(s[~y], bins=edges.tolist(), density=True, alpha=0.55, color="C3",
             label=f"non-target (n={c.n_nontargets})")  # fmt: skip
-    ax.hist(s[y], bins=edges, density=True, alpha=0.55, color="C2",
+    ax.hist(s[y], bins=edges.tolist(), density=True, alpha=0.55, color="C2",
             label=f"target (n={c.n_targets})")  # fmt: skip
     ax.axvline(thr, color="black", ls="--", lw=1.0,
                label=f"EER threshold {thr:.4f} (EER {eer * 100:.2f}%)")  # fmt: skip
