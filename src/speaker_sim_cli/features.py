@@ -10,40 +10,13 @@ epsilon, no dither. Per-utterance mean subtraction is a separate step (:func:`me
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import torch
 
+from .frontend import FbankConfig
 
-@dataclass(frozen=True)
-class FbankConfig:
-    """Front-end settings. They are part of every embedding's cache key."""
-
-    sample_rate: int = 16000
-    num_mel_bins: int = 80
-    frame_length_ms: float = 25.0
-    frame_shift_ms: float = 10.0
-    preemphasis: float = 0.97
-    low_freq: float = 20.0
-    high_freq: float = 0.0  # <= 0: offset from Nyquist, as in Kaldi
-    window: str = "povey"
-    mean_norm: bool = True
-
-    @property
-    def window_size(self) -> int:
-        return int(self.sample_rate * self.frame_length_ms * 0.001)
-
-    @property
-    def window_shift(self) -> int:
-        return int(self.sample_rate * self.frame_shift_ms * 0.001)
-
-    @property
-    def n_fft(self) -> int:
-        return 1 << (self.window_size - 1).bit_length()
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
+__all__ = ["FbankConfig", "compute_features", "fbank", "mean_normalize", "num_frames"]
 
 
 def num_frames(num_samples: int | torch.Tensor, cfg: FbankConfig) -> torch.Tensor | int:

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from . import bench, cache_cmd, calibrate, eval_cmd, serve
 from .compare import compare
 from .embed import embed
 from .models_cmd import models
@@ -36,13 +37,8 @@ app.command()(compare)
 app.command()(models)
 
 
-def _register_optional() -> None:
-    from .eval_cmd import register as register_eval
-
-    register_eval(app)
-
-
-_register_optional()
+for _module in (eval_cmd, calibrate, serve, bench, cache_cmd):
+    _module.register(app)
 
 
 def main() -> None:

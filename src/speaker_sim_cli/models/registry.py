@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import UsageError
-from ..features import FbankConfig
+from ..frontend import FbankConfig
 
 DEFAULT_MODEL = "iic/speech_campplus_sv_zh_en_16k-common_advanced"
 
