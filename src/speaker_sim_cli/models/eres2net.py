@@ -19,8 +19,6 @@ counts valid frames only. A zero-padded row thus gets the embedding it gets alon
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -86,7 +84,7 @@ class _ERes2NetBlock(nn.Module):
         fuse: bool,
     ) -> None:
         super().__init__()
-        width = int(math.floor(planes * (base_width / 64.0)))
+        width = planes * base_width // 64
         out_planes = planes * expansion
         self.width = width
         self.scale = scale
@@ -110,8 +108,8 @@ class _ERes2NetBlock(nn.Module):
     def forward(
         self, x: torch.Tensor, lengths: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.stride != 1:
-            lengths = conv_out_lengths(lengths, 1, self.stride) if lengths is not None else None
+        if self.stride != 1 and lengths is not None:
+            lengths = conv_out_lengths(lengths, kernel=1, stride=self.stride)
         out = apply_mask(_hardtanh20(self.bn1(self.conv1(x))), lengths)
         splits = torch.split(out, self.width, dim=1)
         parts: list[torch.Tensor] = []
@@ -119,9 +117,10 @@ class _ERes2NetBlock(nn.Module):
         for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
             if i > 0:
                 # Both operands are zero past the valid length, so is their sum / fusion.
-                sp = sp + splits[i] if self.fuse_models is None else self.fuse_models[i - 1](
-                    sp, splits[i]
-                )
+                if self.fuse_models is None:
+                    sp = sp + splits[i]
+                else:
+                    sp = self.fuse_models[i - 1](sp, splits[i])
             sp = apply_mask(_hardtanh20(bn(conv(sp))), lengths)
             parts.append(sp)
         out = self.bn3(self.conv3(torch.cat(parts, dim=1)))
@@ -207,9 +206,7 @@ class _ERes2NetBase(nn.Module):
         return x, lengths
 
     @staticmethod
-    def _down(
-        conv: nn.Conv2d, x: torch.Tensor, lengths: torch.Tensor | None
-    ) -> torch.Tensor:
+    def _down(conv: nn.Conv2d, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
         return apply_mask(conv(x), _halve(lengths))
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,436 @@
+"""``SpeakerSim``: the library entry point, over :class:`~speaker_sim_cli.pipeline.Extractor`.
+
+A model is loaded once; recordings are embedded through the engine (batched, padding-masked)
+and cached twice: on disk (the content-keyed cache that ``speaker-sim score`` uses) and in a
+bounded in-memory LRU keyed by the resolved path and its ``stat`` (size, mtime, inode), so a
+recording asked for again costs a ``stat``, not a hash or a decode. Scores are the raw cosine
+in float64, computed exactly as ``speaker-sim score`` computes them.
+
+Not thread-safe: use one instance per thread (``speaker-sim serve`` calls it from one thread).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+from .errors import AudioError, UsageError
+from .models.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from .pipeline import Extractor
+
+__all__ = ["MemoryLRU", "SpeakerSim"]
+
+# One input to ``embed``: a file path, or a waveform (1-D samples) as a numpy array or tensor.
+Input = Union[str, "os.PathLike[str]", np.ndarray, Any]
+
+StatKey = tuple[str, int, int, int]
+
+
+class MemoryLRU:
+    """A bounded least-recently-used map ``key -> embedding``; ``capacity=0`` disables it."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 0:
+            raise ValueError("capacity must be >= 0")
+        self.capacity = capacity
+        self._d: OrderedDict[Any, np.ndarray] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, key: Any) -> np.ndarray | None:
+        v = self._d.get(key)
+        if v is None:
+            self.misses += 1
+            return None
+        self._d.move_to_end(key)
+        self.hits += 1
+        return v
+
+    def put(self, key: Any, value: np.ndarray) -> None:
+        if self.capacity == 0:
+            return
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.capacity:
+            self._d.popitem(last=False)
+            self.evictions += 1
+
+
+@dataclass
+class Counts:
+    """What a :class:`SpeakerSim` has done since it was made."""
+
+    embedded: int = 0  # recordings the model ran on (files)
+    arrays_embedded: int = 0  # in-memory waveforms the model ran on
+    disk_hits: int = 0  # recordings found in the on-disk cache
+    failed: int = 0  # failed file look-ups (each request for a bad file counts)
+
+
+def stat_key(path: str | os.PathLike[str]) -> StatKey:
+    """``(resolved path, size, mtime_ns, inode)``: changes whenever the file is replaced."""
+    rp = os.path.realpath(path)
+    st = os.stat(rp)
+    return (rp, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of two embeddings in float64, as ``speaker-sim score`` computes it."""
+    from .pipeline import cosine_pairs
+
+    mat = np.stack([np.asarray(a), np.asarray(b)])
+    return float(cosine_pairs(mat, np.array([0]), np.array([1]))[0])
+
+
+def _is_single(x: Any) -> bool:
+    return isinstance(x, str | os.PathLike | np.ndarray) or hasattr(x, "detach")
+
+
+class SpeakerSim:
+    """A speaker-embedding model, loaded once, with its caches.
+
+    Args:
+        model: ModelScope id (``iic/...`` or ``damo/...``) or alias; see ``speaker-sim models``.
+        model_dir: folder holding the checkpoint under its official name (else the usual
+            lookup: ``$SPEAKER_SIM_PRETRAINED``, ``./pretrained``, the ModelScope cache).
+        device: ``auto`` (the GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (part of the cache key).
+        cache_dir: on-disk embedding cache [default: ``$SPEAKER_SIM_CACHE`` or the user cache].
+        use_cache: read and write the on-disk cache.
+        memory_cache: most embeddings kept in memory (LRU); 0 disables it.
+        workers: decoding worker processes; 0 decodes in this process (best for the small
+            batches of interactive use and ``serve``), -1 for cores - 1 (large jobs).
+        batch_size, batch_frames, chunk_seconds, min_duration: as the ``score`` options.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        model_dir: str | os.PathLike[str] | None = None,
+        device: str = "auto",
+        *,
+        precision: str = "fp32",
+        cache_dir: str | os.PathLike[str] | None = None,
+        use_cache: bool = True,
+        memory_cache: int = 50_000,
+        workers: int = 0,
+        batch_size: int = 32,
+        batch_frames: int = 0,
+        chunk_seconds: float | None = None,
+        min_duration: float = 0.3,
+    ) -> None:
+        from .engine.embedder import EngineConfig
+        from .pipeline import Extractor
+
+        engine = EngineConfig(
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            batch_frames=batch_frames,
+            workers=workers,
+            chunk_seconds=chunk_seconds,
+            min_duration=min_duration,
+        )
+        self.extractor: Extractor = Extractor(
+            model,
+            Path(model_dir) if model_dir is not None else None,
+            engine,
+            Path(cache_dir) if cache_dir is not None else None,
+            use_cache=use_cache,
+        )
+        self.memory = MemoryLRU(memory_cache)
+        self.counts = Counts()
+
+    # -- what it is -----------------------------------------------------------------------
+    @property
+    def model_id(self) -> str:
+        return self.extractor.spec.id
+
+    @property
+    def dim(self) -> int:
+        """Embedding size."""
+        return self.extractor.spec.dim
+
+    @property
+    def sample_rate(self) -> int:
+        """The rate (Hz) the model expects; arrays at another rate need ``sample_rate=``."""
+        return self.extractor.spec.sample_rate
+
+    @property
+    def device(self) -> str:
+        return str(self.extractor.embedder.device)
+
+    def describe(self) -> dict[str, Any]:
+        """Model id, architecture, checkpoint and its sha256, device, precision, mode."""
+        return self.extractor.describe()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: recordings embedded, disk-cache hits, memory hits, failures."""
+        eng = self.extractor.embedder.stats
+        return {
+            **asdict(self.counts),
+            "memory_hits": self.memory.hits,
+            "memory_misses": self.memory.misses,
+            "memory_entries": len(self.memory),
+            "memory_evictions": self.memory.evictions,
+            "engine_recordings": eng.recordings,
+            "engine_batches": eng.batches,
+            "audio_seconds": round(eng.audio_seconds, 3),
+            "model_seconds": round(eng.model_seconds, 3),
+        }
+
+    # -- files ----------------------------------------------------------------------------
+    def cached(self, path: str | os.PathLike[str]) -> np.ndarray | None:
+        """The embedding of ``path`` if it is in memory (no decode, no hashing), else None."""
+        try:
+            key = stat_key(path)
+        except OSError:
+            return None
+        return self.memory.get(key)
+
+    def lookup(
+        self, paths: Iterable[str | os.PathLike[str]]
+    ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        """Embed files, each content once: memory, then disk cache, then the model (batched).
+
+        Returns ``(embeddings, failures)`` keyed by the path strings given: (D,) float32
+        unnormalised embeddings, and the reason each failed path could not be used. Never
+        raises for a bad file.
+        """
+        out: dict[str, np.ndarray] = {}
+        failures: dict[str, str] = {}
+        todo: dict[str, StatKey] = {}
+        for p in dict.fromkeys(os.fspath(x) for x in paths):
+            try:
+                key = stat_key(p)
+            except OSError:
+                todo[p] = ("", 0, 0, 0)  # let the extractor name the problem
+                continue
+            hit = self.memory.get(key)
+            if hit is not None:
+                out[p] = hit
+            else:
+                todo[p] = key
+        if not todo:
+            return out, failures
+        # Embed by resolved path, so two spellings of one file are one recording.
+        by_real: dict[str, list[str]] = {}
+        for p, key in todo.items():
+            by_real.setdefault(key[0] or p, []).append(p)
+        res = self.extractor.embed_paths(list(by_real))
+        self.counts.embedded += res.embedded
+        self.counts.disk_hits += res.cached
+        for real, ps in by_real.items():
+            emb = res.embeddings.get(real)
+            if emb is None:
+                reason = res.failures.get(real, "unknown error")
+                self.counts.failed += len(ps)
+                for p in ps:
+                    failures[p] = reason
+                continue
+            key = todo[ps[0]]
+            if key[0]:
+                self.memory.put(key, emb)
+            for p in ps:
+                out[p] = emb
+        return out, failures
+
+    # -- the public verbs -----------------------------------------------------------------
+    def embed(self, x: Input | Sequence[Input], sample_rate: int | None = None) -> np.ndarray:
+        """Embed a path or waveform -> (D,), or a sequence of them -> (N, D); float32.
+
+        Waveforms are 1-D float arrays (or tensors) of samples at ``sample_rate``
+        [default: the model's rate, see :attr:`sample_rate`]; a 2-D array is a batch of
+        equal-length waveforms (B, samples). Embeddings are unnormalised, as 3D-Speaker
+        writes them. Raises :class:`~speaker_sim_cli.errors.AudioError` naming the first
+        recording that cannot be used.
+        """
+        if _is_single(x):
+            arr = None if isinstance(x, str | os.PathLike) else _as_array(x)
+            if arr is not None and arr.ndim == 2:
+                return self._embed_items(list(arr), sample_rate)
+            return self._embed_items([x], sample_rate)[0]
+        items = list(x)
+        if not items:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return self._embed_items(items, sample_rate)
+
+    def similarity(self, a: Input, b: Input, sample_rate: int | None = None) -> float:
+        """Cosine similarity in [-1, 1] of two recordings (paths or waveforms)."""
+        emb = self.embed([a, b], sample_rate)
+        return cosine(emb[0], emb[1])
+
+    def score(
+        self, trials: Any, root: str | os.PathLike[str] | None = None
+    ) -> pd.DataFrame:
+        """Score trials by cosine, each unique recording embedded once.
+
+        ``trials`` is a trial file (CSV with ``enrollment,test[,label]``, Kaldi trials or a
+        VoxCeleb list), a DataFrame with those columns (else its first two columns, and a
+        ``label`` column when present), or an iterable of ``(enrollment, test[, label])``.
+        Relative paths resolve against ``root`` [default: the trial file's folder as
+        ``speaker-sim score`` does, or the current folder for in-memory trials].
+
+        Returns a DataFrame with ``enrollment``, ``test``, ``label`` (when given), ``score``
+        (float64; NaN where a recording failed) and ``error`` (the reason, else None).
+        """
+        import pandas as pd
+
+        from .pipeline import cosine_pairs
+        from .trials import read_trials, resolve_trial_items
+
+        tl = (
+            read_trials(trials)
+            if isinstance(trials, str | os.PathLike)
+            else _trials_from_memory(trials)
+        )
+        base = Path(root) if root is not None else None
+        if base is None and not isinstance(trials, str | os.PathLike):
+            base = Path.cwd()
+        recs, missing = resolve_trial_items(tl, base)
+        embs, fails = self.lookup([str(r.path) for r in recs.values()])
+        reason = dict(missing)
+        for k, r in recs.items():
+            if str(r.path) in fails:
+                reason[k] = fails[str(r.path)]
+        good = [k for k in recs if k not in reason]
+        index = {k: i for i, k in enumerate(good)}
+        mat = (
+            np.stack([embs[str(recs[k].path)] for k in good])
+            if good
+            else np.zeros((0, self.dim), np.float32)
+        )
+        n = len(tl)
+        a = np.fromiter((index.get(x, -1) for x in tl.enroll), dtype=np.int64, count=n)
+        b = np.fromiter((index.get(x, -1) for x in tl.test), dtype=np.int64, count=n)
+        ok = (a >= 0) & (b >= 0)
+        scores = np.full(n, np.nan)
+        if ok.any():
+            scores[ok] = cosine_pairs(mat, a[ok], b[ok])
+        errors: list[str | None] = [None] * n
+        for i in np.flatnonzero(~ok):
+            bad = dict.fromkeys(x for x in (tl.enroll[i], tl.test[i]) if x in reason)
+            errors[i] = "; ".join(f"{x}: {reason[x]}" for x in bad)
+        cols: dict[str, Any] = {"enrollment": tl.enroll, "test": tl.test}
+        if tl.labels is not None:
+            cols["label"] = tl.labels.astype(np.int64)
+        cols["score"] = scores
+        cols["error"] = errors
+        return pd.DataFrame(cols)
+
+    # -- internals ------------------------------------------------------------------------
+    def _embed_items(self, items: Sequence[Input], sample_rate: int | None) -> np.ndarray:
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        paths: dict[int, str] = {}
+        waves: dict[int, np.ndarray] = {}
+        for i, it in enumerate(items):
+            if isinstance(it, str | os.PathLike):
+                paths[i] = os.fspath(it)
+            else:
+                waves[i] = self._prepare_wave(_as_array(it), sample_rate, i)
+        if paths:
+            embs, fails = self.lookup(paths.values())
+            for i, p in paths.items():
+                if p in fails:
+                    raise AudioError(p, fails[p])
+                out[i] = embs[p]
+        if waves:
+            import torch
+
+            idx = list(waves)
+            res = self.extractor.embedder.embed_waves([torch.from_numpy(waves[i]) for i in idx])
+            for i, e in zip(idx, res):
+                if not np.isfinite(e).all():
+                    raise AudioError(f"<array {i}>", "the model produced a non-finite embedding")
+                out[i] = e
+            self.counts.arrays_embedded += len(idx)
+        return out
+
+    def _prepare_wave(self, arr: np.ndarray, sample_rate: int | None, i: int) -> np.ndarray:
+        from .audio import resample
+        from .engine.data import check_wave
+
+        if arr.ndim != 1:
+            raise ValueError(
+                f"waveform {i}: expected 1-D samples, got shape {arr.shape} "
+                "(pick a channel: wav[:, 0])"
+            )
+        if arr.dtype.kind not in "fiu":
+            raise ValueError(f"waveform {i}: expected numbers, got dtype {arr.dtype}")
+        wav = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(wav).all():
+            raise AudioError(f"<array {i}>", "contains NaN or Inf samples")
+        sr = self.sample_rate
+        if sample_rate is not None and sample_rate != sr:
+            wav = resample(wav, int(sample_rate), sr)
+        cfg = self.extractor.engine_cfg
+        try:
+            check_wave(wav, sr, int(cfg.min_duration * sr), 0)
+        except AudioError as exc:
+            raise AudioError(f"<array {i}>", exc.reason) from None
+        return wav
+
+
+def _as_array(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _trials_from_memory(trials: Any) -> Any:
+    """A TrialList from a DataFrame or an iterable of (enrollment, test[, label])."""
+    from .records import TrialList
+    from .trials import _header_columns, parse_label
+
+    enroll: list[str] = []
+    test: list[str] = []
+    labels: list[int] = []
+    if hasattr(trials, "columns") and hasattr(trials, "itertuples"):
+        cols_found = _header_columns([str(c) for c in trials.columns])
+        if cols_found is None:
+            if len(trials.columns) < 2:
+                raise UsageError("trials DataFrame needs enrollment and test columns")
+            cols_found = (0, 1, None)
+        e, t, lab = cols_found
+        cols = [trials.columns[e], trials.columns[t]]
+        if lab is not None:
+            cols.append(trials.columns[lab])
+        rows: Iterable[Sequence[Any]] = trials[cols].itertuples(index=False, name=None)
+    else:
+        rows = trials
+    has_label: bool | None = None
+    for n, row in enumerate(rows, 1):
+        r = tuple(row)
+        if len(r) not in (2, 3):
+            raise UsageError(f"trial {n}: expected (enrollment, test[, label]), got {len(r)} items")
+        if has_label is None:
+            has_label = len(r) == 3
+        elif has_label != (len(r) == 3):
+            raise UsageError(f"trial {n}: some trials have a label and some do not")
+        enroll.append(os.fspath(r[0]) if isinstance(r[0], os.PathLike) else str(r[0]))
+        test.append(os.fspath(r[1]) if isinstance(r[1], os.PathLike) else str(r[1]))
+        if len(r) == 3:
+            labels.append(parse_label(str(r[2]), f"trial {n}"))
+    if not enroll:
+        raise UsageError("no trials")
+    return TrialList(
+        enroll,
+        test,
+        np.asarray(labels, dtype=np.int8) if has_label else None,
+        source="<memory>",
+        format="memory",
+        line_numbers=list(range(1, len(enroll) + 1)),
+    )
