@@ -29,41 +29,125 @@ class AudioInfo:
         return self.frames / self.sample_rate if self.sample_rate else 0.0
 
 
+def is_command(path: str | Path) -> bool:
+    """A Kaldi wav.scp entry that is a shell command writing audio to stdout (``... |``)."""
+    return str(path).rstrip().endswith("|")
+
+
 def probe(path: str | Path) -> AudioInfo:
     """Read only the header. Raises AudioError naming the file when it cannot be read."""
     import soundfile as sf
 
+    if is_command(path):
+        return AudioInfo(0, 0, 1, "pipe", "")
     p = Path(path)
     _check_file(p)
     try:
         info = sf.info(str(p))
     except Exception as exc:  # soundfile raises several types for unreadable files
-        raise AudioError(str(p), f"cannot decode audio ({_sf_reason(exc)})") from None
+        raise AudioError(str(p), _decode_reason(p, exc)) from None
+    if info.frames == 0:
+        raise AudioError(str(p), "no samples (the header says 0 frames)")
     return AudioInfo(info.samplerate, info.frames, info.channels, info.format, info.subtype)
 
 
-def load(path: str | Path, sample_rate: int, channel: int = 0) -> np.ndarray:
+# Multichannel files above this many samples are read in blocks, keeping only one channel.
+_BLOCK_READ_SAMPLES = 50_000_000
+_BLOCK = 1 << 20
+
+
+def load(
+    path: str | Path, sample_rate: int, channel: int = 0, command_timeout: float = 600
+) -> np.ndarray:
     """Decode ``path`` to a float32 mono waveform at ``sample_rate``.
 
-    Returns a 1-D float32 array (samples,). Raises AudioError for a missing, empty, undecodable,
+    ``path`` may be a wav.scp command (``sox a.sph -t wav - |``), run through the shell. Returns a
+    1-D float32 array (samples,). Raises AudioError for a missing, empty, undecodable,
     empty-of-samples or non-finite recording, naming the file and the problem.
     """
     import soundfile as sf
 
+    if is_command(path):
+        return _load_command(str(path), sample_rate, channel, command_timeout)
     p = Path(path)
     _check_file(p)
     try:
-        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(p)) as f:
+            rate, channels, frames = f.samplerate, f.channels, f.frames
+            if channel >= channels:
+                raise AudioError(str(p), f"has {channels} channel(s), channel {channel} requested")
+            if channels > 1 and frames * channels > _BLOCK_READ_SAMPLES:
+                parts = [
+                    np.array(b[:, channel], dtype=np.float32)
+                    for b in f.blocks(blocksize=_BLOCK, dtype="float32", always_2d=True)
+                ]
+                wav = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+            else:
+                data = f.read(dtype="float32", always_2d=True)
+                wav = np.ascontiguousarray(data[:, channel])
+    except AudioError:
+        raise
+    except MemoryError:
+        raise AudioError(str(p), "too long to decode in memory") from None
     except Exception as exc:
-        raise AudioError(str(p), f"cannot decode audio ({_sf_reason(exc)})") from None
-    if data.shape[0] == 0:
-        raise AudioError(str(p), "no samples")
-    if channel >= data.shape[1]:
-        raise AudioError(str(p), f"has {data.shape[1]} channel(s), channel {channel} requested")
-    wav = np.ascontiguousarray(data[:, channel])
+        raise AudioError(str(p), _decode_reason(p, exc)) from None
+    return _finish(str(p), wav, rate, sample_rate)
+
+
+def _finish(name: str, wav: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
+    if wav.shape[0] == 0:
+        raise AudioError(name, "no samples")
     if not np.isfinite(wav).all():
-        raise AudioError(str(p), "contains NaN or Inf samples")
+        raise AudioError(name, "contains NaN or Inf samples")
     return resample(wav, rate, sample_rate)
+
+
+def _load_command(cmd: str, sample_rate: int, channel: int, timeout: float) -> np.ndarray:
+    import io
+    import subprocess
+
+    import soundfile as sf
+
+    shell = cmd.rstrip()[:-1].strip()
+    try:
+        proc = subprocess.run(shell, shell=True, capture_output=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise AudioError(cmd, f"command timed out after {timeout:g} s") from None
+    if proc.returncode != 0:
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        raise AudioError(cmd, f"command failed with exit code {proc.returncode}: {tail[0][:200]}")
+    if not proc.stdout:
+        raise AudioError(cmd, "command wrote no audio")
+    try:
+        data, rate = sf.read(io.BytesIO(proc.stdout), dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise AudioError(cmd, f"cannot decode the command's output ({_sf_reason(exc)})") from None
+    if channel >= data.shape[1]:
+        raise AudioError(cmd, f"has {data.shape[1]} channel(s), channel {channel} requested")
+    return _finish(cmd, np.ascontiguousarray(data[:, channel]), rate, sample_rate)
+
+
+def _decode_reason(p: Path, exc: Exception) -> str:
+    reason = _sf_reason(exc)
+    head = b""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(512)
+    except OSError:
+        pass
+    if head and _looks_like_text(head):
+        return f"not audio: a text file ({reason})"
+    if head[4:8] == b"ftyp" or p.suffix.lower() in {".m4a", ".mp4", ".aac", ".wma", ".amr"}:
+        return f"unsupported container {p.suffix or '?'} (convert to wav/flac/ogg/mp3; {reason})"
+    return f"cannot decode audio ({reason})"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(c.isprintable() or c in "\r\n\t" for c in text)
 
 
 def resample(wav: np.ndarray, rate: int, target: int) -> np.ndarray:

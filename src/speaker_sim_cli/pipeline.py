@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .audio import probe
+from .audio import is_command, probe
 from .engine.cache import EmbeddingCache
 from .engine.embedder import Embedder, EngineConfig
 from .errors import AudioError
@@ -82,13 +83,22 @@ class Extractor:
         paths: Sequence[str | Path],
         progress: Callable[[int, float], None] | None = None,
         on_start: Callable[[int, float], None] | None = None,
+        stop_on_error: bool = False,
     ) -> EmbedResult:
-        """Embed unique files. Failures never raise; they are returned with their reason."""
+        """Embed unique files. Failures never raise; they are returned with their reason.
+
+        With ``stop_on_error`` the run stops at the first failure; what was embedded is kept.
+        """
         t0 = time.perf_counter()
         embeddings: dict[str, np.ndarray] = {}
         failures: dict[str, str] = {}
         by_digest: dict[str, list[str]] = {}
         for p in dict.fromkeys(str(x) for x in paths):
+            if is_command(p):
+                # A wav.scp command: keyed by its text (its output is not known in advance).
+                digest = hashlib.sha256(f"command:{p}".encode()).hexdigest()
+                by_digest.setdefault(digest, []).append(p)
+                continue
             try:
                 digest = self.cache.file_hash(Path(p))
             except FileNotFoundError:
@@ -117,18 +127,28 @@ class Extractor:
                 for p in ps:
                     failures[p] = exc.reason
                 continue
+            limit = self.engine_cfg.max_duration
+            if limit and info.duration > limit:
+                for p in ps:
+                    failures[p] = (
+                        f"too long: {info.duration:.0f} s > --max-duration {limit:g} s "
+                        "(split it, or raise the limit)"
+                    )
+                continue
             todo.append(digest)
             est.append(int(info.duration * self.spec.sample_rate))
         if on_start is not None:
             on_start(len(todo), sum(est) / self.spec.sample_rate)
         embedded = 0
-        if todo:
+        if todo and not (stop_on_error and failures):
             files = [by_digest[d][0] for d in todo]
             for i, emb, err in self.embedder.embed_files(files, est, progress):
                 ps = by_digest[todo[i]]
                 if emb is None:
                     for p in ps:
                         failures[p] = err or "unknown error"
+                    if stop_on_error:
+                        break
                     continue
                 self.cache.put(todo[i], emb)
                 embedded += 1
@@ -177,16 +197,24 @@ def score_trials(
     extractor: Extractor,
     progress: Callable[[int, float], None] | None = None,
     on_start: Callable[[int, float], None] | None = None,
+    stop_on_error: bool = False,
 ) -> ScoreResult:
-    """Embed every unique recording once and score each trial by cosine."""
+    """Embed every unique recording once and score each trial by cosine.
+
+    A trial whose recordings are not embedded (failed, or never reached when the run stopped
+    at the first failure) gets NaN and the reason.
+    """
     paths = [str(r.path) for r in recordings.values()]
-    res = extractor.embed_paths(paths, progress, on_start)
+    res = extractor.embed_paths(paths, progress, on_start, stop_on_error)
     item_reason: dict[str, str] = dict(missing)
     keys = list(recordings)
     for k in keys:
-        reason = res.failures.get(str(recordings[k].path))
+        path = str(recordings[k].path)
+        reason = res.failures.get(path)
         if reason is not None:
             item_reason[k] = reason
+        elif path not in res.embeddings:
+            item_reason[k] = "not embedded: the run stopped at the first failure"
     good = [k for k in keys if k not in item_reason]
     index = {k: i for i, k in enumerate(good)}
     dim = extractor.spec.dim

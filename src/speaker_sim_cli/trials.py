@@ -212,6 +212,8 @@ def read_inputs(inputs: Sequence[str | Path]) -> list[Recording]:
 
 
 def resolve_path(item: str, root: Path) -> Path:
+    if item.rstrip().endswith("|"):  # a wav.scp command, run as written
+        return Path(item)
     p = Path(item).expanduser()
     return p if p.is_absolute() else (root / p)
 

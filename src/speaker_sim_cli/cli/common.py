@@ -46,6 +46,10 @@ ChunkOpt = Annotated[
 MinDurOpt = Annotated[
     float, typer.Option(min=0.0, help="Recordings shorter than this many seconds fail.")
 ]
+MaxDurOpt = Annotated[
+    float,
+    typer.Option(min=0.0, help="Recordings longer than this many seconds fail (0: no limit)."),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
 
 

@@ -43,3 +43,7 @@ for _module in (eval_cmd, calibrate, serve, bench, cache_cmd):
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from . import common as c
-from .ui import EXIT_PARTIAL, EmbedProgress, STATE, err_console, errors_to_exit, say, warn
+from .ui import EXIT_PARTIAL, STATE, EmbedProgress, err_console, errors_to_exit, fail, say, warn
 
 
 def score(
@@ -46,6 +46,7 @@ def score(
     workers: c.WorkersOpt = -1,
     chunk_seconds: c.ChunkOpt = None,
     min_duration: c.MinDurOpt = 0.3,
+    max_duration: c.MaxDurOpt = 4 * 3600.0,
     p_target: Annotated[
         list[float] | None,
         typer.Option(help="Target prior of a minDCF; repeatable [default: 0.01 and 0.05]."),
@@ -72,7 +73,7 @@ def score(
         _run(
             trials, wav_scp, root, model, model_dir, out, fmt.value, report, cache_dir, no_cache,
             device, precision.value, batch_size, batch_frames, workers, chunk_seconds,
-            min_duration, p_target or [0.01, 0.05], on_error.value, allow_commands,
+            min_duration, max_duration, p_target or [0.01, 0.05], on_error.value, allow_commands,
         )  # fmt: skip
 
 
@@ -81,7 +82,7 @@ def _run(
     model_dir: Path | None, out: Path | None, fmt: str, report: Path | None,
     cache_dir: Path | None, no_cache: bool, device: str, precision: str, batch_size: int,
     batch_frames: int, workers: int, chunk_seconds: float | None, min_duration: float,
-    p_targets: list[float], on_error: str, allow_commands: bool,
+    max_duration: float, p_targets: list[float], on_error: str, allow_commands: bool,
 ) -> None:  # fmt: skip
     from ..engine.embedder import EngineConfig
     from ..errors import UsageError
@@ -92,8 +93,6 @@ def _run(
     t0 = time.perf_counter()
     tl = read_trials(trials_path)
     scp = read_wav_scp(wav_scp, allow_commands) if wav_scp else None
-    if scp is not None and any(v.rstrip().endswith("|") for v in scp.values()):
-        raise UsageError("wav.scp commands are recognised but not run by this version")
     if root is not None and not root.is_dir():
         raise UsageError(f"--root {root}: not a folder")
     check_whitespace_safe(tl.items(), fmt)
@@ -103,21 +102,17 @@ def _run(
     engine = EngineConfig(
         device=device, precision=precision, batch_size=batch_size, batch_frames=batch_frames,
         workers=workers, chunk_seconds=chunk_seconds, min_duration=min_duration,
+        max_duration=max_duration,
     )  # fmt: skip
     t_load = time.perf_counter()
     ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache)
     load_s = time.perf_counter() - t_load
-    if ex.cache.write_error:
-        warn(f"cache not writable ({ex.cache.write_error}); running without writing it")
     bar = EmbedProgress()
     try:
-        res = score_trials(tl, recs, missing, ex, *bar.callbacks)
+        res = score_trials(tl, recs, missing, ex, *bar.callbacks, stop_on_error=on_error == "fail")
     finally:
         bar.stop()
     n_fail_trials = int((~res.ok).sum())
-    if on_error == "fail" and res.failures:
-        f = res.failures[0]
-        raise UsageError(f"{f.path}: {f.reason} (--on-error fail)")
 
     metrics = None
     labels = tl.labels
@@ -176,6 +171,13 @@ def _run(
         }
         c.write_json(report, doc)
     _summary(res, counts, timing, metrics, ex)
+    if ex.cache.write_error:
+        warn(f"the cache could not be written ({ex.cache.write_error}); ran without it")
+    if counts["duplicate_trials"]:
+        warn(f"{counts['duplicate_trials']} duplicate trials (each scored and written)")
+    if on_error == "fail" and res.failures:
+        f = res.failures[0]
+        fail(f"stopped at the first bad recording (--on-error fail): {f.path}: {f.reason}")
     if res.failures:
         raise typer.Exit(EXIT_PARTIAL)
 

@@ -34,9 +34,21 @@ def fail(msg: str, code: int = EXIT_FAILURE) -> NoReturn:
     raise typer.Exit(code)
 
 
+def _sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @contextmanager
 def errors_to_exit() -> Iterator[None]:
-    """Map library errors to one line and an exit code; ``--debug`` keeps the traceback."""
+    """Map library errors to one line and an exit code; ``--debug`` keeps the traceback.
+
+    SIGTERM is handled like Ctrl-C, so temp files are removed and nothing partial is left.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _sigterm)
     try:
         yield
     except (typer.Exit, typer.Abort, SystemExit):
@@ -53,6 +65,9 @@ def errors_to_exit() -> Iterator[None]:
     except (ValueError, OSError, RuntimeError) as exc:
         _debug_trace()
         fail(f"{type(exc).__name__}: {exc}", EXIT_FAILURE)
+    except Exception as exc:  # a bug of ours: one line, the traceback with --debug
+        _debug_trace()
+        fail(f"internal error {type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
 
 
 def _debug_trace() -> None:
