@@ -179,15 +179,32 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def cosine_pairs(
-    emb: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 200_000
-) -> np.ndarray:
+def cosine_pairs(emb: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 200_000) -> np.ndarray:
     """Cosine of rows ``emb[a[i]]`` and ``emb[b[i]]`` in float64, in chunks (O(chunk) memory)."""
     e = l2_normalize(emb.astype(np.float64))
     out = np.empty(len(a), dtype=np.float64)
     for s in range(0, len(a), chunk):
         out[s : s + chunk] = np.einsum("ij,ij->i", e[a[s : s + chunk]], e[b[s : s + chunk]])
     return out
+
+
+@dataclass
+class ScoringOptions:
+    """How trials are scored beyond plain cosine.
+
+    enroll_map: enrolment speaker -> its recordings (Kaldi spk2utt); a trial whose enrolment
+        item is such a speaker scores against the L2-normalised mean of their embeddings.
+    norm: "asnorm" or "snorm" against ``cohort`` (WeSpeaker's recipe); ``cohort_speakers``
+        (one id per cohort recording) averages the cohort per speaker first.
+    mean_from: recordings whose mean embedding is subtracted from every embedding.
+    """
+
+    enroll_map: dict[str, list[Recording]] | None = None
+    norm: str | None = None
+    cohort: list[Recording] | None = None
+    cohort_speakers: list[str] | None = None
+    top_n: int = 300
+    mean_from: list[Recording] | None = None
 
 
 def score_trials(
@@ -198,31 +215,70 @@ def score_trials(
     progress: Callable[[int, float], None] | None = None,
     on_start: Callable[[int, float], None] | None = None,
     stop_on_error: bool = False,
+    options: ScoringOptions | None = None,
 ) -> ScoreResult:
     """Embed every unique recording once and score each trial by cosine.
 
     A trial whose recordings are not embedded (failed, or never reached when the run stopped
     at the first failure) gets NaN and the reason.
     """
-    paths = [str(r.path) for r in recordings.values()]
+    opt = options or ScoringOptions()
+    enroll_map = opt.enroll_map or {}
+    extra = [r for rs in enroll_map.values() for r in rs]
+    extra += list(opt.cohort or []) + list(opt.mean_from or [])
+    own = [str(r.path) for k, r in recordings.items() if k not in enroll_map]
+    paths = list(dict.fromkeys(own + [str(r.path) for r in extra]))
     res = extractor.embed_paths(paths, progress, on_start, stop_on_error)
-    item_reason: dict[str, str] = dict(missing)
-    keys = list(recordings)
-    for k in keys:
-        path = str(recordings[k].path)
-        reason = res.failures.get(path)
-        if reason is not None:
-            item_reason[k] = reason
-        elif path not in res.embeddings:
-            item_reason[k] = "not embedded: the run stopped at the first failure"
-    good = [k for k in keys if k not in item_reason]
-    index = {k: i for i, k in enumerate(good)}
+
+    def reason_of(path: str) -> str | None:
+        if path in res.failures:
+            return res.failures[path]
+        if path not in res.embeddings:
+            return "not embedded: the run stopped at the first failure"
+        return None
+
     dim = extractor.spec.dim
-    mat = (
-        np.stack([res.embeddings[str(recordings[k].path)] for k in good])
-        if good
-        else np.zeros((0, dim), np.float32)
-    )
+    mean = None
+    info: dict[str, Any] = {}
+    if opt.mean_from:
+        got = [res.embeddings[str(r.path)] for r in opt.mean_from if str(r.path) in res.embeddings]
+        if not got:
+            raise ValueError("--mean-from: none of its recordings could be embedded")
+        mean = np.mean(np.stack(got).astype(np.float64), axis=0)
+        info["mean_from"] = len(got)
+
+    def vec(path: str) -> np.ndarray:
+        v = res.embeddings[path].astype(np.float64)
+        return v - mean if mean is not None else v
+
+    # Entities: every trial item is a recording, or (enrolment side) a speaker of enroll_map.
+    item_reason: dict[str, str] = dict(missing)
+    vectors: dict[str, np.ndarray] = {}
+    enroll_side = set(trials.enroll)
+    for k in trials.items():
+        if k in item_reason:
+            continue
+        if k in enroll_map and k in enroll_side:
+            bad = [(r.key, reason_of(str(r.path))) for r in enroll_map[k]]
+            bad = [(key, why) for key, why in bad if why is not None]
+            if bad:
+                item_reason[k] = "enrolment recording " + "; ".join(f"{a}: {b}" for a, b in bad)
+            else:
+                # The mean of the raw embeddings; cosine scoring normalises it.
+                vectors[k] = np.mean([vec(str(r.path)) for r in enroll_map[k]], axis=0)
+            continue
+        rec = recordings.get(k)
+        if rec is None:
+            item_reason[k] = "not a recording or an enrolment speaker"
+            continue
+        why = reason_of(str(rec.path))
+        if why is not None:
+            item_reason[k] = why
+        else:
+            vectors[k] = vec(str(rec.path))
+    good = list(vectors)
+    index = {k: i for i, k in enumerate(good)}
+    mat = np.stack([vectors[k] for k in good]) if good else np.zeros((0, dim))
     n = len(trials)
     a = np.fromiter((index.get(x, -1) for x in trials.enroll), dtype=np.int64, count=n)
     b = np.fromiter((index.get(x, -1) for x in trials.test), dtype=np.int64, count=n)
@@ -230,13 +286,46 @@ def score_trials(
     scores = np.full(n, np.nan)
     if ok.any():
         scores[ok] = cosine_pairs(mat, a[ok], b[ok])
+        if opt.norm:
+            scores[ok] = _normalise(scores[ok], np.stack([a[ok], b[ok]], 1), mat, opt, res,
+                                    vec, info)  # fmt: skip
     errors: list[str | None] = [None] * n
     if not ok.all():
         for i in np.flatnonzero(~ok):
-            bad = [x for x in (trials.enroll[i], trials.test[i]) if x in item_reason]
-            errors[i] = "; ".join(f"{x}: {item_reason[x]}" for x in dict.fromkeys(bad))
-    failures = [
-        Failure(k, str(recordings[k].path) if k in recordings else k, r)
-        for k, r in item_reason.items()
-    ]
-    return ScoreResult(trials, scores, errors, failures, res, len(keys))
+            bad_items = [x for x in (trials.enroll[i], trials.test[i]) if x in item_reason]
+            errors[i] = "; ".join(f"{x}: {item_reason[x]}" for x in dict.fromkeys(bad_items))
+    failures = [Failure(k, str(recordings[k].path) if k in recordings else k, r)
+                for k, r in item_reason.items()]  # fmt: skip
+    seen = {f.path for f in failures}
+    for r in extra:  # enrolment-map, cohort and mean recordings that failed
+        why = res.failures.get(str(r.path))
+        if why is not None and str(r.path) not in seen:
+            failures.append(Failure(r.key, str(r.path), why))
+            seen.add(str(r.path))
+    return ScoreResult(trials, scores, errors, failures, res, len(paths), info)
+
+
+def _normalise(
+    scores: np.ndarray,
+    pairs: np.ndarray,
+    mat: np.ndarray,
+    opt: ScoringOptions,
+    res: EmbedResult,
+    vec: Callable[[str], np.ndarray],
+    info: dict[str, Any],
+) -> np.ndarray:
+    from .scoring.norm import asnorm, snorm, speaker_mean_cohort
+
+    cohort = opt.cohort or []
+    keep = [i for i, r in enumerate(cohort) if str(r.path) in res.embeddings]
+    if not keep:
+        raise ValueError("--cohort: none of its recordings could be embedded")
+    cemb = np.stack([vec(str(cohort[i].path)) for i in keep])
+    if opt.cohort_speakers is not None:
+        _, cemb = speaker_mean_cohort(l2_normalize(cemb), [opt.cohort_speakers[i] for i in keep])
+    info["norm"] = {"method": opt.norm, "cohort": len(cemb), "top_n": min(opt.top_n, len(cemb))}
+    if opt.norm == "snorm":
+        return snorm(scores, pairs, mat, mat, cemb)
+    if opt.norm == "asnorm":
+        return asnorm(scores, pairs, mat, mat, cemb, top_n=opt.top_n)
+    raise ValueError(f"unknown score normalisation {opt.norm!r}: use asnorm or snorm")

@@ -67,7 +67,7 @@ def read_trials(path: str | Path) -> TrialList:
     if not lines:
         raise UsageError(f"{p}: the trial list is empty")
     first = lines[0][1]
-    if "," in first or "\t" in first and _header_columns(first.split("\t")) is not None:
+    if "," in first or ("\t" in first and _header_columns(first.split("\t")) is not None):
         return _read_delimited(p, text, "\t" if "," not in first else ",")
     return _read_whitespace(p, lines)
 
@@ -253,3 +253,38 @@ def guess_root(start: Path, items: Sequence[str]) -> Path:
         if any((cand / it).exists() for it in rel):
             return cand
     return start
+
+
+def _read_table(path: str | Path, min_fields: int, what: str) -> list[tuple[int, list[str]]]:
+    p = Path(path)
+    rows = []
+    for lineno, line in enumerate(read_text(p).splitlines(), 1):
+        f = line.split()
+        if not f:
+            continue
+        if len(f) < min_fields:
+            raise UsageError(f"{p}:{lineno}: expected {what}, found {line.strip()!r}")
+        rows.append((lineno, f))
+    if not rows:
+        raise UsageError(f"{p}: the file is empty")
+    return rows
+
+
+def read_spk2utt(path: str | Path) -> dict[str, list[str]]:
+    """Kaldi spk2utt: ``speaker utt1 utt2 ...`` (utterances are ids or paths)."""
+    out: dict[str, list[str]] = {}
+    for lineno, f in _read_table(path, 2, "'speaker utt1 [utt2 ...]'"):
+        if f[0] in out:
+            raise UsageError(f"{path}:{lineno}: speaker {f[0]!r} appears twice")
+        out[f[0]] = f[1:]
+    return out
+
+
+def read_utt2spk(path: str | Path) -> dict[str, str]:
+    """Kaldi utt2spk: ``utt speaker`` (tab or space separated; the utt may be a path)."""
+    out: dict[str, str] = {}
+    for lineno, f in _read_table(path, 2, "'utt speaker'"):
+        if len(f) > 2:
+            raise UsageError(f"{path}:{lineno}: expected 'utt speaker', found {len(f)} fields")
+        out[f[0]] = f[1]
+    return out

@@ -65,6 +65,11 @@ class ScoreFormat(str, Enum):
     wespeaker = "wespeaker"
 
 
+class Norm(str, Enum):
+    asnorm = "asnorm"
+    snorm = "snorm"
+
+
 class OnError(str, Enum):
     keep = "keep"
     skip = "skip"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NamedTuple
 
 import typer
 
 from . import common as c
+
+if TYPE_CHECKING:
+    from ..pipeline import ScoringOptions
 from .ui import EXIT_PARTIAL, STATE, EmbedProgress, err_console, errors_to_exit, fail, say, warn
 
 
@@ -56,6 +59,25 @@ def score(
         typer.Option(help="keep: failed trials get an error column; skip: leave them out; "
                      "fail: stop at the first bad recording."),
     ] = c.OnError.keep,
+    enroll_map: Annotated[
+        Path | None,
+        typer.Option(help="spk2utt-style file 'speaker rec1 rec2 ...': trials whose enrolment is "
+                     "a speaker score against the normalised mean of its recordings."),
+    ] = None,
+    norm: Annotated[
+        c.Norm | None, typer.Option(help="Score normalisation against --cohort (WeSpeaker's).")
+    ] = None,
+    cohort: Annotated[
+        Path | None, typer.Option(help="Cohort recordings: a list file or wav.scp.")
+    ] = None,
+    cohort_utt2spk: Annotated[
+        Path | None, typer.Option(help="utt2spk of the cohort: average the cohort per speaker.")
+    ] = None,
+    top_n: Annotated[int, typer.Option(min=1, help="AS-norm: top cohort scores kept.")] = 300,
+    mean_from: Annotated[
+        Path | None,
+        typer.Option(help="Recordings (list or wav.scp) whose mean embedding is subtracted."),
+    ] = None,
     allow_commands: Annotated[
         bool, typer.Option(help="Allow wav.scp entries that are shell commands ('... |').")
     ] = False,
@@ -74,6 +96,8 @@ def score(
             trials, wav_scp, root, model, model_dir, out, fmt.value, report, cache_dir, no_cache,
             device, precision.value, batch_size, batch_frames, workers, chunk_seconds,
             min_duration, max_duration, p_target or [0.01, 0.05], on_error.value, allow_commands,
+            _Extras(enroll_map, norm.value if norm else None, cohort, cohort_utt2spk, top_n,
+                    mean_from),
         )  # fmt: skip
 
 
@@ -83,6 +107,7 @@ def _run(
     cache_dir: Path | None, no_cache: bool, device: str, precision: str, batch_size: int,
     batch_frames: int, workers: int, chunk_seconds: float | None, min_duration: float,
     max_duration: float, p_targets: list[float], on_error: str, allow_commands: bool,
+    extras: _Extras,
 ) -> None:  # fmt: skip
     from ..engine.embedder import EngineConfig
     from ..errors import UsageError
@@ -99,6 +124,8 @@ def _run(
     recs, missing = resolve_trial_items(
         tl, root, scp, wav_scp.resolve().parent if wav_scp else None
     )
+    options = _scoring_options(extras, root or Path(tl.source).resolve().parent, scp,
+                               wav_scp.resolve().parent if wav_scp else None)  # fmt: skip
     engine = EngineConfig(
         device=device, precision=precision, batch_size=batch_size, batch_frames=batch_frames,
         workers=workers, chunk_seconds=chunk_seconds, min_duration=min_duration,
@@ -109,7 +136,8 @@ def _run(
     load_s = time.perf_counter() - t_load
     bar = EmbedProgress()
     try:
-        res = score_trials(tl, recs, missing, ex, *bar.callbacks, stop_on_error=on_error == "fail")
+        res = score_trials(tl, recs, missing, ex, *bar.callbacks,
+                           stop_on_error=on_error == "fail", options=options)  # fmt: skip
     finally:
         bar.stop()
     n_fail_trials = int((~res.ok).sum())
@@ -165,6 +193,7 @@ def _run(
             "extraction": {"chunked_recordings": st.chunked, "padding_overhead": round(
                 st.padded_frames / st.frames - 1, 4) if st.frames else 0.0},
             "failures": [f.to_dict() for f in res.failures],
+            "scoring": {"method": "cosine", **res.extra},
             "timing": timing,
             "scores": str(out) if out else "stdout",
             "score_format": fmt,
@@ -180,6 +209,52 @@ def _run(
         fail(f"stopped at the first bad recording (--on-error fail): {f.path}: {f.reason}")
     if res.failures:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+class _Extras(NamedTuple):
+    enroll_map: Path | None
+    norm: str | None
+    cohort: Path | None
+    cohort_utt2spk: Path | None
+    top_n: int
+    mean_from: Path | None
+
+
+def _scoring_options(
+    x: _Extras, root: Path, scp: dict[str, str] | None, scp_dir: Path | None
+) -> ScoringOptions:
+    from ..errors import UsageError
+    from ..pipeline import ScoringOptions
+    from ..records import Recording
+    from ..trials import read_inputs, read_spk2utt, read_utt2spk, resolve_path
+
+    def rec(item: str) -> Recording:
+        if scp is not None:
+            if item not in scp:
+                raise UsageError(f"{x.enroll_map}: utterance id {item!r} is not in wav.scp")
+            return Recording(item, resolve_path(scp[item], scp_dir or Path.cwd()))
+        return Recording(item, resolve_path(item, root))
+
+    if x.norm and x.cohort is None:
+        raise UsageError(f"--norm {x.norm} needs --cohort (a list of cohort recordings)")
+    if x.cohort_utt2spk is not None and x.cohort is None:
+        raise UsageError("--cohort-utt2spk needs --cohort")
+    opt = ScoringOptions(norm=x.norm, top_n=x.top_n)
+    if x.enroll_map is not None:
+        opt.enroll_map = {
+            spk: [rec(u) for u in utts] for spk, utts in read_spk2utt(x.enroll_map).items()
+        }
+    if x.cohort is not None:
+        opt.cohort = read_inputs([str(x.cohort)])
+        if x.cohort_utt2spk is not None:
+            u2s = read_utt2spk(x.cohort_utt2spk)
+            lost = [r.key for r in opt.cohort if r.key not in u2s]
+            if lost:
+                raise UsageError(f"{x.cohort_utt2spk}: no speaker for cohort item {lost[0]!r}")
+            opt.cohort_speakers = [u2s[r.key] for r in opt.cohort]
+    if x.mean_from is not None:
+        opt.mean_from = read_inputs([str(x.mean_from)])
+    return opt
 
 
 def _summary(res, counts, timing, metrics, ex) -> None:  # type: ignore[no-untyped-def]
