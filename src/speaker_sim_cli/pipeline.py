@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import numpy as np
 from .audio import is_command, probe
 from .engine.cache import EmbeddingCache
 from .engine.embedder import Embedder, EngineConfig
+from .engine.shard import embed_sharded, split_devices
 from .errors import AudioError
 from .models.registry import ModelSpec, get_model
 from .models.weights import Found, checkpoint_hash, load_checkpoint_into, resolve_checkpoint
@@ -48,9 +49,13 @@ class Extractor:
         self.spec = get_model(model) if isinstance(model, str) else model
         self.engine_cfg = engine or EngineConfig()
         self.found: Found = resolve_checkpoint(self.spec, model_dir)
+        self.devices = split_devices(self.engine_cfg.device)
         module = self.spec.build()
         load_checkpoint_into(module, self.found.path, self.spec.arch)
-        self.embedder = Embedder(self.spec, module, self.engine_cfg)
+        # With several devices the shards run in their own processes; this copy stays on the
+        # CPU for in-process use (arrays, small requests).
+        local = replace(self.engine_cfg, device="cpu") if len(self.devices) > 1 else self.engine_cfg
+        self.embedder = Embedder(self.spec, module, local)
         self.checkpoint_sha256 = checkpoint_hash(self.found.path)
         root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.cache = EmbeddingCache(root if use_cache else None, self.ingredients(), self.spec.dim)
@@ -73,7 +78,9 @@ class Extractor:
             "checkpoint": str(self.found.path),
             "checkpoint_sha256": self.checkpoint_sha256,
             "found_via": self.found.source,
-            "device": str(self.embedder.device),
+            "device": ",".join(self.devices)
+            if len(self.devices) > 1
+            else str(self.embedder.device),
             "precision": self.engine_cfg.precision,
             "mode": self.engine_cfg.mode(),
         }
@@ -142,7 +149,13 @@ class Extractor:
         embedded = 0
         if todo and not (stop_on_error and failures):
             files = [by_digest[d][0] for d in todo]
-            for i, emb, err in self.embedder.embed_files(files, est, progress):
+            if len(self.devices) > 1:
+                stream = embed_sharded(
+                    self.spec.id, self.found.path, self.engine_cfg, files, est, progress
+                )
+            else:
+                stream = self.embedder.embed_files(files, est, progress)
+            for i, emb, err in stream:
                 ps = by_digest[todo[i]]
                 if emb is None:
                     for p in ps:

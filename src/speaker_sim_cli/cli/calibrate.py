@@ -33,7 +33,9 @@ def calibrate(
     train: Annotated[
         Path | None,
         typer.Argument(
-            help="Labelled score file to fit on (csv, kaldi or wespeaker).", show_default=False
+            help="Labelled score file to fit on (csv, kaldi or wespeaker).",
+            show_default=False,
+            metavar="TRAIN_SCORES",
         ),
     ] = None,
     labels: Annotated[

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.console import Console
 from rich.table import Table
 
@@ -60,6 +61,6 @@ def compare(
             t.add_row(good[i].name, good[j].name, f"{s:.4f}")
         Console(soft_wrap=False).print(t)
         for p, reason in bad.items():
-            say(f"[red]failed[/red] {p}: {reason}")
+            say(f"[red]failed[/red] {escape(p)}: {escape(reason)}")
     if bad:
         raise typer.Exit(EXIT_PARTIAL)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from . import common as c
 from .ui import EXIT_PARTIAL, STATE, EmbedProgress, errors_to_exit, say
@@ -78,7 +79,7 @@ def embed(
             f"{res.embedded} embedded, {res.cached} from cache"
         )
         for r in bad:
-            say(f"[red]failed[/red] {r.path}: {res.failures[str(r.path)]}")
+            say(f"[red]failed[/red] {escape(str(r.path))}: {escape(res.failures[str(r.path)])}")
     if bad:
         raise typer.Exit(EXIT_PARTIAL)
 

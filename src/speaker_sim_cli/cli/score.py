@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NamedTuple
 
 import typer
+from rich.markup import escape
 
 from . import common as c
 
@@ -52,7 +53,7 @@ def score(
     max_duration: c.MaxDurOpt = 4 * 3600.0,
     p_target: Annotated[
         list[float] | None,
-        typer.Option(help="Target prior of a minDCF; repeatable [default: 0.01 and 0.05]."),
+        typer.Option(help="Target prior of a minDCF; repeatable (default: 0.01 and 0.05)."),
     ] = None,
     on_error: Annotated[
         c.OnError,
@@ -276,7 +277,7 @@ def _summary(res, counts, timing, metrics, ex) -> None:  # type: ignore[no-untyp
         t.add_column("recording")
         t.add_column("reason")
         for f in res.failures:
-            t.add_row(f.path, f.reason)
+            t.add_row(escape(f.path), escape(f.reason))
         err_console.print(t)
     if ex.embedder.stats.chunked:
         say(f"{ex.embedder.stats.chunked} long recordings were embedded as averages of windows")

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ..errors import SpeakerSimError, UsageError
 
@@ -26,11 +27,11 @@ def say(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    err_console.print(f"[yellow]warning:[/yellow] {msg}")
+    err_console.print(f"[yellow]warning:[/yellow] {escape(msg)}")
 
 
 def fail(msg: str, code: int = EXIT_FAILURE) -> NoReturn:
-    err_console.print(f"[red]error:[/red] {msg}")
+    err_console.print(f"[red]error:[/red] {escape(msg)}")
     raise typer.Exit(code)
 
 
