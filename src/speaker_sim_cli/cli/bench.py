@@ -1,9 +1,161 @@
-"""Placeholder: the command is being written."""
+"""``speaker-sim bench``: the engine against a 3D-Speaker infer_sv.py loop, in one run."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from . import common as c
+from .ui import STATE, err_console, errors_to_exit, say, warn
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's command(s) to the app."""
+    app.command()(bench)
+
+
+def bench(
+    files: Annotated[
+        Path | None,
+        typer.Option(
+            "--files",
+            help="A folder of audio, one audio file, or a text file listing one recording a "
+            "line [default: ../shared/audio].",
+        ),
+    ] = None,
+    model: c.ModelOpt = c.DEFAULT,
+    model_dir: c.ModelDirOpt = None,
+    device: c.DeviceOpt = "auto",
+    precision: Annotated[c.Precision, typer.Option(help="Model precision.")] = c.Precision.fp32,
+    batch_size: c.BatchSizeOpt = 32,
+    batch_frames: c.BatchFramesOpt = 0,
+    workers: c.WorkersOpt = -1,
+    repeat_corpus: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Use the corpus N times over (copies 2..N are re-encoded with a tiny gain, so "
+            "their content differs and the cache cannot share them).",
+        ),
+    ] = 1,
+    rounds: Annotated[
+        int, typer.Option(min=1, help="Time (a) and (b) this many times; report the best.")
+    ] = 1,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Write the JSON here [default: stdout].")
+    ] = None,
+    quiet: c.QuietOpt = False,
+) -> None:
+    """Time (a) a loop equivalent to 3D-Speaker's infer_sv.py (decode, fbank, model, one
+    recording at a time, batch 1, no workers) and (b) the engine, both cold (empty cache).
+
+    Prints recordings/s, x-realtime, the speedup (b)/(a), achieved model GFLOP/s and the device
+    (table on stderr, JSON on stdout or --out), and checks that (a) and (b) give the same scores.
+    Targets: (b) >= 2x (a) on a CPU; >= 20x and >= 10,000x realtime (CAM++) on a GPU.
+    Exit 1 when the two disagree on any score.
+    """
+    STATE["quiet"] = quiet
+    with errors_to_exit():
+        import tempfile
+
+        from ..engine.bench import default_corpus_dir, read_corpus, run_benchmark
+        from ..engine.embedder import EngineConfig
+
+        paths = read_corpus(files)
+        source = str(files if files is not None else default_corpus_dir())
+        engine = EngineConfig(
+            device=device, precision=precision.value, batch_size=batch_size,
+            batch_frames=batch_frames, workers=workers,
+        )  # fmt: skip
+        with tempfile.TemporaryDirectory(prefix="speaker-sim-corpus-") as tmp:
+            if repeat_corpus > 1:
+                from ..engine.bench import expand_corpus
+
+                say(f"writing {repeat_corpus - 1} distinct copies of {len(paths)} recordings")
+                paths = expand_corpus(paths, repeat_corpus, Path(tmp))
+            say(f"benchmark: {len(paths)} recordings from {source}")
+            result = run_benchmark(
+                paths, model=model, model_dir=model_dir, engine=engine, rounds=rounds,
+                log=say, corpus_source=source, repeat=repeat_corpus,
+            )  # fmt: skip
+        if not quiet:
+            err_console.print(result_table(result))
+        if out is not None:
+            c.write_json(out, result)
+            say(f"wrote {out}")
+        else:
+            typer.echo(json.dumps(c._clean(result), indent=2))
+        par = result["parity"]
+        if not result["targets"]["met"] and par["identical"]:
+            warn(_missed(result))
+        if not par["identical"]:
+            warn(
+                f"(a) and (b) disagree: largest score difference {par['max_score_diff']} "
+                f"> {par.get('score_tolerance')} ({par['compared']} recordings compared)"
+            )
+            raise typer.Exit(1)
+
+
+def _missed(r: dict[str, Any]) -> str:
+    t = r["targets"]
+    msg = f"target missed: speedup {r['speedup']:.2f}x < {t['speedup']:g}x"
+    if "x_realtime" in t:
+        msg += f" or x-realtime {r['engine']['x_realtime']:.0f} < {t['x_realtime']:g}"
+    return msg
+
+
+def result_table(r: dict[str, Any]) -> Any:
+    """The human summary: one column per side, one row per rate."""
+    from rich.table import Table
+
+    dev = r["device"]
+    load = dev.get("load_average")
+    title = (
+        f"{r['model']['id']} on {dev['name']} — {r['corpus']['recordings']} recordings, "
+        f"{r['corpus']['audio_s']:.0f} s of audio"
+    )
+    t = Table(title=title, show_header=True, header_style="bold")
+    t.add_column("")
+    t.add_column("(a) infer_sv.py loop", justify="right")
+    t.add_column("(b) engine, cold", justify="right")
+    a, b = r["baseline"], r["engine"]
+    rows = [
+        ("wall s", "wall_s", "{:.2f}"),
+        ("recordings/s", "recordings_per_s", "{:.1f}"),
+        ("x realtime", "x_realtime", "{:.1f}"),
+        ("model GFLOP/s (end to end)", "gflops_per_s", "{:.1f}"),
+        ("GFLOP/s in fbank+model", "compute_gflops_per_s", "{:.1f}"),
+        ("fbank+model s", "compute_s", "{:.2f}"),
+        ("padding overhead", "padding_overhead", "{:.1%}"),
+    ]
+    for label, key, fmt in rows:
+        t.add_row(label, fmt.format(a[key]), fmt.format(b[key]))
+    t.add_row("recordings embedded", str(a["recordings"]), str(b["recordings"]))
+    t.add_row(
+        "[bold]speedup (b)/(a)[/bold]",
+        "",
+        f"[bold]{r['speedup']:.2f}x[/bold] (target {r['targets']['speedup']:g}x)",
+    )
+    w = r["engine_warm"]
+    t.add_row(
+        "(b) again, warm cache",
+        "",
+        f"{w['wall_s']:.3f} s, {w['embedded']} embedded, {w['speedup_over_cold']:.0f}x over cold",
+    )
+    par = r["parity"]
+    t.add_row(
+        "scores identical",
+        "",
+        f"{'yes' if par['identical'] else '[red]no[/red]'} "
+        f"(max |Δscore| {par['max_score_diff'] or 0:.1e})",
+    )
+    t.caption = (
+        f"device {dev['device']}, torch {dev['torch']}, {dev['torch_threads']} threads, "
+        f"workers {b['workers']}, batch {b['batch_size']} / {b['batch_frames']} frames, "
+        f"{b['precision']}, rounds {r['rounds']}"
+        + (f", load average {load[0]:.1f}" if load else "")
+    )
+    return t

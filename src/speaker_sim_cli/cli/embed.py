@@ -69,7 +69,8 @@ def embed(
         )
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "embeddings.npy", npy_bytes(mat))
-        atomic_write_bytes(out / "index.csv", _csv(["key", "path"], [[r.key, str(r.path)] for r in good]))
+        index = [[r.key, str(r.path)] for r in good]
+        atomic_write_bytes(out / "index.csv", _csv(["key", "path"], index))
         if bad:
             rows = [[r.key, str(r.path), res.failures[str(r.path)]] for r in bad]
             atomic_write_bytes(out / "failures.csv", _csv(["key", "path", "error"], rows))
@@ -78,6 +79,12 @@ def embed(
             f"{len(good)} embeddings ({ex.spec.dim}-dim, {ex.spec.alias}) -> {out}/embeddings.npy; "
             f"{res.embedded} embedded, {res.cached} from cache"
         )
+        if ex.embedder.stats.chunked:
+            say(
+                f"{ex.embedder.stats.chunked} recordings longer than "
+                f"{ex.engine_cfg.max_full_seconds:g} s were embedded as the average of "
+                "10 s windows"
+            )
         for r in bad:
             say(f"[red]failed[/red] {escape(str(r.path))}: {escape(res.failures[str(r.path)])}")
     if bad:

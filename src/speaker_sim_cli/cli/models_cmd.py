@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,7 +21,7 @@ def models(
     from ..models.registry import DEFAULT_MODEL, MODELS
     from ..models.weights import find_checkpoint
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for m in MODELS:
         found = find_checkpoint(m, model_dir)
         rows.append({

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 
 import typer
 from rich.markup import escape
@@ -12,7 +12,7 @@ from rich.markup import escape
 from . import common as c
 
 if TYPE_CHECKING:
-    from ..pipeline import ScoringOptions
+    from ..pipeline import Extractor, ScoreResult, ScoringOptions
 from .ui import EXIT_PARTIAL, STATE, EmbedProgress, err_console, errors_to_exit, fail, say, warn
 
 
@@ -258,7 +258,9 @@ def _scoring_options(
     return opt
 
 
-def _summary(res, counts, timing, metrics, ex) -> None:  # type: ignore[no-untyped-def]
+def _summary(
+    res: ScoreResult, counts: dict[str, Any], timing: dict[str, Any], metrics: Any, ex: Extractor
+) -> None:
     if STATE["quiet"]:
         return
     say(
