@@ -139,12 +139,13 @@ def test_odd_and_even_lengths(tiny, which: str, length: int) -> None:
     assert rel_l2(unmasked[0], alone) > 1e-3
 
 
-def test_padding_content_is_ignored(tiny) -> None:
-    """Garbage (not zeros) past the valid length changes nothing when lengths are given."""
+@pytest.mark.parametrize("fill", [3.0, float("nan")])
+def test_padding_content_is_ignored(tiny, fill: float) -> None:
+    """Garbage (not zeros, even NaN) past the valid length changes nothing given lengths."""
     model = tiny["eres2net"]
     g = torch.Generator().manual_seed(1)
     feats = [torch.randn(n, 80, generator=g) for n in (40, 77, 120)]
-    x, lengths = pad(feats, fill=3.0)
+    x, lengths = pad(feats, fill=fill)
     with torch.no_grad():
         batch = model(x, lengths)
         for i, f in enumerate(feats):

@@ -11,10 +11,15 @@ embedding.
 Parameter names follow 3D-Speaker's state dicts, so its checkpoints load with ``strict=True``.
 
 Padding: ``lengths`` (B,) counts each row's valid frames. Stages 2-4 and the downsampling
-convolutions halve time (``ceil(L / 2)``, the floor formula of a stride-2 convolution). Every
-tensor handed from one module to the next is zero past its row's valid length, so each 3x3
-convolution sees the zeros its own padding would give on the unpadded row, and the pooling
-counts valid frames only. A zero-padded row thus gets the embedding it gets alone.
+convolutions halve time (``ceil(L / 2)``, the floor formula of a stride-2 convolution), so the
+model tracks four time resolutions and builds one frame mask for each. Only the 3x3
+convolutions mix neighbouring frames; every other layer (1x1 convolutions, strided 1x1
+convolutions that merely pick frame ``2t``, BatchNorm, activations, residual adds, AFF) acts
+frame by frame, so values past a row's length never reach its valid frames through them. The
+input of every 3x3 convolution is therefore re-zeroed past the valid length (the zeros that
+convolution's own padding gives on the unpadded row), and the pooling counts valid frames only.
+A zero-padded row thus gets the embedding it gets alone, at the cost of one multiply per 3x3
+convolution. Padded frames of intermediate maps hold finite junk (activations are clipped).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from speaker_sim_cli.models.masking import apply_mask, conv_out_lengths
+from speaker_sim_cli.models.masking import conv_out_lengths, time_mask
 
 __all__ = ["ERes2Net", "ERes2NetHuge"]
 
@@ -33,11 +38,29 @@ def _hardtanh20(x: torch.Tensor) -> torch.Tensor:
     return F.hardtanh(x, 0.0, 20.0)
 
 
-def _halve(lengths: torch.Tensor | None) -> torch.Tensor | None:
-    """Time lengths after a stride-2 convolution (1x1 without padding or 3x3 with padding 1)."""
-    if lengths is None:
-        return None
-    return conv_out_lengths(lengths, kernel=1, stride=2)
+def _mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero ``x`` (B, C, F, T) past each row's length; ``mask`` is (B, 1, 1, T) or None."""
+    return x if mask is None else x * mask
+
+
+def _frame_masks(
+    lengths: torch.Tensor | None, size: int, dtype: torch.dtype, levels: int = 4
+) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """(lengths, float mask (B, 1, 1, T_k)) at the input resolution and after each halving.
+
+    A stride-2 convolution (1x1 without padding, or 3x3 with padding 1) maps T frames to
+    ``floor((T - 1) / 2) + 1``; the padded size follows the same rule.
+    """
+    out: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+    for k in range(levels):
+        if k > 0:
+            size = (size - 1) // 2 + 1
+            lengths = None if lengths is None else conv_out_lengths(lengths, kernel=1, stride=2)
+        if lengths is None:
+            out.append((None, None))
+        else:
+            out.append((lengths, time_mask(lengths, size).to(dtype)[:, None, None, :]))
+    return out
 
 
 class _AFF(nn.Module):
@@ -67,9 +90,10 @@ class _AFF(nn.Module):
 class _ERes2NetBlock(nn.Module):
     """Res2Net bottleneck: 1x1 (strided) -> ``scale`` chained 3x3 groups -> 1x1, plus shortcut.
 
-    Groups are chained by addition, or by AFF when ``fuse`` is set. Input (B, C_in, F, T) must be
-    zero past ``lengths``; the output (B, planes * expansion, F', T') is zero past the returned
-    lengths.
+    Groups are chained by addition, or by AFF when ``fuse`` is set. (B, C_in, F, T) ->
+    (B, planes * expansion, F', T'). ``mask`` (B, 1, 1, T') is the frame mask at the *output*
+    resolution: the input of each 3x3 group convolution is zeroed with it; frames past the
+    length of the input and output hold junk that never reaches valid frames.
     """
 
     def __init__(
@@ -105,27 +129,21 @@ class _ERes2NetBlock(nn.Module):
                 nn.BatchNorm2d(out_planes),
             )
 
-    def forward(
-        self, x: torch.Tensor, lengths: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.stride != 1 and lengths is not None:
-            lengths = conv_out_lengths(lengths, kernel=1, stride=self.stride)
-        out = apply_mask(_hardtanh20(self.bn1(self.conv1(x))), lengths)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        out = _hardtanh20(self.bn1(self.conv1(x)))
         splits = torch.split(out, self.width, dim=1)
         parts: list[torch.Tensor] = []
         sp = splits[0]
         for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
             if i > 0:
-                # Both operands are zero past the valid length, so is their sum / fusion.
                 if self.fuse_models is None:
                     sp = sp + splits[i]
                 else:
                     sp = self.fuse_models[i - 1](sp, splits[i])
-            sp = apply_mask(_hardtanh20(bn(conv(sp))), lengths)
+            sp = _hardtanh20(bn(conv(_mask(sp, mask))))
             parts.append(sp)
         out = self.bn3(self.conv3(torch.cat(parts, dim=1)))
-        out = _hardtanh20(out + self.shortcut(x))
-        return apply_mask(out, lengths), lengths
+        return _hardtanh20(out + self.shortcut(x))
 
 
 def _masked_stats(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -137,9 +155,11 @@ def _masked_stats(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor
         mean = x.mean(dim=-1)
         var = x.var(dim=-1)
     else:
+        mask = time_mask(lengths, x.shape[-1])[:, None, None, :]
         n = lengths.to(x.dtype).view(-1, 1, 1)
-        mean = apply_mask(x, lengths).sum(dim=-1) / n
-        var = apply_mask((x - mean.unsqueeze(-1)) ** 2, lengths).sum(dim=-1) / (n - 1)
+        mean = x.masked_fill(~mask, 0.0).sum(dim=-1) / n
+        dev = (x - mean.unsqueeze(-1)).masked_fill(~mask, 0.0)
+        var = (dev * dev).sum(dim=-1) / (n - 1)
     std = torch.sqrt(var + 1e-8)
     return torch.cat((mean.flatten(1), std.flatten(1)), dim=1)
 
@@ -199,32 +219,31 @@ class _ERes2NetBase(nn.Module):
 
     @staticmethod
     def _run_layer(
-        layer: nn.ModuleList, x: torch.Tensor, lengths: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        layer: nn.ModuleList, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         for block in layer:
-            x, lengths = block(x, lengths)
-        return x, lengths
-
-    @staticmethod
-    def _down(conv: nn.Conv2d, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        return apply_mask(conv(x), _halve(lengths))
+            x = block(x, mask)
+        return x
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Embed mean-normalised fbank ``feats`` (B, T, feat_dim) -> (B, embedding_size).
 
         ``lengths`` (B,) int64 holds the valid frames of each zero-padded row (None: all T).
         """
+        x = feats.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T)
         if lengths is not None:
             lengths = lengths.to(device=feats.device, dtype=torch.long)
-        x = apply_mask(feats.transpose(1, 2), lengths).unsqueeze(1)  # (B, 1, F, T)
-        x = apply_mask(F.relu(self.bn1(self.conv1(x))), lengths)
-        out1, len1 = self._run_layer(self.layer1, x, lengths)
-        out2, len2 = self._run_layer(self.layer2, out1, len1)
-        fuse12 = self.fuse_mode12(out2, self._down(self.layer1_downsample, out1, len1))
-        out3, len3 = self._run_layer(self.layer3, out2, len2)
-        fuse123 = self.fuse_mode123(out3, self._down(self.layer2_downsample, fuse12, len2))
-        out4, len4 = self._run_layer(self.layer4, out3, len3)
-        fuse1234 = self.fuse_mode1234(out4, self._down(self.layer3_downsample, fuse123, len3))
+            valid = time_mask(lengths, x.shape[-1])[:, None, None, :]
+            x = x.masked_fill(~valid, 0.0)  # also clears NaN / inf padding
+        (_, m1), (_, m2), (_, m3), (len4, m4) = _frame_masks(lengths, x.shape[-1], x.dtype)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out1 = self._run_layer(self.layer1, out, m1)
+        out2 = self._run_layer(self.layer2, out1, m2)
+        fuse12 = self.fuse_mode12(out2, self.layer1_downsample(_mask(out1, m1)))
+        out3 = self._run_layer(self.layer3, out2, m3)
+        fuse123 = self.fuse_mode123(out3, self.layer2_downsample(_mask(fuse12, m2)))
+        out4 = self._run_layer(self.layer4, out3, m4)
+        fuse1234 = self.fuse_mode1234(out4, self.layer3_downsample(_mask(fuse123, m3)))
         return self.seg_1(_masked_stats(fuse1234, len4))
 
 
