@@ -113,7 +113,8 @@ class SpeakerSim:
         memory_cache: most embeddings kept in memory (LRU); 0 disables it.
         workers: decoding worker processes; 0 decodes in this process (best for the small
             batches of interactive use and ``serve``), -1 for cores - 1 (large jobs).
-        batch_size, batch_frames, chunk_seconds, min_duration: as the ``score`` options.
+        batch_size, batch_frames, chunk_seconds, min_duration, max_duration: as the options
+            of ``speaker-sim score`` (``max_duration=0``: no limit).
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class SpeakerSim:
         batch_frames: int = 0,
         chunk_seconds: float | None = None,
         min_duration: float = 0.3,
+        max_duration: float = 0.0,
     ) -> None:
         from .engine.embedder import EngineConfig
         from .pipeline import Extractor
@@ -143,6 +145,7 @@ class SpeakerSim:
             workers=workers,
             chunk_seconds=chunk_seconds,
             min_duration=min_duration,
+            max_duration=max_duration,
         )
         self.extractor: Extractor = Extractor(
             model,
@@ -263,7 +266,7 @@ class SpeakerSim:
             if arr is not None and arr.ndim == 2:
                 return self._embed_items(list(arr), sample_rate)
             return self._embed_items([x], sample_rate)[0]
-        items = list(x)
+        items = list(x)  # type: ignore[arg-type]
         if not items:
             return np.zeros((0, self.dim), dtype=np.float32)
         return self._embed_items(items, sample_rate)
@@ -273,9 +276,7 @@ class SpeakerSim:
         emb = self.embed([a, b], sample_rate)
         return cosine(emb[0], emb[1])
 
-    def score(
-        self, trials: Any, root: str | os.PathLike[str] | None = None
-    ) -> pd.DataFrame:
+    def score(self, trials: Any, root: str | os.PathLike[str] | None = None) -> pd.DataFrame:
         """Score trials by cosine, each unique recording embedded once.
 
         ``trials`` is a trial file (CSV with ``enrollment,test[,label]``, Kaldi trials or a
@@ -293,7 +294,7 @@ class SpeakerSim:
         from .trials import read_trials, resolve_trial_items
 
         tl = (
-            read_trials(trials)
+            read_trials(os.fspath(trials))
             if isinstance(trials, str | os.PathLike)
             else _trials_from_memory(trials)
         )
@@ -328,7 +329,7 @@ class SpeakerSim:
         if tl.labels is not None:
             cols["label"] = tl.labels.astype(np.int64)
         cols["score"] = scores
-        cols["error"] = errors
+        cols["error"] = pd.Series(errors, dtype=object)  # None where scored
         return pd.DataFrame(cols)
 
     # -- internals ------------------------------------------------------------------------
@@ -352,7 +353,7 @@ class SpeakerSim:
 
             idx = list(waves)
             res = self.extractor.embedder.embed_waves([torch.from_numpy(waves[i]) for i in idx])
-            for i, e in zip(idx, res):
+            for i, e in zip(idx, res, strict=True):
                 if not np.isfinite(e).all():
                     raise AudioError(f"<array {i}>", "the model produced a non-finite embedding")
                 out[i] = e

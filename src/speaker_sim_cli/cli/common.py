@@ -21,7 +21,7 @@ ModelDirOpt = Annotated[
 ]
 CacheDirOpt = Annotated[
     Path | None,
-    typer.Option(help="Embedding cache folder [default: $SPEAKER_SIM_CACHE or the user cache]."),
+    typer.Option(help="Embedding cache folder (default: $SPEAKER_SIM_CACHE or the user cache)."),
 ]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")]
 DeviceOpt = Annotated[
