@@ -57,15 +57,14 @@ def info(
             title=f"{root}: {doc['entries']} entries, {_size(doc['bytes'])}, "
             f"{len(doc['models'])} model(s)"
         )
-        for col in ("model", "precision", "mode", "entries", "size", "setting"):
-            t.add_column(
-                col, overflow="fold", justify="right" if col in ("entries", "size") else "left"
-            )
+        t.add_column("model", overflow="fold")
+        t.add_column("precision")
+        t.add_column("mode", overflow="fold")
+        t.add_column("entries", justify="right")
+        t.add_column("size", justify="right")
         for r in rows:
-            t.add_row(
-                r["model"], r["precision"], r["mode"], str(r["entries"]), _size(r["bytes"]),
-                r["setting"],
-            )  # fmt: skip
+            t.add_row(_alias(r["model"]), r["precision"], r["mode"], str(r["entries"]),
+                      _size(r["bytes"]))  # fmt: skip
         Console(soft_wrap=False).print(t)
 
 
@@ -110,3 +109,14 @@ def _size(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return f"{n} B"
+
+
+def _alias(model_id: str) -> str:
+    """The short alias of a registry id (ids from elsewhere are shown as they are)."""
+    from ..errors import UsageError
+    from ..models.registry import get_model
+
+    try:
+        return get_model(model_id).alias
+    except UsageError:
+        return model_id

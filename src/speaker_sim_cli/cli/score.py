@@ -30,12 +30,12 @@ def score(
     ] = None,
     root: Annotated[
         Path | None,
-        typer.Option(help="Folder relative paths resolve against [default: the trial file's]."),
+        typer.Option(help="Folder relative paths resolve against (default: the trial file's)."),
     ] = None,
     model: c.ModelOpt = c.DEFAULT,
     model_dir: c.ModelDirOpt = None,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Score file [default: stdout].")
+        Path | None, typer.Option("--out", "-o", help="Score file (default: stdout).")
     ] = None,
     fmt: Annotated[c.ScoreFormat, typer.Option("--format", help="Score file format.")] = (
         c.ScoreFormat.csv

@@ -2,7 +2,7 @@
 
 Layout under the cache root::
 
-    files/<sha1(abs path)>.txt          "size mtime_ns content-sha256" memo, so a warm run
+    files/<sha1(abs path)>.txt          "size mtime_ns inode content-sha256" memo, so a warm run
                                         does not re-read the audio to hash it
     emb/<setting>/meta.json             what the setting is (model id, checkpoint sha256,
                                         front end, mode, precision)
@@ -16,6 +16,7 @@ concurrent runs never see half a file; an unreadable or truncated entry is a mis
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -45,18 +46,33 @@ def setting_key(ingredients: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:20]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; renamed into place they should get the usual mode (0644 under the
+# default umask), as an ordinary open() would: reports are shared, and so may a cache be.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temp file beside ``path`` and rename it into place.
+
+    Readers see the old file or the new one, never a half; an interrupted write leaves no file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            with contextlib.suppress(OSError):
+                os.fchmod(f.fileno(), _FILE_MODE)
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
@@ -102,10 +118,13 @@ class EmbeddingCache:
     def file_hash(self, path: Path) -> str:
         """Content sha256 of ``path``, memoised against its size and mtime."""
         st = path.stat()
-        stamp = f"{st.st_size} {st.st_mtime_ns}"
+        # The inode too: a file replaced by rename keeps neither, even with a copied mtime.
+        stamp = f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
         if self.root is None:
             return content_hash(path)
-        memo = self.root / "files" / (hashlib.sha1(str(path).encode()).hexdigest() + ".txt")
+        # Keyed by the absolute path: "a.wav" from two working folders is two files.
+        where = os.path.abspath(path)
+        memo = self.root / "files" / (hashlib.sha1(where.encode()).hexdigest() + ".txt")
         try:
             text = memo.read_text()
             if text.startswith(stamp + " "):
@@ -116,10 +135,8 @@ class EmbeddingCache:
             pass
         digest = content_hash(path)
         if self.write_error is None:
-            try:
+            with contextlib.suppress(OSError):
                 atomic_write_bytes(memo, f"{stamp} {digest}".encode())
-            except OSError:
-                pass
         return digest
 
     # -- embeddings -----------------------------------------------------------------------
@@ -160,7 +177,7 @@ class EmbeddingCache:
 
 def cache_info(root: Path) -> list[dict[str, Any]]:
     """One row per extraction setting: model, entries, bytes."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     emb = root / "emb"
     if not emb.is_dir():
         return rows
@@ -171,14 +188,20 @@ def cache_info(root: Path) -> list[dict[str, Any]]:
             meta = json.loads((d / "meta.json").read_text())
         except (OSError, ValueError):
             meta = {}
-        files = list(d.glob("*/*.npy"))
+        entries, size = 0, 0
+        for f in d.glob("*/*.npy"):
+            try:  # another run may be clearing the cache while we count
+                size += f.stat().st_size
+            except OSError:
+                continue
+            entries += 1
         rows.append({
             "setting": d.name,
             "model": meta.get("model", "?"),
             "mode": meta.get("mode", "?"),
             "precision": meta.get("precision", "?"),
-            "entries": len(files),
-            "bytes": sum(f.stat().st_size for f in files),
+            "entries": entries,
+            "bytes": size,
         })  # fmt: skip
     return rows
 

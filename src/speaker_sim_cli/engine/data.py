@@ -57,13 +57,11 @@ def check_wave(wav: np.ndarray, sample_rate: int, min_samples: int, max_samples:
     """Reject audio no model can use; raises AudioError with the reason."""
     n = wav.shape[0]
     if min_samples and n < min_samples:
-        raise AudioError(
-            "", f"too short: {n / sample_rate:.3f} s < --min-duration {min_samples / sample_rate:g} s"
-        )
+        limit = min_samples / sample_rate
+        raise AudioError("", f"too short: {n / sample_rate:.3f} s < --min-duration {limit:g} s")
     if max_samples and n > max_samples:
-        raise AudioError(
-            "", f"too long: {n / sample_rate:.0f} s > --max-duration {max_samples / sample_rate:g} s"
-        )
+        limit = max_samples / sample_rate
+        raise AudioError("", f"too long: {n / sample_rate:.0f} s > --max-duration {limit:g} s")
     if not np.any(wav):
         raise AudioError("", "digitally silent (every sample is 0)")
 
@@ -80,7 +78,7 @@ def plan_batches(lengths: Sequence[int], batch_frames: int, batch_size: int) -> 
     of its own.
 
     >>> plan_batches([5, 1, 4, 2], batch_frames=8, batch_size=8)
-    [[0, 2], [3, 1]]
+    [[0], [2, 3], [1]]
     """
     if batch_size < 1 or batch_frames < 1:
         raise ValueError("batch_size and batch_frames must be >= 1")
@@ -90,10 +88,10 @@ def plan_batches(lengths: Sequence[int], batch_frames: int, batch_size: int) -> 
     longest = 0
     for i in order:
         n = max(int(lengths[i]), 1)
-        if current:
-            if len(current) + 1 > batch_size or max(longest, n) * (len(current) + 1) > batch_frames:
-                batches.append(current)
-                current, longest = [], 0
+        full = len(current) + 1 > batch_size or max(longest, n) * (len(current) + 1) > batch_frames
+        if current and full:
+            batches.append(current)
+            current, longest = [], 0
         current.append(i)
         longest = max(longest, n)
     if current:

@@ -6,9 +6,11 @@ AFF), a bottom-up fusion of stage 3 (down-sampled) into stage 4, temporal statis
 a linear embedding layer. State-dict keys follow 3D-Speaker's ``ERes2NetV2`` so its checkpoints
 load with ``strict=True``.
 
-Padding: time is the last axis throughout. Every tensor that feeds a 3x3 convolution or the
-pooling is re-zeroed past its row's valid length (the time lengths halve, floor mode, at each
-stride-2 stage), so a zero-padded row gets the embedding it would get alone.
+Padding: time is the last axis throughout. Every tensor that a 3x3 convolution reads is
+re-zeroed past its row's valid length (the time lengths halve, floor mode, at each stride-2
+stage) and the statistics pooling counts valid frames only, so a zero-padded row gets the
+embedding it would get alone. Tensors that feed 1x1 convolutions only are left alone: a valid
+output frame of a 1x1 conv never reads a padded frame.
 
 Example::
 
@@ -38,9 +40,13 @@ def _relu20(x: torch.Tensor) -> torch.Tensor:
     return F.hardtanh(x, 0.0, 20.0)
 
 
-def _zero_pad(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Multiply by a (B, 1, 1, T) float mask, or pass through when there is none."""
-    return x if mask is None else x * mask
+def _zero_pad_(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero ``x`` in place past each row's length via a (B, 1, 1, T) float mask (None: no-op).
+
+    Only used on fresh activation outputs that autograd does not save (hardtanh saves its
+    input), so the in-place product is safe under autograd too.
+    """
+    return x if mask is None else x.mul_(mask)
 
 
 def _masked_var(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -120,19 +126,23 @@ class Res2Bottleneck(nn.Module):
             )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # 1x1 convs (strided or not) read only valid input frames for valid output frames, so
-        # only what feeds the 3x3 convs (and the block output) needs re-zeroing.
-        out = _zero_pad(_relu20(self.bn1(self.conv1(x))), mask)
+        # A valid output frame of a 1x1 conv (strided or not) reads only valid input frames, so
+        # padded frames need zeros only where a 3x3 conv reads them: the sub-band inputs. Sums
+        # and AFF of zeroed inputs stay zero. The last band and the block output feed 1x1 convs
+        # only and keep whatever lands on padded frames (the caller zeroes what a 3x3 reads).
+        out = _zero_pad_(_relu20(self.bn1(self.conv1(x))), mask)
         bands = torch.split(out, self.width, dim=1)
         outs: list[torch.Tensor] = []
         sp = bands[0]
         for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
             if i > 0:
                 sp = self.fuse_models[i - 1](sp, bands[i]) if self.fuse else sp + bands[i]
-            sp = _zero_pad(_relu20(bn(conv(sp))), mask)
+            sp = _relu20(bn(conv(sp)))
+            if i < self.scale - 1:
+                sp = _zero_pad_(sp, mask)
             outs.append(sp)
         out = self.bn3(self.conv3(torch.cat(outs, dim=1)))
-        return _zero_pad(_relu20(out + self.shortcut(x)), mask)
+        return _relu20(out + self.shortcut(x))
 
 
 class ERes2NetV2(nn.Module):
@@ -227,13 +237,18 @@ class ERes2NetV2(nn.Module):
         if lengths is not None:
             lengths = lengths.to(device=feats.device, dtype=torch.long)
             mask = time_mask(lengths, x.shape[-1]).to(x.dtype)[:, None, None]
-        x = _zero_pad(x, mask)
-        x = _zero_pad(F.relu(self.bn1(self.conv1(x))), mask)
+        if mask is not None:
+            x = x * mask  # the stem's 3x3 conv must see zeros, whatever the caller padded with
+        # The stem output feeds 1x1 convs only: no re-zeroing needed.
+        x = F.relu(self.bn1(self.conv1(x)))
         out1, len1 = self._run_stage(self.layer1, x, lengths)
         out2, len2 = self._run_stage(self.layer2, out1, len1)
         out3, len3 = self._run_stage(self.layer3, out2, len2)
         out4, len4 = self._run_stage(self.layer4, out3, len3)
-        # layer3_ds (3x3, stride 2, pad 1) gives the same time lengths as the 1x1 stride-2 path.
+        # layer3_ds (3x3, stride 2, pad 1) reads out3's padded frames: zero them first. It gives
+        # the same time lengths as the 1x1 stride-2 path, so fusion lines up with len4.
+        if len3 is not None:
+            out3 = out3 * time_mask(len3, out3.shape[-1]).to(out3.dtype)[:, None, None]
         fused = self.fuse34(out4, self.layer3_ds(out3))
         emb = self.seg_1(self._pool(fused, len4))
         if self.two_emb_layer:
