@@ -59,15 +59,20 @@ ARCHS: dict[str, Arch] = {
             "eres2netv2_192",
             "eres2netv2",
             "ERes2NetV2",
-            {"feat_dim": 80, "embedding_size": 192, "base_width": 26, "scale": 2, "expansion": 2},
+            {"feat_dim": 80, "embedding_size": 192, "baseWidth": 26, "scale": 2, "expansion": 2},
         ),
         Arch(
             "eres2netv2_w24s4ep4",
             "eres2netv2",
             "ERes2NetV2",
-            {"feat_dim": 80, "embedding_size": 192, "base_width": 24, "scale": 4, "expansion": 4},
+            {"feat_dim": 80, "embedding_size": 192, "baseWidth": 24, "scale": 4, "expansion": 4},
         ),
-        Arch("ecapa1024", "ecapa", "ECAPATDNN", {"input_size": 80, "lin_neurons": 192}),
+        Arch(
+            "ecapa1024",
+            "ecapa",
+            "ECAPATDNN",
+            {"input_size": 80, "lin_neurons": 192, "channels": [1024, 1024, 1024, 1024, 3072]},
+        ),
     ]
 }
 
