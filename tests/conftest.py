@@ -18,7 +18,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SPEAKER_SIM_SHARED", REPO.parent / "shared")).resolve()
 REAL_CKPT = (
-    SHARED / "pretrained" / "speech_campplus_sv_zh_en_16k-common_advanced" / "campplus_cn_en_common.pt"
+    SHARED
+    / "pretrained"
+    / "speech_campplus_sv_zh_en_16k-common_advanced"
+    / "campplus_cn_en_common.pt"
 )
 
 
@@ -77,7 +80,7 @@ def synth_state_dict(shared: Path):
     sys.path.insert(0, str(shared / "tools"))
     from synth_weights import synth_state_dict as synth  # type: ignore[import-not-found]
 
-    def build(arch: str) -> dict[str, "torch.Tensor"]:
+    def build(arch: str) -> dict[str, torch.Tensor]:
         schema = json.loads((shared / "fixtures" / "arch" / f"{arch}.schema.json").read_text())
         return {k: torch.from_numpy(v) for k, v in synth(schema).items()}
 

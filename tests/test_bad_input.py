@@ -165,7 +165,9 @@ def test_wav_scp_commands_behind_a_flag(runner, shared, real_ckpt, tmp_path):
     trials.write_text("u1 u2 target\n")
     res = runner.invoke(app, ["score", str(trials), "--wav-scp", str(scp)])
     assert res.exit_code == 2 and "--allow-commands" in res.output
-    res = runner.invoke(app, ["score", str(trials), "--wav-scp", str(scp), "--allow-commands", "-q"])
+    res = runner.invoke(
+        app, ["score", str(trials), "--wav-scp", str(scp), "--allow-commands", "-q"]
+    )
     assert res.exit_code == 0, res.output
     assert abs(float(res.stdout.strip().splitlines()[1].split(",")[-1]) - 0.667) < 0.005
 
@@ -221,7 +223,8 @@ def test_interrupted_run_resumes(shared, real_ckpt, tmp_path):
     ).to_csv(trials, index=False)
     cache, out = tmp_path / "cache", tmp_path / "scores.csv"
     cmd = [sys.executable, "-m", "speaker_sim_cli.cli.main", "score", str(trials), "-o", str(out),
-           "--cache-dir", str(cache), "--batch-size", "1", "--workers", "0", "--device", "cpu"]  # fmt: skip
+           "--cache-dir", str(cache), "--batch-size", "1", "--workers", "0",
+           "--device", "cpu"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while time.time() < deadline and len(list(cache.glob("emb/*/*/*.npy"))) < len(files) // 2:

@@ -61,7 +61,11 @@ def test_score_matches_reference_pipeline(runner, shared, real_ckpt, tmp_path, t
 
 def _pairs(shared):
     ex = shared / "audio" / "3dspeaker_examples"
-    a, b, c = (ex / f"speaker1_a_cn_16k.wav", ex / "speaker1_b_cn_16k.wav", ex / "speaker2_a_cn_16k.wav")
+    a, b, c = (
+        ex / "speaker1_a_cn_16k.wav",
+        ex / "speaker1_b_cn_16k.wav",
+        ex / "speaker2_a_cn_16k.wav",
+    )
     return a, b, c
 
 
@@ -102,7 +106,9 @@ def test_each_recording_embedded_once(runner, shared, real_ckpt, tmp_path):
     assert res.exit_code == 0, res.output
     counts = json.loads(report.read_text())["counts"]
     assert counts == {**counts, "trials": 9, "recordings": 3, "embedded": 3, "scored": 9}
-    scores = pd.read_csv(tmp_path / "t.csv").assign(s=pd.read_csv(pd.io.common.StringIO(res.stdout)).score)
+    scores = pd.read_csv(tmp_path / "t.csv").assign(
+        s=pd.read_csv(pd.io.common.StringIO(res.stdout)).score
+    )
     assert np.allclose(scores.s[[0, 4, 8]], 1.0)
 
 
@@ -126,7 +132,9 @@ def test_compare_prints_the_demo_table(runner, shared, real_ckpt):
     ex = real_ckpt.parent / "examples"
     res = runner.invoke(app, ["compare", str(ex), "--no-cache"])
     assert res.exit_code == 0, res.output
-    line = next(ln for ln in res.stdout.splitlines() if "speaker1_a_cn" in ln and "speaker1_b_cn" in ln)
+    line = next(
+        ln for ln in res.stdout.splitlines() if "speaker1_a_cn" in ln and "speaker1_b_cn" in ln
+    )
     assert abs(float(line.split("│")[-2]) - 0.667) < 0.005
 
 

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from speaker_sim_cli.features import FbankConfig, compute_features, fbank, mean_normalize, num_frames
+from speaker_sim_cli.features import (
+    FbankConfig,
+    compute_features,
+    fbank,
+    mean_normalize,
+    num_frames,
+)
 
 
 @pytest.fixture(scope="module")

@@ -42,9 +42,7 @@ def test_headerless_csv_is_positional(tmp_path):
     assert "no header" in t.format
 
 
-@pytest.mark.parametrize(
-    ("line", "label"), [("target", 1), ("nontarget", 0), ("1", 1), ("0", 0)]
-)
+@pytest.mark.parametrize(("line", "label"), [("target", 1), ("nontarget", 0), ("1", 1), ("0", 0)])
 def test_kaldi_trials(tmp_path, line, label):
     t = read_trials(write(tmp_path, "trials", f"spk1-utt1 spk1-utt2 {line}\n"))
     assert t.format == "kaldi"
@@ -94,7 +92,9 @@ def test_paths_relative_to_a_parent_folder_are_found(tmp_path):
     (tmp_path / "audio").mkdir()
     (tmp_path / "audio" / "a.wav").write_bytes(b"x")
     (tmp_path / "lists").mkdir()
-    t = read_trials(write(tmp_path / "lists", "t.csv", "enrollment,test\naudio/a.wav,audio/b.wav\n"))
+    t = read_trials(
+        write(tmp_path / "lists", "t.csv", "enrollment,test\naudio/a.wav,audio/b.wav\n")
+    )
     recs, _ = resolve_trial_items(t)
     assert recs["audio/a.wav"].path == (tmp_path / "audio" / "a.wav").resolve()
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -21,7 +22,7 @@ from typing import IO
 import numpy as np
 
 from .errors import UsageError
-from .trials import ENROLL_NAMES, LABEL_NAMES, TEST_NAMES, TARGET_WORDS, parse_label, read_text
+from .trials import ENROLL_NAMES, LABEL_NAMES, TARGET_WORDS, TEST_NAMES, parse_label, read_text
 
 FORMATS = ("csv", "kaldi", "wespeaker")
 
@@ -102,7 +103,7 @@ def check_whitespace_safe(items: list[str], fmt: str) -> None:
         )
 
 
-def atomic_text_output(path: Path | None, write: "WriteFn") -> int:
+def atomic_text_output(path: Path | None, write: WriteFn) -> int:
     """Run ``write(stream)`` into ``path`` atomically (temp + rename), or to stdout."""
     if path is None:
         return write(sys.stdout)
@@ -113,10 +114,8 @@ def atomic_text_output(path: Path | None, write: "WriteFn") -> int:
             n = write(f)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
     return n
 

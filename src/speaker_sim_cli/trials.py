@@ -20,8 +20,25 @@ import numpy as np
 from .errors import UsageError
 from .records import Recording, TrialList
 
-ENROLL_NAMES = ("enrollment", "enroll", "enrol", "enrolment", "utt1", "audio1", "path1", "wav1",
-                "file1", "a", "left", "ref", "reference", "prompt", "spk", "model", "enroll_path")
+ENROLL_NAMES = (
+    "enrollment",
+    "enroll",
+    "enrol",
+    "enrolment",
+    "utt1",
+    "audio1",
+    "path1",
+    "wav1",
+    "file1",
+    "a",
+    "left",
+    "ref",
+    "reference",
+    "prompt",
+    "spk",
+    "model",
+    "enroll_path",
+)
 TEST_NAMES = ("test", "utt2", "audio2", "path2", "wav2", "file2", "b", "right", "hyp", "probe",
               "segment", "test_path", "trial")  # fmt: skip
 LABEL_NAMES = ("label", "target", "is_target", "same", "same_speaker", "key", "labels", "y")
@@ -39,9 +56,7 @@ def parse_label(value: str, where: str) -> int:
         f = float("nan")
     if f in (0.0, 1.0):
         return int(f)
-    raise UsageError(
-        f"{where}: unknown label {value!r} (use 1/0, target/nontarget or true/false)"
-    )
+    raise UsageError(f"{where}: unknown label {value!r} (use 1/0, target/nontarget or true/false)")
 
 
 def read_text(path: Path) -> str:
@@ -219,7 +234,9 @@ def resolve_path(item: str, root: Path) -> Path:
 
 
 def resolve_trial_items(
-    trials: TrialList, root: Path | None = None, wav_scp: dict[str, str] | None = None,
+    trials: TrialList,
+    root: Path | None = None,
+    wav_scp: dict[str, str] | None = None,
     scp_dir: Path | None = None,
 ) -> tuple[dict[str, Recording], dict[str, str]]:
     """Map each unique item to a Recording; items missing from wav.scp are returned apart.

@@ -17,8 +17,10 @@ from .ui import EXIT_PARTIAL, STATE, EmbedProgress, errors_to_exit, say
 def embed(
     inputs: Annotated[
         list[Path],
-        typer.Argument(help="wav.scp files (utt path), list files (a path a line) or audio files.",
-                       show_default=False),
+        typer.Argument(
+            help="wav.scp files (utt path), list files (a path a line) or audio files.",
+            show_default=False,
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     model: c.ModelOpt = c.DEFAULT,

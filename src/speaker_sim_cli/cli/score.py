@@ -57,13 +57,17 @@ def score(
     ] = None,
     on_error: Annotated[
         c.OnError,
-        typer.Option(help="keep: failed trials get an error column; skip: leave them out; "
-                     "fail: stop at the first bad recording."),
+        typer.Option(
+            help="keep: failed trials get an error column; skip: leave them out; "
+            "fail: stop at the first bad recording."
+        ),
     ] = c.OnError.keep,
     enroll_map: Annotated[
         Path | None,
-        typer.Option(help="spk2utt-style file 'speaker rec1 rec2 ...': trials whose enrolment is "
-                     "a speaker score against the normalised mean of its recordings."),
+        typer.Option(
+            help="spk2utt-style file 'speaker rec1 rec2 ...': trials whose enrolment is "
+            "a speaker score against the normalised mean of its recordings."
+        ),
     ] = None,
     norm: Annotated[
         c.Norm | None, typer.Option(help="Score normalisation against --cohort (WeSpeaker's).")
@@ -191,8 +195,12 @@ def _run(
             "metrics": c.metrics_block(metrics) if metrics is not None else None,
             "counts": counts,
             "model": ex.describe(),
-            "extraction": {"chunked_recordings": st.chunked, "padding_overhead": round(
-                st.padded_frames / st.frames - 1, 4) if st.frames else 0.0},
+            "extraction": {
+                "chunked_recordings": st.chunked,
+                "padding_overhead": round(st.padded_frames / st.frames - 1, 4)
+                if st.frames
+                else 0.0,
+            },
             "failures": [f.to_dict() for f in res.failures],
             "scoring": {"method": "cosine", **res.extra},
             "timing": timing,

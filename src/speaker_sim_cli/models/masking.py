@@ -16,9 +16,12 @@ def conv_out_lengths(
     lengths: torch.Tensor, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1
 ) -> torch.Tensor:
     """Output lengths of a convolution along time, as torch computes them (floor mode)."""
-    return torch.div(
-        lengths + 2 * padding - dilation * (kernel - 1) - 1, stride, rounding_mode="floor"
-    ) + 1
+    return (
+        torch.div(
+            lengths + 2 * padding - dilation * (kernel - 1) - 1, stride, rounding_mode="floor"
+        )
+        + 1
+    )
 
 
 def time_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -35,7 +38,9 @@ def apply_mask(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     return x * mask.view(shape)
 
 
-def masked_mean(x: torch.Tensor, lengths: torch.Tensor | None, keepdim: bool = False) -> torch.Tensor:
+def masked_mean(
+    x: torch.Tensor, lengths: torch.Tensor | None, keepdim: bool = False
+) -> torch.Tensor:
     """Mean over the last dimension counting valid frames only."""
     if lengths is None:
         return x.mean(dim=-1, keepdim=keepdim)

@@ -54,7 +54,9 @@ ARCHS: dict[str, Arch] = {
             "ERes2Net",
             {"feat_dim": 80, "embedding_size": 512, "m_channels": 64},
         ),
-        Arch("eres2net_huge192", "eres2net", "ERes2NetHuge", {"feat_dim": 80, "embedding_size": 192}),
+        Arch(
+            "eres2net_huge192", "eres2net", "ERes2NetHuge", {"feat_dim": 80, "embedding_size": 192}
+        ),
         Arch(
             "eres2netv2_192",
             "eres2netv2",
@@ -88,7 +90,7 @@ class ModelSpec:
     arch: str
     dim: int
     trained_on: str
-    frontend: FbankConfig = FbankConfig()
+    frontend: FbankConfig = field(default_factory=FbankConfig)
 
     @property
     def name(self) -> str:
