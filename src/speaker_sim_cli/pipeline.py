@@ -68,6 +68,7 @@ class Extractor:
             "frontend": self.spec.frontend.to_dict(),
             "mode": self.engine_cfg.mode(),
             "precision": self.engine_cfg.precision,
+            "fp32_modules": list(self.embedder.fp32_modules),
         }
 
     def describe(self) -> dict[str, Any]:

@@ -37,8 +37,8 @@ def bench(
         int,
         typer.Option(
             min=1,
-            help="Use the corpus N times over (copies 2..N are re-encoded with a tiny gain, so "
-            "their content differs and the cache cannot share them).",
+            help="Use the corpus N times over (copies 2..N are re-encoded with a tiny DC offset, "
+            "which the fbank removes, so their content differs and the cache cannot share them).",
         ),
     ] = 1,
     rounds: Annotated[
@@ -112,7 +112,7 @@ def result_table(r: dict[str, Any]) -> Any:
     from rich.table import Table
 
     dev = r["device"]
-    load = dev.get("load_average")
+    load, start = dev.get("load_average"), dev.get("load_average_start")
     title = (
         f"{r['model']['id']} on {dev['name']} — {r['corpus']['recordings']} recordings, "
         f"{r['corpus']['audio_s']:.0f} s of audio"
@@ -126,9 +126,7 @@ def result_table(r: dict[str, Any]) -> Any:
         ("wall s", "wall_s", "{:.2f}"),
         ("recordings/s", "recordings_per_s", "{:.1f}"),
         ("x realtime", "x_realtime", "{:.1f}"),
-        ("model GFLOP/s (end to end)", "gflops_per_s", "{:.1f}"),
-        ("GFLOP/s in fbank+model", "compute_gflops_per_s", "{:.1f}"),
-        ("fbank+model s", "compute_s", "{:.2f}"),
+        ("model GFLOP/s", "gflops_per_s", "{:.1f}"),
         ("padding overhead", "padding_overhead", "{:.1%}"),
     ]
     for label, key, fmt in rows:
@@ -154,8 +152,10 @@ def result_table(r: dict[str, Any]) -> Any:
     )
     t.caption = (
         f"device {dev['device']}, torch {dev['torch']}, {dev['torch_threads']} threads, "
-        f"workers {b['workers']}, batch {b['batch_size']} / {b['batch_frames']} frames, "
+        f"(b): {b['runners']} runner(s), {b['workers']} decode worker(s), batch "
+        f"{b['batch_size']} / {b['batch_frames']} frames, {b['batches']} batches, "
         f"{b['precision']}, rounds {r['rounds']}"
-        + (f", load average {load[0]:.1f}" if load else "")
+        + (f", load average {start[0]:.1f} at start" if start else "")
+        + (f", {load[0]:.1f} at end" if load else "")
     )
     return t

@@ -30,10 +30,15 @@ DeviceOpt = Annotated[
 BatchSizeOpt = Annotated[int, typer.Option(min=1, help="Most recordings in one batch.")]
 BatchFramesOpt = Annotated[
     int,
-    typer.Option(min=0, help="Padded-frame budget of a batch (0: 12k on CPU, 200k on GPU)."),
+    typer.Option(min=0, help="Padded-frame budget of a batch (0: 2.4k on CPU, 200k on GPU)."),
 ]
 WorkersOpt = Annotated[
-    int, typer.Option(min=-1, help="Decoding worker processes (-1: cores - 1, at most 8).")
+    int,
+    typer.Option(
+        min=-1,
+        help="Decoding worker processes (-1: cores - 1, at most 8, on a GPU; 0 on a CPU, "
+        "where the runner threads use every core).",
+    ),
 ]
 ChunkOpt = Annotated[
     float | None,

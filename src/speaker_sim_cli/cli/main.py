@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -27,8 +28,7 @@ app = typer.Typer(
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
 ) -> None:
-    if debug:
-        STATE["debug"] = True
+    STATE["debug"] = debug or os.environ.get("SPEAKER_SIM_DEBUG") == "1"
 
 
 app.command()(score)

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,23 @@ class EmbeddingCache:
             with contextlib.suppress(OSError):
                 atomic_write_bytes(memo, f"{stamp} {digest}".encode())
         return digest
+
+    def file_hashes(self, paths: Sequence[Path], threads: int = 8) -> list[str | OSError]:
+        """:meth:`file_hash` of each path, ``threads`` at a time (hashlib and file reads release
+        the GIL), in input order; a path that cannot be read gives its OSError instead."""
+
+        def one(p: Path) -> str | OSError:
+            try:
+                return self.file_hash(p)
+            except OSError as exc:
+                return exc
+
+        if threads <= 1 or len(paths) < 2:
+            return [one(p) for p in paths]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+            return list(pool.map(one, paths))
 
     # -- embeddings -----------------------------------------------------------------------
     def _path(self, digest: str) -> Path:

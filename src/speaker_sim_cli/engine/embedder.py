@@ -9,9 +9,12 @@ infer_sv_batch.py does; the report says so.
 from __future__ import annotations
 
 import os
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +26,16 @@ from ..models.registry import ModelSpec
 from .data import AudioDataset, Loaded, collate, pad_rows, plan_batches
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Submodules that still run in fp32 under low-precision autocast, by (architecture family,
+# precision). bf16 keeps 8 mantissa bits, and CAM++ rounds every op's output to it: on
+# ../shared/audio, bf16 everywhere gives cosine 0.9944 to fp32 on the worst file, 0.9983 with the
+# 2-D head in fp32, 0.9997 with the head, the first TDNN and the first dense block in fp32 (52 %
+# of the FLOPs; the other 48 % run in bf16). fp16 (11 bits) needs none: >= 0.99997 everywhere.
+# Families not listed have no real weights here to measure; they run wholly in low precision.
+FP32_SUBMODULES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("campplus", "bf16"): ("head", "xvector.tdnn", "xvector.block1"),
+}
 
 # Whole-recording embedding is exact up to this length; longer ones are embedded in windows.
 DEFAULT_MAX_FULL_SECONDS = 300.0
@@ -44,6 +57,20 @@ def default_workers() -> int:
     return max(0, min(8, n - 1))
 
 
+# Padded-frame budget of a batch. On a CPU, batches of ~1-2.5k frames run fastest (CAM++ on 2
+# cores: 7-7.8k frames/s at 1.2-2.4k, 4.7-5.3k at 9.6k, where activations outgrow the caches).
+DEFAULT_BATCH_FRAMES = {"cuda": 200_000, "cpu": 2_400}
+
+
+def cpu_runners() -> int:
+    """Batches a CPU embeds at once: one per intra-op thread, at most 4.
+
+    Several single-threaded forwards side by side beat one forward on every core for these
+    small convolutions (CAM++ on 2 cores: 7.7k frames/s as 2 x 1 thread, 5.1k as 1 x 2).
+    """
+    return max(1, min(4, torch.get_num_threads()))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How to run the model. ``mode()`` and ``precision`` are part of the cache key."""
@@ -52,11 +79,12 @@ class EngineConfig:
     precision: str = "fp32"
     batch_size: int = 32
     batch_frames: int = 0  # 0: a default for the device
-    workers: int = -1  # -1: default_workers()
+    workers: int = -1  # -1: default_workers(), or 0 when CPU runners run side by side
     chunk_seconds: float | None = None
     max_full_seconds: float = DEFAULT_MAX_FULL_SECONDS
     min_duration: float = 0.3
     max_duration: float = 0.0  # 0: no limit
+    runners: int = 0  # CPU: batches run at once, one thread each; 0: cpu_runners()
 
     def mode(self) -> str:
         if self.chunk_seconds:
@@ -91,11 +119,20 @@ class Embedder:
         if config.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         self.dtype = PRECISIONS[config.precision]
+        if self.device.type == "cuda" and config.precision == "fp32":
+            # fp32 means fp32: TF32 convolutions would move scores off the reference pipeline's.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.model = model.to(self.device).eval()
+        # Submodules kept in fp32 at this precision (FP32_SUBMODULES), by name.
+        kept = _keep_fp32(self.model, spec.arch, config.precision)
+        self.fp32_modules: tuple[str, ...] = tuple(kept)
+        self._fp32_ids = frozenset(kept.values())
         self.frontend = spec.frontend
         self.stats = EngineStats()
-        frames = config.batch_frames or (200_000 if self.device.type == "cuda" else 12_000)
+        frames = config.batch_frames or DEFAULT_BATCH_FRAMES.get(self.device.type, 2_400)
         self.batch_frames = frames
+        self._lock = threading.Lock()  # stats, when CPU runners embed batches side by side
 
     # -- waveforms -> embeddings ----------------------------------------------------------
     def _windows(self, wave: torch.Tensor) -> list[torch.Tensor]:
@@ -122,15 +159,17 @@ class Embedder:
             waves = waves.to(self.device)
         lengths = lengths.to(self.device)
         feats, n_frames = compute_features(waves, lengths, self.frontend)
-        self.stats.frames += int(n_frames.sum())
-        self.stats.padded_frames += int(feats.shape[0] * feats.shape[1])
+        with self._lock:
+            self.stats.frames += int(n_frames.sum())
+            self.stats.padded_frames += int(feats.shape[0] * feats.shape[1])
         if self.dtype == torch.float32:
             ctx: Any = nullcontext()
         else:
             ctx = torch.autocast(device_type=self.device.type, dtype=self.dtype)
-        with ctx:
+        with ctx, _fp32_scope(self._fp32_ids):
             emb = self.model(feats, n_frames)
-        self.stats.batches += 1
+        with self._lock:
+            self.stats.batches += 1
         return emb.float()
 
     def embed_waves(self, waves: Sequence[torch.Tensor]) -> np.ndarray:
@@ -142,7 +181,8 @@ class Embedder:
         for i, w in enumerate(waves):
             wins = self._windows(w)
             if len(wins) > 1:
-                self.stats.chunked += 1
+                with self._lock:
+                    self.stats.chunked += 1
             rows.extend(wins)
             owner.extend([i] * len(wins))
         frames = [max(int(num_frames(r.shape[0], self.frontend)), 1) for r in rows]
@@ -156,7 +196,8 @@ class Embedder:
             counts.index_add_(0, idx, torch.ones(len(batch), dtype=torch.float64))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.stats.model_seconds += time.perf_counter() - t0
+        with self._lock:  # summed over CPU runners, so it can exceed the wall time
+            self.stats.model_seconds += time.perf_counter() - t0
         return (out / counts[:, None]).numpy().astype(np.float32)
 
     # -- files -> embeddings --------------------------------------------------------------
@@ -168,7 +209,10 @@ class Embedder:
     ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
         """Yield ``(index, embedding, None)`` or ``(index, None, reason)`` for every path.
 
-        Order follows the batch plan, not the input. Decoding runs in DataLoader workers.
+        Order follows the batch plan, not the input. Decoding runs in DataLoader workers. On a
+        CPU, :func:`cpu_runners` batches are embedded at once by as many threads, each with one
+        intra-op thread: torch's thread count is set to ``threads // runners`` while this runs
+        and restored after.
         """
         t_start = time.perf_counter()
         sr = self.frontend.sample_rate
@@ -179,7 +223,16 @@ class Embedder:
         dataset = AudioDataset(
             paths, sr, int(self.cfg.min_duration * sr), int(self.cfg.max_duration * sr)
         )
-        workers = default_workers() if self.cfg.workers < 0 else self.cfg.workers
+        runners = 1
+        if self.device.type == "cpu":
+            runners = self.cfg.runners if self.cfg.runners > 0 else cpu_runners()
+            runners = min(runners, len(plan))
+        workers = self.cfg.workers
+        if workers < 0:
+            # CPU runners keep every core busy and decoding is ~2 % of their work: decode in
+            # this thread, between batches (2 cores: 6.1-6.4 s instead of 7.1-9.1 s with one
+            # worker process for ../shared/audio).
+            workers = 0 if runners > 1 else default_workers()
         workers = min(workers, len(plan))
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -191,22 +244,52 @@ class Embedder:
             multiprocessing_context="spawn" if workers and self.device.type == "cuda" else None,
         )
         try:
-            for batch in loader:
-                yield from self._embed_loaded(batch, progress)
+            if runners <= 1:
+                for batch in loader:
+                    yield from self._embed_loaded(batch, progress)
+            else:
+                yield from self._embed_side_by_side(loader, runners, progress)
         finally:
             self.stats.wall_seconds += time.perf_counter() - t_start
 
+    def _embed_side_by_side(
+        self, loader: Iterable[list[Loaded]], runners: int, progress: Progress | None
+    ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+        """Embed loader batches ``runners`` at a time in threads; results in plan order."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // runners))
+        try:
+            with ThreadPoolExecutor(runners, thread_name_prefix="speaker-sim-runner") as pool:
+                pending: deque[Future[tuple[list[Loaded], np.ndarray | None]]] = deque()
+                for batch in loader:
+                    pending.append(pool.submit(self._compute_loaded, batch))
+                    while pending and (len(pending) > runners or pending[0].done()):
+                        yield from self._emit_loaded(*pending.popleft().result(), progress)
+                while pending:
+                    yield from self._emit_loaded(*pending.popleft().result(), progress)
+        finally:
+            torch.set_num_threads(threads)
+
     def _embed_loaded(
         self, batch: list[Loaded], progress: Progress | None
+    ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+        yield from self._emit_loaded(*self._compute_loaded(batch), progress)
+
+    def _compute_loaded(self, batch: list[Loaded]) -> tuple[list[Loaded], np.ndarray | None]:
+        """The embeddings (N_good, D) of the batch's decoded recordings, or None if none."""
+        waves = [b.wave for b in batch if b.wave is not None]
+        return batch, self.embed_waves(waves) if waves else None
+
+    def _emit_loaded(
+        self, batch: list[Loaded], embs: np.ndarray | None, progress: Progress | None
     ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
         good = [b for b in batch if b.wave is not None]
         for b in batch:
             if b.wave is None:
                 self.stats.failed += 1
                 yield b.index, None, b.error
-        if not good:
+        if not good or embs is None:
             return
-        embs = self.embed_waves([b.wave for b in good if b.wave is not None])
         seconds = 0.0
         for b, e in zip(good, embs):
             assert b.wave is not None
@@ -224,3 +307,72 @@ class Embedder:
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
+
+
+def _keep_fp32(model: torch.nn.Module, arch: str, precision: str) -> dict[str, int]:
+    """The :data:`FP32_SUBMODULES` of ``arch`` at ``precision``, by name -> ``id(module)``.
+
+    Each gets (once) a pair of forward hooks that, while an Embedder that asked for it is
+    running (:func:`_fp32_scope`) under autocast, turn autocast off for the submodule and cast
+    its floating inputs to fp32, and turn it back on after. Otherwise the hooks do nothing.
+    """
+    key = next(((f, p) for f, p in FP32_SUBMODULES if arch.startswith(f) and p == precision), None)
+    out: dict[str, int] = {}
+    for name in FP32_SUBMODULES.get(key, ()) if key else ():
+        try:
+            sub = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if not getattr(sub, "_speaker_sim_fp32_hooks", False):
+            sub.register_forward_pre_hook(_fp32_enter)
+            sub.register_forward_hook(_fp32_exit)
+            sub._speaker_sim_fp32_hooks = True  # type: ignore[assignment]
+        out[name] = id(sub)
+    return out
+
+
+_FP32 = threading.local()  # .active: ids of submodules to run in fp32; .stacks: entered contexts
+
+
+@contextmanager
+def _fp32_scope(ids: frozenset[int]) -> Iterator[None]:
+    """Within: the hooked submodules in ``ids`` run in fp32. On the way out (also after an
+    error inside one of them) every context they entered is left, innermost first."""
+    _FP32.active, _FP32.stacks = ids, {}
+    try:
+        yield
+    finally:
+        for stack in _FP32.stacks.values():
+            while stack:
+                stack.pop().__exit__(None, None, None)
+        _FP32.active = frozenset()
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cpu":
+            return bool(torch.is_autocast_cpu_enabled())
+        return bool(torch.is_autocast_enabled())
+
+
+def _fp32_enter(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if id(module) not in getattr(_FP32, "active", ()):
+        return None
+    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    device_type = tensor.device.type if tensor is not None else "cpu"
+    if not _autocast_on(device_type):
+        return None
+    ctx = torch.autocast(device_type, enabled=False)
+    ctx.__enter__()
+    _FP32.stacks.setdefault(id(module), []).append(ctx)
+    return tuple(
+        a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
+    )
+
+
+def _fp32_exit(module: torch.nn.Module, _args: Any, _out: Any) -> None:
+    stack = getattr(_FP32, "stacks", {}).get(id(module))
+    if stack:
+        stack.pop().__exit__(None, None, None)

@@ -1,0 +1,449 @@
+"""The engine against a loop equivalent to 3D-Speaker's ``infer_sv.py``, in one run.
+
+(a) baseline: one recording at a time, batch 1, no workers, no cache — what
+    ``speakerlab/bin/infer_sv.py`` does per wav: decode (:func:`audio.load`), fbank and mean
+    normalisation on the CPU (:func:`features.compute_features`), the features to the device,
+    ``model(feats)``, the embedding back to the CPU.
+(b) engine: :meth:`pipeline.Extractor.embed_paths` with an empty cache (cold): content hashing,
+    header probes, decoding (DataLoader), length-bucketed batches, fbank on the device, and on a
+    CPU several single-threaded batches side by side; then the same again on the now full cache
+    (warm), which should embed nothing.
+
+Both use the same loaded weights on the same device; model loading is timed apart. Model work is
+counted in FLOPs with ``torch.utils.flop_counter`` (linear in frames: two forwards fix the slope
+and the intercept), so GFLOP/s is the useful (unpadded) work per second.
+
+>>> corpus = read_corpus(None)  # doctest: +SKIP
+>>> result = run_benchmark(corpus, model="campplus-zh-en")  # doctest: +SKIP
+>>> result["speedup"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import AudioError, UsageError
+
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus"})
+
+# Targets from the issue: (b)/(a) end to end, and x-realtime for CAM++ on a GPU.
+TARGETS: dict[str, dict[str, float]] = {
+    "cpu": {"speedup": 2.0},
+    "cuda": {"speedup": 20.0, "x_realtime_campplus": 10_000.0},
+}
+# Embeddings count as giving identical scores when every pairwise cosine agrees this closely.
+SCORE_TOLERANCE = 1e-5
+
+Log = Callable[[str], None]
+
+
+# -- corpus ---------------------------------------------------------------------------------
+def default_corpus_dir() -> Path:
+    """``$SPEAKER_SIM_SHARED/audio``, else ``../shared/audio`` from the working directory or
+    from the checkout this package lives in. Raises UsageError when none exists."""
+    candidates = []
+    env = os.environ.get("SPEAKER_SIM_SHARED")
+    if env:
+        candidates.append(Path(env).expanduser() / "audio")
+    candidates.append(Path.cwd().parent / "shared" / "audio")
+    candidates.append(Path(__file__).resolve().parents[4] / "shared" / "audio")
+    for c in candidates:
+        if c.is_dir():
+            return c.resolve()
+    raise UsageError(
+        "no benchmark corpus: ../shared/audio not found (looked in "
+        + ", ".join(str(c) for c in candidates)
+        + "); pass --files FOLDER or a list file"
+    )
+
+
+def list_audio(folder: Path) -> list[Path]:
+    """Audio files under ``folder`` (recursively, by suffix), sorted."""
+    return sorted(
+        p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file()
+    )
+
+
+def read_corpus(source: Path | None) -> list[Path]:
+    """The benchmark's recordings.
+
+    ``source`` is a folder (every audio file under it), one audio file, or a text file listing one
+    recording per line (blank lines and ``#`` comments skipped; relative paths resolve against
+    the list's folder). None: :func:`default_corpus_dir`.
+    """
+    if source is None:
+        source = default_corpus_dir()
+    if source.is_dir():
+        paths = list_audio(source)
+    elif source.is_file() and source.suffix.lower() in AUDIO_SUFFIXES:
+        paths = [source]
+    elif source.is_file():
+        paths = []
+        for line in source.read_text(encoding="utf-8").splitlines():
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = Path(line).expanduser()
+            paths.append(p if p.is_absolute() else source.parent / p)
+    else:
+        raise UsageError(f"--files {source}: no such file or folder")
+    if not paths:
+        raise UsageError(f"--files {source}: no audio files")
+    return [p.resolve() for p in paths]
+
+
+def expand_corpus(paths: Sequence[Path], repeat: int, workdir: Path) -> list[Path]:
+    """The corpus ``repeat`` times over, each copy distinct content (so the cache cannot share).
+
+    Copy ``k >= 1`` of a file is its audio plus a DC offset of ``k`` 16-bit steps (``k / 2**15``),
+    which the fbank's per-frame DC removal takes out again, so the speech is the same; written
+    under ``workdir/rK/`` in the original container and subtype where libsndfile can write them,
+    else as float wav.
+    """
+    import soundfile as sf
+
+    out = list(paths)
+    for k in range(1, repeat):
+        offset = k / 2**15
+        for i, p in enumerate(paths):
+            data, rate = sf.read(str(p), dtype="float64", always_2d=True)
+            info = sf.info(str(p))
+            dest = workdir / f"r{k:03d}" / f"{i:05d}_{p.name}"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                sf.write(str(dest), data + offset, rate, format=info.format, subtype=info.subtype)
+            except Exception:  # libsndfile cannot write every format it reads
+                dest = dest.with_suffix(".wav")
+                sf.write(str(dest), data + offset, rate, format="WAV", subtype="FLOAT")
+            out.append(dest)
+    return out
+
+
+# -- FLOPs -----------------------------------------------------------------------------------
+def flop_model(model: Any, n_mels: int, device: Any) -> tuple[float, float]:
+    """``(intercept, per_frame)``: FLOPs of one batch-1 forward of T frames ~ a + b*T.
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add, convs
+    and matmuls) on two forwards, 200 and 400 frames.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for t in (200, 400):
+        feats = torch.zeros(1, t, n_mels, device=device)
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            model(feats)
+        counts.append(float(fc.get_total_flops()))
+    per_frame = (counts[1] - counts[0]) / 200.0
+    return counts[0] - 200.0 * per_frame, per_frame
+
+
+# -- (a) the baseline loop ------------------------------------------------------------------
+def run_baseline(
+    model: Any, frontend: Any, paths: Sequence[str], device: Any
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """3D-Speaker's infer_sv.py loop. Returns embeddings by path and timings.
+
+    Per recording: decode + resample, fbank on the CPU, features to ``device``, ``model`` at
+    batch 1 under ``no_grad``, embedding back to the CPU (which waits for the device).
+    """
+    import torch
+
+    from ..audio import load
+    from ..features import compute_features
+
+    embs: dict[str, np.ndarray] = {}
+    failures: dict[str, str] = {}
+    decode_s = fbank_s = model_s = audio_s = 0.0
+    frames = 0
+    t_start = time.perf_counter()
+    for p in paths:
+        t0 = time.perf_counter()
+        try:
+            wav = load(p, frontend.sample_rate)
+        except AudioError as exc:
+            failures[p] = exc.reason
+            decode_s += time.perf_counter() - t0
+            continue
+        t1 = time.perf_counter()
+        feats, n = compute_features(torch.from_numpy(wav)[None], None, frontend)
+        t2 = time.perf_counter()
+        with torch.no_grad():
+            emb = model(feats.to(device)).detach().squeeze(0).cpu().numpy()
+        t3 = time.perf_counter()
+        embs[p] = emb.astype(np.float32, copy=False)
+        decode_s, fbank_s, model_s = decode_s + t1 - t0, fbank_s + t2 - t1, model_s + t3 - t2
+        audio_s += wav.shape[0] / frontend.sample_rate
+        frames += int(n[0])
+    wall = time.perf_counter() - t_start
+    return embs, {
+        "wall_s": wall,
+        "decode_s": decode_s,
+        "fbank_s": fbank_s,
+        "model_s": model_s,
+        "compute_s": fbank_s + model_s,
+        "recordings": len(embs),
+        "failed": len(failures),
+        "audio_s": audio_s,
+        "frames": frames,
+        "rows": len(embs),
+        "padded_frames": frames,
+    }
+
+
+# -- (b) the engine ---------------------------------------------------------------------------
+def run_engine(
+    extractor: Any, paths: Sequence[str], cache_root: Path
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``extractor.embed_paths`` against the cache at ``cache_root`` (empty: cold; the same root
+    again: warm). Returns embeddings by path and timings (``compute_s`` is fbank + model in the
+    main process)."""
+    from .cache import EmbeddingCache
+    from .embedder import EngineStats
+
+    extractor.cache = EmbeddingCache(cache_root, extractor.ingredients(), extractor.spec.dim)
+    extractor.embedder.stats = EngineStats()
+    t0 = time.perf_counter()
+    res = extractor.embed_paths(paths)
+    wall = time.perf_counter() - t0
+    st = extractor.embedder.stats
+    return dict(res.embeddings), {
+        "wall_s": wall,
+        "compute_s": st.model_seconds,
+        "recordings": res.embedded,
+        "from_cache": res.cached,
+        "failed": len(res.failures),
+        "audio_s": st.audio_seconds,
+        "frames": st.frames,
+        "padded_frames": st.padded_frames,
+        "batches": st.batches,
+        "chunked": st.chunked,
+        "cache_writes": extractor.cache.stats.writes,
+    }
+
+
+# -- comparison ------------------------------------------------------------------------------
+def compare_embeddings(
+    a: dict[str, np.ndarray], b: dict[str, np.ndarray], chunk: int = 2048
+) -> dict[str, Any]:
+    """How far (b)'s embeddings are from (a)'s, and the cosine scores of every pair from them.
+
+    ``max_abs_diff``: largest element difference; ``max_rel_l2``: largest ``|a-b|/|a|``;
+    ``min_cosine``: lowest cosine between a recording's two embeddings; ``max_score_diff``:
+    largest difference of any pairwise cosine score (all pairs of the corpus).
+    """
+    keys = [k for k in a if k in b]
+    out: dict[str, Any] = {
+        "compared": len(keys),
+        "only_baseline": len(set(a) - set(b)),
+        "only_engine": len(set(b) - set(a)),
+    }
+    if not keys:
+        out.update(max_abs_diff=None, max_rel_l2=None, min_cosine=None, max_score_diff=None)
+        out["identical"] = False
+        return out
+    ea = np.stack([a[k] for k in keys]).astype(np.float64)
+    eb = np.stack([b[k] for k in keys]).astype(np.float64)
+    na, nb = np.linalg.norm(ea, axis=1), np.linalg.norm(eb, axis=1)
+    ua, ub = ea / np.maximum(na, 1e-12)[:, None], eb / np.maximum(nb, 1e-12)[:, None]
+    worst = 0.0
+    for s in range(0, len(keys), chunk):
+        sa, sb = ua[s : s + chunk] @ ua.T, ub[s : s + chunk] @ ub.T
+        worst = max(worst, float(np.abs(sa - sb).max()))
+    out["max_abs_diff"] = float(np.abs(ea - eb).max())
+    out["max_rel_l2"] = float((np.linalg.norm(ea - eb, axis=1) / np.maximum(na, 1e-12)).max())
+    out["min_cosine"] = float(np.einsum("ij,ij->i", ua, ub).min())
+    out["max_score_diff"] = worst
+    out["score_tolerance"] = SCORE_TOLERANCE
+    out["identical"] = bool(
+        worst <= SCORE_TOLERANCE and not out["only_baseline"] and not out["only_engine"]
+    )
+    return out
+
+
+def device_info(device: Any) -> dict[str, Any]:
+    """What ran it: the device's name, CPU model and cores, torch threads, load average."""
+    import torch
+
+    info: dict[str, Any] = {"device": str(device), "torch": torch.__version__}
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info["cpu"] = cpu
+    info["cpu_cores"] = os.cpu_count()
+    info["torch_threads"] = torch.get_num_threads()
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info["name"] = props.name
+        info["memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["capability"] = f"{props.major}.{props.minor}"
+    else:
+        info["name"] = f"CPU ({cpu}, {os.cpu_count()} cores)"
+    info["load_average"] = _load_average()
+    return info
+
+
+def _load_average() -> list[float] | None:
+    """1, 5 and 15 minute load averages (None where the OS has none)."""
+    with contextlib.suppress(OSError, AttributeError):
+        return [round(x, 2) for x in os.getloadavg()]
+    return None
+
+
+def _side(t: dict[str, Any], flops: tuple[float, float], n_files: int) -> dict[str, Any]:
+    """Rates of one side from its timings: recordings/s, x-realtime, GFLOP/s."""
+    a, b = flops
+    useful = a * t["recordings"] + b * t["frames"]
+    wall = max(t["wall_s"], 1e-9)
+    out = dict(t)
+    out["recordings_per_s"] = t["recordings"] / wall
+    out["x_realtime"] = t["audio_s"] / wall
+    out["gflop"] = useful / 1e9
+    out["gflops_per_s"] = useful / 1e9 / wall
+    # Per thread-second of fbank + model (the engine's CPU runners overlap, so their compute_s
+    # is summed over threads and can exceed the wall time).
+    out["compute_gflops_per_s"] = useful / 1e9 / max(t["compute_s"], 1e-9)
+    out["padding_overhead"] = t["padded_frames"] / t["frames"] - 1 if t["frames"] else 0.0
+    out["all_recordings"] = t["recordings"] + t.get("from_cache", 0) == n_files
+    return out
+
+
+# -- the whole benchmark ---------------------------------------------------------------------
+def run_benchmark(
+    paths: Sequence[Path | str],
+    *,
+    model: str = "",
+    model_dir: Path | str | None = None,
+    engine: Any = None,
+    rounds: int = 1,
+    log: Log | None = None,
+    corpus_source: str = "",
+    repeat: int = 1,
+) -> dict[str, Any]:
+    """Time (a) and (b) on ``paths`` ``rounds`` times (interleaved, each (b) cold) and report.
+
+    Returns the JSON-ready result: ``device``, ``model``, ``corpus``, ``baseline``, ``engine``
+    (each with ``wall_s``, ``recordings_per_s``, ``x_realtime``, ``gflops_per_s``), ``speedup``
+    (b over a, end to end, best round of each), ``engine_warm`` (the same run of (b) again on its
+    now full cache: recordings embedded, which should be 0, and the speedup over cold),
+    ``parity`` and ``targets``.
+    """
+    import torch
+
+    from ..models.registry import DEFAULT_MODEL
+    from ..pipeline import Extractor
+    from .embedder import EngineConfig, cpu_runners, default_workers
+
+    say = log or (lambda _msg: None)
+    cfg = engine or EngineConfig()
+    files = [str(p) for p in paths]
+    load_start = _load_average()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="speaker-sim-bench-") as tmp:
+        ex = Extractor(model or DEFAULT_MODEL, model_dir, cfg, cache_dir=Path(tmp) / "warmup")
+        load_s = time.perf_counter() - t0
+        net, device, fe = ex.embedder.model, ex.embedder.device, ex.spec.frontend
+        flops = flop_model(net, fe.num_mel_bins, device)
+        # Warm both paths (page cache, allocator, kernels) so neither pays first-call costs.
+        for p in files:
+            Path(p).read_bytes()
+        run_baseline(net, fe, files[:2], device)
+        ex.embedder.embed_waves([torch.zeros(fe.sample_rate).uniform_(-0.1, 0.1)] * 2)
+        walls: dict[str, list[float]] = {"baseline": [], "engine": []}
+        best: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
+        warm: list[dict[str, Any]] = []
+        for r in range(rounds):
+            say(f"round {r + 1}/{rounds}: (a) infer_sv.py loop on {len(files)} recordings")
+            ea, ta = run_baseline(net, fe, files, device)
+            say(f"  (a) {ta['wall_s']:.2f} s; (b) engine, cold cache")
+            eb, tb = run_engine(ex, files, Path(tmp) / f"cold{r}")
+            _, tw = run_engine(ex, files, Path(tmp) / f"cold{r}")
+            say(f"  (b) {tb['wall_s']:.2f} s; warm rerun {tw['wall_s']:.3f} s")
+            warm.append(tw)
+            walls["baseline"].append(ta["wall_s"])
+            walls["engine"].append(tb["wall_s"])
+            for name, res in (("baseline", (ea, ta)), ("engine", (eb, tb))):
+                if name not in best or res[1]["wall_s"] < best[name][1]["wall_s"]:
+                    best[name] = res
+    base = _side(best["baseline"][1], flops, len(files))
+    eng = _side(best["engine"][1], flops, len(files))
+    base["round_walls_s"], eng["round_walls_s"] = walls["baseline"], walls["engine"]
+    runners = 1
+    if device.type == "cpu":
+        runners = cfg.runners if cfg.runners > 0 else cpu_runners()
+    workers = cfg.workers
+    if workers < 0:
+        workers = 0 if runners > 1 else default_workers()
+    eng.update(
+        runners=runners,
+        workers=workers,
+        batch_size=cfg.batch_size,
+        batch_frames=ex.embedder.batch_frames,
+        precision=cfg.precision,
+    )
+    speedup = base["wall_s"] / max(eng["wall_s"], 1e-9)
+    w = min(warm, key=lambda t: t["wall_s"])
+    warm_doc = {
+        "wall_s": w["wall_s"],
+        "embedded": max(t["recordings"] for t in warm),
+        "from_cache": w["from_cache"],
+        "speedup_over_cold": eng["wall_s"] / max(w["wall_s"], 1e-9),
+        "target_speedup_over_cold": 10.0,
+    }
+    parity = compare_embeddings(best["baseline"][0], best["engine"][0])
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    goal = TARGETS[kind]
+    targets: dict[str, Any] = {"speedup": goal["speedup"]}
+    met = speedup >= goal["speedup"]
+    if "x_realtime_campplus" in goal and ex.spec.arch.startswith("campplus"):
+        targets["x_realtime"] = goal["x_realtime_campplus"]
+        met = met and eng["x_realtime"] >= goal["x_realtime_campplus"]
+    targets["met"] = bool(met and parity["identical"])
+    audio_s = base["audio_s"]
+    dev = device_info(device)
+    dev["load_average_start"] = load_start
+    return {
+        "benchmark": "engine (b) vs 3D-Speaker infer_sv.py loop (a), both cold",
+        "device": dev,
+        "model": {
+            "id": ex.spec.id,
+            "arch": ex.spec.arch,
+            "checkpoint_sha256": ex.checkpoint_sha256,
+            "load_s": load_s,
+            "flops_per_frame": flops[1],
+            "flops_per_recording": flops[0],
+        },
+        "corpus": {
+            "source": corpus_source,
+            "repeat": repeat,
+            "recordings": len(files),
+            "audio_s": audio_s,
+            "audio_h": audio_s / 3600,
+            "mean_s": audio_s / max(base["recordings"], 1),
+        },
+        "rounds": rounds,
+        "timing": "best of rounds; (a) and (b) interleaved in one process",
+        "baseline": base,
+        "engine": eng,
+        "speedup": speedup,
+        "engine_warm": warm_doc,
+        "parity": parity,
+        "targets": targets,
+        "median_speedup": statistics.median(walls["baseline"]) / statistics.median(walls["engine"]),
+    }
