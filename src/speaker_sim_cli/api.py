@@ -290,7 +290,7 @@ class SpeakerSim:
         """
         import pandas as pd
 
-        from .pipeline import cosine_pairs
+        from .pipeline import cosine_pairs, index_pairs, trial_errors
         from .trials import read_trials, resolve_trial_items
 
         tl = (
@@ -308,23 +308,16 @@ class SpeakerSim:
             if str(r.path) in fails:
                 reason[k] = fails[str(r.path)]
         good = [k for k in recs if k not in reason]
-        index = {k: i for i, k in enumerate(good)}
         mat = (
             np.stack([embs[str(recs[k].path)] for k in good])
             if good
             else np.zeros((0, self.dim), np.float32)
         )
-        n = len(tl)
-        a = np.fromiter((index.get(x, -1) for x in tl.enroll), dtype=np.int64, count=n)
-        b = np.fromiter((index.get(x, -1) for x in tl.test), dtype=np.int64, count=n)
-        ok = (a >= 0) & (b >= 0)
-        scores = np.full(n, np.nan)
+        a, b, ok = index_pairs(good, tl.enroll, tl.test)
+        scores = np.full(len(tl), np.nan)
         if ok.any():
             scores[ok] = cosine_pairs(mat, a[ok], b[ok])
-        errors: list[str | None] = [None] * n
-        for i in np.flatnonzero(~ok):
-            bad = dict.fromkeys(x for x in (tl.enroll[i], tl.test[i]) if x in reason)
-            errors[i] = "; ".join(f"{x}: {reason[x]}" for x in bad)
+        errors = trial_errors(tl.enroll, tl.test, ok, reason)
         cols: dict[str, Any] = {"enrollment": tl.enroll, "test": tl.test}
         if tl.labels is not None:
             cols["label"] = tl.labels.astype(np.int64)

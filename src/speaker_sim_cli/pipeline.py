@@ -202,6 +202,28 @@ def cosine_pairs(emb: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 200
     return out
 
 
+def index_pairs(
+    keys: Sequence[str], enroll: Sequence[str], test: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row in ``keys`` of each trial's two sides (-1 when absent), and where both exist."""
+    index = {k: i for i, k in enumerate(keys)}
+    n = len(enroll)
+    a = np.fromiter((index.get(x, -1) for x in enroll), dtype=np.int64, count=n)
+    b = np.fromiter((index.get(x, -1) for x in test), dtype=np.int64, count=n)
+    return a, b, (a >= 0) & (b >= 0)
+
+
+def trial_errors(
+    enroll: Sequence[str], test: Sequence[str], ok: np.ndarray, reason: dict[str, str]
+) -> list[str | None]:
+    """Per trial: None when scored, else the reasons of its failed sides."""
+    errors: list[str | None] = [None] * len(enroll)
+    for i in np.flatnonzero(~ok).tolist():
+        bad = dict.fromkeys(x for x in (enroll[i], test[i]) if x in reason)
+        errors[i] = "; ".join(f"{x}: {reason[x]}" for x in bad)
+    return errors
+
+
 @dataclass
 class ScoringOptions:
     """How trials are scored beyond plain cosine.
@@ -291,23 +313,15 @@ def score_trials(
         else:
             vectors[k] = vec(str(rec.path))
     good = list(vectors)
-    index = {k: i for i, k in enumerate(good)}
     mat = np.stack([vectors[k] for k in good]) if good else np.zeros((0, dim))
-    n = len(trials)
-    a = np.fromiter((index.get(x, -1) for x in trials.enroll), dtype=np.int64, count=n)
-    b = np.fromiter((index.get(x, -1) for x in trials.test), dtype=np.int64, count=n)
-    ok = (a >= 0) & (b >= 0)
-    scores = np.full(n, np.nan)
+    a, b, ok = index_pairs(good, trials.enroll, trials.test)
+    scores = np.full(len(trials), np.nan)
     if ok.any():
         scores[ok] = cosine_pairs(mat, a[ok], b[ok])
         if opt.norm:
             scores[ok] = _normalise(scores[ok], np.stack([a[ok], b[ok]], 1), mat, opt, res,
                                     vec, info)  # fmt: skip
-    errors: list[str | None] = [None] * n
-    if not ok.all():
-        for i in np.flatnonzero(~ok):
-            bad_items = [x for x in (trials.enroll[i], trials.test[i]) if x in item_reason]
-            errors[i] = "; ".join(f"{x}: {item_reason[x]}" for x in dict.fromkeys(bad_items))
+    errors = trial_errors(trials.enroll, trials.test, ok, item_reason)
     failures = [Failure(k, str(recordings[k].path) if k in recordings else k, r)
                 for k, r in item_reason.items()]  # fmt: skip
     seen = {f.path for f in failures}
@@ -336,7 +350,7 @@ def _normalise(
         raise ValueError("--cohort: none of its recordings could be embedded")
     cemb = np.stack([vec(str(cohort[i].path)) for i in keep])
     if opt.cohort_speakers is not None:
-        _, cemb = speaker_mean_cohort(l2_normalize(cemb), [opt.cohort_speakers[i] for i in keep])
+        _, cemb = speaker_mean_cohort(cemb, [opt.cohort_speakers[i] for i in keep])
     info["norm"] = {"method": opt.norm, "cohort": len(cemb), "top_n": min(opt.top_n, len(cemb))}
     if opt.norm == "snorm":
         return snorm(scores, pairs, mat, mat, cemb)
