@@ -50,6 +50,7 @@ bench: install
 	$(BIN)/speaker-sim bench --out bench-results/engine.json
 	$(BIN)/python benchmarks/bench_metrics.py
 	$(BIN)/python benchmarks/bench_serve.py --out bench-results/serve.json
+	$(BIN)/python benchmarks/bench_warm.py --out bench-results/warm.json
 
 clean:
 	rm -rf $(VENV) pretrained .pytest_cache .mypy_cache .ruff_cache build *.egg-info src/*.egg-info

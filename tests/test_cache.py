@@ -160,9 +160,72 @@ def test_warm_rerun_embeds_nothing(real_ckpt, audio, tmp_path):
     ex = extractor(real_ckpt.parent, tmp_path)  # a new run on the same cache
     warm = embed(ex, audio)
     assert (warm.embedded, warm.cached) == (0, len(audio))
-    assert ex.embedder.stats.batches == 0 and ex.embedder.stats.recordings == 0
+    assert ex.stats.batches == 0 and ex.stats.recordings == 0
+    assert not ex.loaded  # nothing to embed: the model was never built
     assert ex.cache.stats.hits == len(audio) and ex.cache.stats.writes == 0
     np.testing.assert_array_equal(stack(cold, audio), stack(warm, audio))
+
+
+@pytest.mark.weights
+def test_a_partly_cached_run_loads_the_model_once(real_ckpt, audio, tmp_path):
+    embed(extractor(real_ckpt.parent, tmp_path), audio[:2])
+    ex = extractor(real_ckpt.parent, tmp_path)
+    assert not ex.loaded
+    res = embed(ex, audio)
+    assert (res.embedded, res.cached) == (len(audio) - 2, 2)
+    assert ex.loaded and ex.stats.recordings == len(audio) - 2 and ex.load_seconds > 0
+    assert ex.describe()["loaded"] is True and ex.describe()["device"] == "cpu"
+
+
+@pytest.mark.weights
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_key_without_the_model_is_the_key_with_it(real_ckpt, tmp_path, precision):
+    """The cache key is computed before the model is built; building it must not change it."""
+    ex = extractor(real_ckpt.parent, tmp_path, precision=precision)
+    before = ex.ingredients()
+    ex.load()
+    assert ex.ingredients() == before
+    assert list(ex.embedder.fp32_modules) == before["fp32_modules"]
+    assert bool(before["fp32_modules"]) == (precision == "bf16")
+
+
+@pytest.mark.weights
+def test_a_fully_cached_score_never_imports_torch(real_ckpt, audio, tmp_path):
+    """The warm path: trials whose every recording is cached are scored without torch."""
+    import subprocess
+    import sys
+
+    trials = tmp_path / "trials.csv"
+    trials.write_text("enrollment,test\n" + "".join(
+        f"{a},{b}\n" for a in audio for b in audio if a != b))  # fmt: skip
+    args = ["score", str(trials), "--model-dir", str(real_ckpt.parent), "--cache-dir",
+            str(tmp_path / "cache"), "--device", "cpu", "-q"]  # fmt: skip
+    code = (
+        "import json, sys\n"
+        "from speaker_sim_cli.cli.main import app\n"
+        "try:\n"
+        "    app(sys.argv[1:-1], standalone_mode=False)\n"
+        "finally:\n"
+        "    open(sys.argv[-1], 'w').write(json.dumps('torch' in sys.modules))\n"
+    )
+    runs = []
+    for name in ("cold", "warm"):
+        flag = tmp_path / f"{name}.torch"
+        report = tmp_path / f"{name}.json"
+        out = tmp_path / f"{name}.csv"
+        cmd = [sys.executable, "-c", code, *args, "-o", str(out), "--report", str(report),
+               str(flag)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs.append((json.loads(flag.read_text()), json.loads(report.read_text()), out))
+    (cold_torch, cold, cold_out), (warm_torch, warm, warm_out) = runs
+    assert cold_torch and cold["counts"]["embedded"] == len(audio)
+    assert cold["model"]["loaded"] is True
+    assert not warm_torch, "a fully cached score imported torch"
+    assert warm["counts"]["embedded"] == 0 and warm["counts"]["from_cache"] == len(audio)
+    assert warm["model"]["loaded"] is False
+    assert warm["model"]["checkpoint_sha256"] == cold["model"]["checkpoint_sha256"]
+    assert warm_out.read_bytes() == cold_out.read_bytes()
 
 
 @pytest.mark.weights

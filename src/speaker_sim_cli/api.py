@@ -134,7 +134,7 @@ class SpeakerSim:
         min_duration: float = 0.3,
         max_duration: float = 0.0,
     ) -> None:
-        from .engine.embedder import EngineConfig
+        from .engine.config import EngineConfig
         from .pipeline import Extractor
 
         engine = EngineConfig(
@@ -182,7 +182,7 @@ class SpeakerSim:
 
     def stats(self) -> dict[str, Any]:
         """Counters: recordings embedded, disk-cache hits, memory hits, failures."""
-        eng = self.extractor.embedder.stats
+        eng = self.extractor.stats
         return {
             **asdict(self.counts),
             "memory_hits": self.memory.hits,

@@ -7,19 +7,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .audio import is_command, probe
+from .audio import AudioInfo, is_command, probe
 from .engine.cache import EmbeddingCache
-from .engine.embedder import Embedder, EngineConfig
+from .engine.config import EngineConfig, EngineStats, fp32_submodules
 from .engine.shard import embed_sharded, split_devices
 from .errors import AudioError
 from .models.registry import ModelSpec, get_model
 from .models.weights import Found, checkpoint_hash, load_checkpoint_into, resolve_checkpoint
 from .paths import default_cache_dir
 from .records import Failure, Recording, TrialList
+
+if TYPE_CHECKING:
+    from .engine.embedder import Embedder
 
 CACHE_FORMAT = 1
 
@@ -36,7 +39,13 @@ class EmbedResult:
 
 
 class Extractor:
-    """A model loaded on a device with its cache: embeds recordings, each content once."""
+    """A model with its cache: embeds recordings, each content once.
+
+    The model (and torch with it) is loaded on the first recording the cache does not hold, so
+    a fully cached run never imports torch. The cache key needs only the checkpoint's hash
+    (memoised on its size and mtime), not its tensors: vectors cached under that hash came from
+    those exact weights.
+    """
 
     def __init__(
         self,
@@ -45,20 +54,63 @@ class Extractor:
         engine: EngineConfig | None = None,
         cache_dir: str | Path | None = None,
         use_cache: bool = True,
+        eager: bool = False,
     ) -> None:
         self.spec = get_model(model) if isinstance(model, str) else model
         self.engine_cfg = engine or EngineConfig()
         self.found: Found = resolve_checkpoint(self.spec, model_dir)
         self.devices = split_devices(self.engine_cfg.device)
-        module = self.spec.build()
-        load_checkpoint_into(module, self.found.path, self.spec.arch)
-        # With several devices the shards run in their own processes; this copy stays on the
-        # CPU for in-process use (arrays, small requests).
-        local = replace(self.engine_cfg, device="cpu") if len(self.devices) > 1 else self.engine_cfg
-        self.embedder = Embedder(self.spec, module, local)
+        self.fp32_modules = fp32_submodules(self.spec.arch, self.engine_cfg.precision)
         self.checkpoint_sha256 = checkpoint_hash(self.found.path)
+        self._embedder: Embedder | None = None
+        self.load_seconds = 0.0
         root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.cache = EmbeddingCache(root if use_cache else None, self.ingredients(), self.spec.dim)
+        if eager:
+            self.load()
+
+    @property
+    def loaded(self) -> bool:
+        return self._embedder is not None
+
+    def load(self) -> Embedder:
+        """Build the model, load the checkpoint (strict) and place it on the device, once."""
+        if self._embedder is None:
+            t0 = time.perf_counter()
+            from .engine.embedder import Embedder
+
+            module = self.spec.build()
+            load_checkpoint_into(module, self.found.path, self.spec.arch)
+            # With several devices the shards run in their own processes; this copy stays on
+            # the CPU for in-process use (arrays, small requests).
+            cfg = self.engine_cfg
+            local = replace(cfg, device="cpu") if len(self.devices) > 1 else cfg
+            embedder = Embedder(self.spec, module, local)
+            if embedder.fp32_modules != self.fp32_modules:  # a renamed submodule: key would lie
+                raise RuntimeError(
+                    f"{self.spec.id}: fp32 submodules {embedder.fp32_modules} found, "
+                    f"{self.fp32_modules} expected"
+                )
+            self._embedder = embedder
+            self.load_seconds = time.perf_counter() - t0
+        return self._embedder
+
+    @property
+    def embedder(self) -> Embedder:
+        return self.load()
+
+    @property
+    def stats(self) -> EngineStats:
+        """What the engine did; all zero when every embedding came from the cache."""
+        return self._embedder.stats if self._embedder is not None else EngineStats()
+
+    @property
+    def device_label(self) -> str:
+        if len(self.devices) > 1:
+            return ",".join(self.devices)
+        if self._embedder is None:
+            return "model not loaded: all from cache"
+        return str(self._embedder.device)
 
     def ingredients(self) -> dict[str, Any]:
         return {
@@ -68,7 +120,7 @@ class Extractor:
             "frontend": self.spec.frontend.to_dict(),
             "mode": self.engine_cfg.mode(),
             "precision": self.engine_cfg.precision,
-            "fp32_modules": list(self.embedder.fp32_modules),
+            "fp32_modules": list(self.fp32_modules),
         }
 
     def describe(self) -> dict[str, Any]:
@@ -79,9 +131,8 @@ class Extractor:
             "checkpoint": str(self.found.path),
             "checkpoint_sha256": self.checkpoint_sha256,
             "found_via": self.found.source,
-            "device": ",".join(self.devices)
-            if len(self.devices) > 1
-            else str(self.embedder.device),
+            "device": self.device_label,
+            "loaded": self.loaded,
             "precision": self.engine_cfg.precision,
             "mode": self.engine_cfg.mode(),
         }
@@ -101,41 +152,40 @@ class Extractor:
         embeddings: dict[str, np.ndarray] = {}
         failures: dict[str, str] = {}
         by_digest: dict[str, list[str]] = {}
-        for p in dict.fromkeys(str(x) for x in paths):
-            if is_command(p):
+        unique = list(dict.fromkeys(str(x) for x in paths))
+        files = [p for p in unique if not is_command(p)]
+        # Hashing (memoised: a stat and a small read when the file is known) in threads.
+        hashed = dict(zip(files, self.cache.file_hashes([Path(p) for p in files])))
+        for p in unique:
+            got = hashed.get(p)
+            if got is None:
                 # A wav.scp command: keyed by its text (its output is not known in advance).
                 digest = hashlib.sha256(f"command:{p}".encode()).hexdigest()
-                by_digest.setdefault(digest, []).append(p)
+            elif isinstance(got, OSError):
+                failures[p] = _read_failure(got)
                 continue
-            try:
-                digest = self.cache.file_hash(Path(p))
-            except FileNotFoundError:
-                failures[p] = "file not found"
-                continue
-            except IsADirectoryError:
-                failures[p] = "is a directory, not an audio file"
-                continue
-            except OSError as exc:
-                failures[p] = f"cannot read ({exc.strerror or exc})"
-                continue
+            else:
+                digest = got
             by_digest.setdefault(digest, []).append(p)
-        todo: list[str] = []
-        est: list[int] = []
+        misses: list[str] = []
         cached = 0
         for digest, ps in by_digest.items():
             hit = self.cache.get(digest)
-            if hit is not None:
-                for p in ps:
-                    embeddings[p] = hit
-                cached += 1
+            if hit is None:
+                misses.append(digest)
                 continue
-            try:
-                info = probe(ps[0])
-            except AudioError as exc:
+            for p in ps:
+                embeddings[p] = hit
+            cached += 1
+        todo: list[str] = []
+        est: list[int] = []
+        limit = self.engine_cfg.max_duration
+        for digest, info in zip(misses, _probe_all([by_digest[d][0] for d in misses])):
+            ps = by_digest[digest]
+            if isinstance(info, AudioError):
                 for p in ps:
-                    failures[p] = exc.reason
+                    failures[p] = info.reason
                 continue
-            limit = self.engine_cfg.max_duration
             if limit and info.duration > limit:
                 for p in ps:
                     failures[p] = (
@@ -155,7 +205,11 @@ class Extractor:
                     self.spec.id, self.found.path, self.engine_cfg, files, est, progress
                 )
             else:
-                stream = self.embedder.embed_files(files, est, progress)
+                loading = not self.loaded
+                embedder = self.load()
+                if loading:  # the model load is reported on its own, not as embedding time
+                    t0 += self.load_seconds
+                stream = embedder.embed_files(files, est, progress)
             for i, emb, err in stream:
                 ps = by_digest[todo[i]]
                 if emb is None:
@@ -169,6 +223,31 @@ class Extractor:
                 for p in ps:
                     embeddings[p] = emb
         return EmbedResult(embeddings, failures, embedded, cached, time.perf_counter() - t0)
+
+
+def _read_failure(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory, not an audio file"
+    return f"cannot read ({exc.strerror or exc})"
+
+
+def _probe_all(paths: Sequence[str], threads: int = 8) -> list[AudioInfo | AudioError]:
+    """:func:`probe` each path (a header read; libsndfile releases the GIL), in threads."""
+
+    def one(p: str) -> AudioInfo | AudioError:
+        try:
+            return probe(p)
+        except AudioError as exc:
+            return exc
+
+    if len(paths) < 2:
+        return [one(p) for p in paths]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        return list(pool.map(one, paths))
 
 
 @dataclass

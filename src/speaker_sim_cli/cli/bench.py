@@ -62,7 +62,7 @@ def bench(
         import tempfile
 
         from ..engine.bench import default_corpus_dir, read_corpus, run_benchmark
-        from ..engine.embedder import EngineConfig
+        from ..engine.config import EngineConfig
 
         paths = read_corpus(files)
         source = str(files if files is not None else default_corpus_dir())

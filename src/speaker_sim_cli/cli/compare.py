@@ -31,7 +31,7 @@ def compare(
     bad: dict[str, str] = {}
     with errors_to_exit():
         from ..audio_formats import is_audio_path
-        from ..engine.embedder import EngineConfig
+        from ..engine.config import EngineConfig
         from ..errors import UsageError
         from ..pipeline import Extractor, cosine_pairs
 

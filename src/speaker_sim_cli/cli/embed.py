@@ -46,7 +46,7 @@ def embed(
         import numpy as np
 
         from ..engine.cache import atomic_write_bytes, npy_bytes
-        from ..engine.embedder import EngineConfig
+        from ..engine.config import EngineConfig
         from ..pipeline import Extractor
         from ..trials import read_inputs
 
@@ -81,9 +81,9 @@ def embed(
             f"{len(good)} embeddings ({ex.spec.dim}-dim, {ex.spec.alias}) -> {out}/embeddings.npy; "
             f"{res.embedded} embedded, {res.cached} from cache"
         )
-        if ex.embedder.stats.chunked:
+        if ex.stats.chunked:
             say(
-                f"{ex.embedder.stats.chunked} recordings longer than "
+                f"{ex.stats.chunked} recordings longer than "
                 f"{ex.engine_cfg.max_full_seconds:g} s were embedded as the average of "
                 "10 s windows"
             )

@@ -114,7 +114,7 @@ def _run(
     max_duration: float, p_targets: list[float], on_error: str, allow_commands: bool,
     extras: _Extras,
 ) -> None:  # fmt: skip
-    from ..engine.embedder import EngineConfig
+    from ..engine.config import EngineConfig
     from ..errors import UsageError
     from ..pipeline import Extractor, score_trials
     from ..scorefiles import atomic_text_output, check_whitespace_safe, write_scores
@@ -179,10 +179,10 @@ def _run(
         "from_cache": res.embed.cached,
         "duplicate_trials": len(tl) - len(set(zip(tl.enroll, tl.test))),
     }
-    st = ex.embedder.stats
+    st = ex.stats
     timing = {
         "total_s": round(time.perf_counter() - t0, 3),
-        "model_load_s": round(load_s, 3),
+        "model_load_s": round(load_s + ex.load_seconds, 3),
         "embed_s": round(res.embed.seconds, 3),
         "audio_s": round(st.audio_seconds, 3),
         "x_realtime": round(st.audio_seconds / res.embed.seconds, 1)
@@ -273,7 +273,7 @@ def _summary(
         return
     say(
         f"{counts['scored']}/{counts['trials']} trials scored with {ex.spec.alias} "
-        f"({ex.embedder.device}, {ex.engine_cfg.precision}); {counts['recordings']} recordings: "
+        f"({ex.device_label}, {ex.engine_cfg.precision}); {counts['recordings']} recordings: "
         f"{counts['embedded']} embedded, {counts['from_cache']} from cache; "
         f"{timing['total_s']:.1f} s"
     )
@@ -289,5 +289,5 @@ def _summary(
         for f in res.failures:
             t.add_row(escape(f.path), escape(f.reason))
         err_console.print(t)
-    if ex.embedder.stats.chunked:
-        say(f"{ex.embedder.stats.chunked} long recordings were embedded as averages of windows")
+    if ex.stats.chunked:
+        say(f"{ex.stats.chunked} long recordings were embedded as averages of windows")

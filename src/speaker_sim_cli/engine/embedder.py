@@ -8,14 +8,12 @@ infer_sv_batch.py does; the report says so.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -23,23 +21,33 @@ import torch
 
 from ..features import compute_features, num_frames
 from ..models.registry import ModelSpec
+from .config import (
+    DEFAULT_BATCH_FRAMES,
+    DEFAULT_CHUNK_SECONDS,
+    DEFAULT_MAX_FULL_SECONDS,
+    FP32_SUBMODULES,
+    EngineConfig,
+    EngineStats,
+    default_workers,
+    fp32_submodules,
+)
 from .data import AudioDataset, Loaded, collate, pad_rows, plan_batches
 
+__all__ = [
+    "DEFAULT_BATCH_FRAMES",
+    "DEFAULT_CHUNK_SECONDS",
+    "DEFAULT_MAX_FULL_SECONDS",
+    "FP32_SUBMODULES",
+    "PRECISIONS",
+    "Embedder",
+    "EngineConfig",
+    "EngineStats",
+    "cpu_runners",
+    "default_workers",
+    "resolve_device",
+]
+
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# Submodules that still run in fp32 under low-precision autocast, by (architecture family,
-# precision). bf16 keeps 8 mantissa bits, and CAM++ rounds every op's output to it: on
-# ../shared/audio, bf16 everywhere gives cosine 0.9944 to fp32 on the worst file, 0.9983 with the
-# 2-D head in fp32, 0.9997 with the head, the first TDNN and the first dense block in fp32 (52 %
-# of the FLOPs; the other 48 % run in bf16). fp16 (11 bits) needs none: >= 0.99997 everywhere.
-# Families not listed have no real weights here to measure; they run wholly in low precision.
-FP32_SUBMODULES: dict[tuple[str, str], tuple[str, ...]] = {
-    ("campplus", "bf16"): ("head", "xvector.tdnn", "xvector.block1"),
-}
-
-# Whole-recording embedding is exact up to this length; longer ones are embedded in windows.
-DEFAULT_MAX_FULL_SECONDS = 300.0
-DEFAULT_CHUNK_SECONDS = 10.0
 
 
 def resolve_device(device: str) -> torch.device:
@@ -52,16 +60,6 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def default_workers() -> int:
-    n = os.cpu_count() or 1
-    return max(0, min(8, n - 1))
-
-
-# Padded-frame budget of a batch. On a CPU, batches of ~1-2.5k frames run fastest (CAM++ on 2
-# cores: 7-7.8k frames/s at 1.2-2.4k, 4.7-5.3k at 9.6k, where activations outgrow the caches).
-DEFAULT_BATCH_FRAMES = {"cuda": 200_000, "cpu": 2_400}
-
-
 def cpu_runners() -> int:
     """Batches a CPU embeds at once: one per intra-op thread, at most 4.
 
@@ -69,41 +67,6 @@ def cpu_runners() -> int:
     small convolutions (CAM++ on 2 cores: 7.7k frames/s as 2 x 1 thread, 5.1k as 1 x 2).
     """
     return max(1, min(4, torch.get_num_threads()))
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How to run the model. ``mode()`` and ``precision`` are part of the cache key."""
-
-    device: str = "auto"
-    precision: str = "fp32"
-    batch_size: int = 32
-    batch_frames: int = 0  # 0: a default for the device
-    workers: int = -1  # -1: default_workers(), or 0 when CPU runners run side by side
-    chunk_seconds: float | None = None
-    max_full_seconds: float = DEFAULT_MAX_FULL_SECONDS
-    min_duration: float = 0.3
-    max_duration: float = 0.0  # 0: no limit
-    runners: int = 0  # CPU: batches run at once, one thread each; 0: cpu_runners()
-
-    def mode(self) -> str:
-        if self.chunk_seconds:
-            return f"chunk{self.chunk_seconds:g}s"
-        return f"full<= {self.max_full_seconds:g}s else chunk{DEFAULT_CHUNK_SECONDS:g}s"
-
-
-@dataclass
-class EngineStats:
-    recordings: int = 0
-    failed: int = 0
-    chunked: int = 0
-    audio_seconds: float = 0.0
-    frames: int = 0
-    padded_frames: int = 0
-    batches: int = 0
-    model_seconds: float = 0.0
-    wall_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 Progress = Callable[[int, float], None]
@@ -316,9 +279,8 @@ def _keep_fp32(model: torch.nn.Module, arch: str, precision: str) -> dict[str, i
     running (:func:`_fp32_scope`) under autocast, turn autocast off for the submodule and cast
     its floating inputs to fp32, and turn it back on after. Otherwise the hooks do nothing.
     """
-    key = next(((f, p) for f, p in FP32_SUBMODULES if arch.startswith(f) and p == precision), None)
     out: dict[str, int] = {}
-    for name in FP32_SUBMODULES.get(key, ()) if key else ():
+    for name in fp32_submodules(arch, precision):
         try:
             sub = model.get_submodule(name)
         except AttributeError:

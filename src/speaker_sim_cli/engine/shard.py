@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .embedder import EngineConfig
+from .config import EngineConfig
 
 Result = tuple[int, np.ndarray | None, str | None]
 
