@@ -658,3 +658,30 @@ def test_json_stays_finite(tmp_path: Path) -> None:
     m = json.loads(res.stdout)["metrics"]
     assert m["min_dcf"]["0.99"] == 1.0
     assert m["min_dcf_threshold"]["0.99"] is None
+
+
+def test_read_scores_resolves_lines_that_read_both_ways(tmp_path: Path) -> None:
+    """'a b 0 1' is WeSpeaker (score 0, target) or Kaldi (nontarget, score 1): the file's
+    other lines decide, wherever the ambiguous line stands; a file of only such lines is
+    refused, and mixed formats are named."""
+    from speaker_sim_cli.errors import UsageError
+
+    def read(name: str, text: str):
+        f = tmp_path / name
+        f.write_text(text)
+        return read_scores(f)
+
+    we = read("we.txt", "a b 0 1\nc d 0.25 nontarget\n")
+    assert we.format == "wespeaker"
+    assert we.scores.tolist() == [0.0, 0.25] and we.labels.tolist() == [1, 0]
+    ka = read("ka.txt", "c d target 0.75\na b 0 1\n")
+    assert ka.format == "kaldi"
+    assert ka.scores.tolist() == [0.75, 1.0] and ka.labels.tolist() == [1, 0]
+    with pytest.raises(UsageError, match="reads both as"):
+        read("both.txt", "a b 0 1\nc d 1 0\n")
+    with pytest.raises(UsageError, match=r"mixed.txt:2: line format kaldi differs"):
+        read("mixed.txt", "a b 0.5 target\nc d nontarget 0.25\n")
+    with pytest.raises(UsageError, match=r"odd.txt:1: cannot tell score from label"):
+        read("odd.txt", "a b x y\n")
+    with pytest.raises(UsageError, match=r"five.txt:1: expected 3 or 4 fields, found 5"):
+        read("five.txt", "a b 0.5 target z\n")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from speaker_sim_cli.scoring import plots
-from speaker_sim_cli.scoring.plots import plot_det, plot_histograms, probit
+from speaker_sim_cli.scoring.plots import det_figure, plot_det, plot_histograms, probit
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCORING = Path(plots.__file__).parent
@@ -67,6 +67,44 @@ def test_plot_det_handles_perfect_and_poor_systems(tmp_path: Path) -> None:
     perfect = ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])
     poor = synthetic(4, sep=0.1)  # minDCF point far above 40 % -> the axis is extended
     png_size(plot_det([("perfect", *perfect), ("poor", *poor)], tmp_path / "det.png"))
+
+
+def _drawn(fig) -> tuple[list, tuple[float, float]]:
+    ax = fig.axes[0]
+    lines = [ln for ln in ax.lines if len(ln.get_xdata()) and ln.get_linestyle() != ":"]
+    return lines, ax.get_xlim()
+
+
+def test_det_draws_everything_inside_the_axes_even_at_zero_rates() -> None:
+    """Rates of 0 (probit -inf) are drawn on the edge: a perfect system is visible, and no
+    point of any curve or marker lies below the axes, no marker above."""
+    perfect = ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])
+    fig = det_figure([("perfect", *perfect), ("sys", *synthetic(7))])
+    lines, (lo, hi) = _drawn(fig)
+    assert len(lines) == 6  # a curve, an EER circle and a minDCF square per system
+    for n, ln in enumerate(lines):
+        x, y = np.asarray(ln.get_xdata(), float), np.asarray(ln.get_ydata(), float)
+        assert np.isfinite(x).all() and np.isfinite(y).all()
+        assert x.min() >= lo - 1e-9 and y.min() >= lo - 1e-9
+        if n % 3:  # the markers: inside; a curve's high end may leave the axes (clipped)
+            assert x.max() <= hi + 1e-9 and y.max() <= hi + 1e-9
+    curve, eer_pt, dcf_pt = lines[:3]
+    # The perfect system runs along the left and lower edges and its markers sit in the corner.
+    assert np.isclose(np.asarray(curve.get_xdata(), float).min(), lo)
+    assert np.isclose(np.asarray(curve.get_ydata(), float).min(), lo)
+    for pt in (eer_pt, dcf_pt):
+        assert np.allclose([pt.get_xdata()[0], pt.get_ydata()[0]], [lo, lo])
+
+
+def test_det_lower_limit_follows_the_trial_count() -> None:
+    """A few hundred trials: axes from 0.05 %; 300k: down to 0.001 %, with ticks there."""
+    _, (lo_small, _) = _drawn(det_figure([("s", *synthetic(8, n=400))]))
+    assert np.isclose(lo_small, probit([5e-4])[0])
+    big = det_figure([("b", *synthetic(9, n=300_000))])
+    _, (lo_big, _) = _drawn(big)
+    assert np.isclose(lo_big, probit([1e-5])[0])
+    labels = [t.get_text() for t in big.axes[0].get_xticklabels()]
+    assert "0.001" in labels and "0.01" in labels
 
 
 def test_plot_det_large_curve_is_thinned(tmp_path: Path) -> None:

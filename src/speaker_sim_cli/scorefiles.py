@@ -134,27 +134,16 @@ def read_scores(path: str | Path) -> ScoreTable:
         raise UsageError(f"{p}: the score file is empty")
     if "," in lines[0][1]:
         return _read_csv(p, text)
+    rows = [(f"{p}:{lineno}", line.split(), line.strip()) for lineno, line in lines]
+    fmt = _whitespace_format(rows)
     enroll, test, scores, labels = [], [], [], []
-    fmt = None
-    for lineno, line in lines:
-        f = line.split()
-        where = f"{p}:{lineno}"
-        if len(f) == 3:
-            this = "plain"
+    for where, f, _ in rows:
+        if fmt == "plain":
             e, t, s, lab = f[0], f[1], f[2], None
-        elif len(f) == 4:
-            if f[3].lower() in TARGET_WORDS and _is_float(f[2]):
-                this, e, t, s, lab = "wespeaker", f[0], f[1], f[2], f[3]
-            elif f[2].lower() in TARGET_WORDS and _is_float(f[3]):
-                this, e, t, s, lab = "kaldi", f[0], f[1], f[3], f[2]
-            else:
-                raise UsageError(f"{where}: cannot tell score from label in {line.strip()!r}")
+        elif fmt == "wespeaker":
+            e, t, s, lab = f[0], f[1], f[2], f[3]
         else:
-            raise UsageError(f"{where}: expected 3 or 4 fields, found {len(f)}")
-        if fmt is None:
-            fmt = this
-        elif fmt != this:
-            raise UsageError(f"{where}: line format {this} differs from earlier lines ({fmt})")
+            e, t, s, lab = f[0], f[1], f[3], f[2]
         if not _is_float(s):
             raise UsageError(f"{where}: score {s!r} is not a number")
         enroll.append(e)
@@ -163,7 +152,52 @@ def read_scores(path: str | Path) -> ScoreTable:
         if lab is not None:
             labels.append(parse_label(lab, where))
     arr = np.asarray(labels, dtype=np.int8) if labels else None
-    return ScoreTable(enroll, test, np.asarray(scores, dtype=np.float64), arr, str(p), fmt or "?")
+    return ScoreTable(enroll, test, np.asarray(scores, dtype=np.float64), arr, str(p), fmt)
+
+
+def _line_formats(f: list[str]) -> set[str]:
+    """The whitespace formats a split line can be: plain (a b score), WeSpeaker (a b score
+    label), Kaldi (a b label score). "a b 0 1" is both of the last two."""
+    if len(f) == 3:
+        return {"plain"}
+    if len(f) != 4:
+        return set()
+    out = set()
+    if f[3].lower() in TARGET_WORDS and _is_float(f[2]):
+        out.add("wespeaker")
+    if f[2].lower() in TARGET_WORDS and _is_float(f[3]):
+        out.add("kaldi")
+    return out
+
+
+def _whitespace_format(rows: list[tuple[str, list[str], str]]) -> str:
+    """One format for the whole file: the one every line can be read as.
+
+    A line that reads both ways (labels and scores all 0/1) takes its reading from the others;
+    a file in which every line does is refused rather than guessed.
+    """
+    common: set[str] | None = None
+    for where, f, line in rows:
+        can = _line_formats(f)
+        if not can:
+            if len(f) not in (3, 4):
+                raise UsageError(f"{where}: expected 3 or 4 fields, found {len(f)}")
+            raise UsageError(f"{where}: cannot tell score from label in {line!r}")
+        if common is None:
+            common = can
+        elif not common & can:
+            raise UsageError(f"{where}: line format {'/'.join(sorted(can))} differs from earlier "
+                             f"lines ({'/'.join(sorted(common))})")  # fmt: skip
+        else:
+            common &= can
+    assert common
+    if len(common) > 1:
+        raise UsageError(
+            f"{rows[0][0].rsplit(':', 1)[0]}: every line reads both as 'a b score label' "
+            "(WeSpeaker) and 'a b label score' (Kaldi); cannot tell which column is the score "
+            "(write it as CSV with a header)"
+        )
+    return common.pop()
 
 
 def _is_float(s: str) -> bool:

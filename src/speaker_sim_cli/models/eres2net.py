@@ -30,7 +30,7 @@ from torch import nn
 
 from speaker_sim_cli.models.masking import conv_out_lengths, time_mask
 
-__all__ = ["ERes2Net", "ERes2NetHuge"]
+__all__ = ["AttentionalFusion", "ERes2Net", "ERes2NetHuge", "Res2Bottleneck"]
 
 
 def _hardtanh20(x: torch.Tensor) -> torch.Tensor:
@@ -41,6 +41,15 @@ def _hardtanh20(x: torch.Tensor) -> torch.Tensor:
 def _mask(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Zero ``x`` (B, C, F, T) past each row's length; ``mask`` is (B, 1, 1, T) or None."""
     return x if mask is None else x * mask
+
+
+def _zero_pad_(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero ``x`` in place past each row's length via a (B, 1, 1, T) float mask (None: no-op).
+
+    Only used on fresh activation outputs that autograd does not save (hardtanh saves its
+    input), so the in-place product is safe under autograd too.
+    """
+    return x if mask is None else x.mul_(mask)
 
 
 def _frame_masks(
@@ -63,12 +72,12 @@ def _frame_masks(
     return out
 
 
-class _AFF(nn.Module):
-    """Attentional feature fusion of two maps of ``channels`` channels.
+class AttentionalFusion(nn.Module):
+    """Attentional feature fusion (AFF) of two maps of ``channels`` channels.
 
     A pointwise bottleneck over the concatenated pair gives a gate ``g`` in (0, 2); the output is
     ``x * g + y * (2 - g)``. Everything is pointwise in time, so two inputs that are zero past
-    the valid length give an output that is zero there too.
+    the valid length give an output that is zero there too. ERes2Net and ERes2NetV2 share it.
     """
 
     def __init__(self, channels: int, reduction: int = 4) -> None:
@@ -87,7 +96,7 @@ class _AFF(nn.Module):
         return x * gate + y * (2.0 - gate)
 
 
-class _ERes2NetBlock(nn.Module):
+class Res2Bottleneck(nn.Module):
     """Res2Net bottleneck: 1x1 (strided) -> ``scale`` chained 3x3 groups -> 1x1, plus shortcut.
 
     Groups are chained by addition, or by AFF when ``fuse`` is set. (B, C_in, F, T) ->
@@ -100,12 +109,12 @@ class _ERes2NetBlock(nn.Module):
         self,
         in_planes: int,
         planes: int,
-        stride: int,
+        stride: int = 1,
         *,
-        expansion: int,
-        base_width: int,
-        scale: int,
-        fuse: bool,
+        expansion: int = 2,
+        base_width: int = 32,
+        scale: int = 2,
+        fuse: bool = False,
     ) -> None:
         super().__init__()
         width = planes * base_width // 64
@@ -113,36 +122,42 @@ class _ERes2NetBlock(nn.Module):
         self.width = width
         self.scale = scale
         self.stride = stride
+        self.fuse = fuse
         self.conv1 = nn.Conv2d(in_planes, width * scale, kernel_size=1, stride=stride, bias=False)
         self.bn1 = nn.BatchNorm2d(width * scale)
         self.convs = nn.ModuleList(
             nn.Conv2d(width, width, kernel_size=3, padding=1, bias=False) for _ in range(scale)
         )
         self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(scale))
-        self.fuse_models = nn.ModuleList(_AFF(width) for _ in range(scale - 1)) if fuse else None
+        self.fuse_models = nn.ModuleList(
+            AttentionalFusion(width) for _ in range(scale - 1 if fuse else 0)
+        )
         self.conv3 = nn.Conv2d(width * scale, out_planes, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
-        self.shortcut = nn.Sequential()
+        self.shortcut: nn.Module = nn.Sequential()
         if stride != 1 or in_planes != out_planes:
             self.shortcut = nn.Sequential(
                 nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
                 nn.BatchNorm2d(out_planes),
             )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        out = _hardtanh20(self.bn1(self.conv1(x)))
-        splits = torch.split(out, self.width, dim=1)
-        parts: list[torch.Tensor] = []
-        sp = splits[0]
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # A valid output frame of a 1x1 conv (strided or not) reads only valid input frames, so
+        # padded frames need zeros only where a 3x3 conv reads them: the sub-band inputs. Sums
+        # and AFF of zeroed inputs stay zero. The last band and the block output feed 1x1 convs
+        # only and keep whatever lands on padded frames (the caller zeroes what a 3x3 reads).
+        out = _zero_pad_(_hardtanh20(self.bn1(self.conv1(x))), mask)
+        bands = torch.split(out, self.width, dim=1)
+        outs: list[torch.Tensor] = []
+        sp = bands[0]
         for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
             if i > 0:
-                if self.fuse_models is None:
-                    sp = sp + splits[i]
-                else:
-                    sp = self.fuse_models[i - 1](sp, splits[i])
-            sp = _hardtanh20(bn(conv(_mask(sp, mask))))
-            parts.append(sp)
-        out = self.bn3(self.conv3(torch.cat(parts, dim=1)))
+                sp = self.fuse_models[i - 1](sp, bands[i]) if self.fuse else sp + bands[i]
+            sp = _hardtanh20(bn(conv(sp)))
+            if i < self.scale - 1:
+                sp = _zero_pad_(sp, mask)
+            outs.append(sp)
+        out = self.bn3(self.conv3(torch.cat(outs, dim=1)))
         return _hardtanh20(out + self.shortcut(x))
 
 
@@ -194,9 +209,9 @@ class _ERes2NetBase(nn.Module):
         self.layer1_downsample = nn.Conv2d(c1, c2, kernel_size=3, stride=2, padding=1, bias=False)
         self.layer2_downsample = nn.Conv2d(c2, c3, kernel_size=3, stride=2, padding=1, bias=False)
         self.layer3_downsample = nn.Conv2d(c3, c4, kernel_size=3, stride=2, padding=1, bias=False)
-        self.fuse_mode12 = _AFF(c2)
-        self.fuse_mode123 = _AFF(c3)
-        self.fuse_mode1234 = _AFF(c4)
+        self.fuse_mode12 = AttentionalFusion(c2)
+        self.fuse_mode123 = AttentionalFusion(c3)
+        self.fuse_mode1234 = AttentionalFusion(c4)
         stats_dim = (feat_dim // 8) * c4
         self.seg_1 = nn.Linear(2 * stats_dim, embedding_size)
 
@@ -204,7 +219,7 @@ class _ERes2NetBase(nn.Module):
         blocks = []
         for s in [stride] + [1] * (n - 1):
             blocks.append(
-                _ERes2NetBlock(
+                Res2Bottleneck(
                     self._in_planes,
                     planes,
                     s,

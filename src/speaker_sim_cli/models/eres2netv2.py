@@ -28,25 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from speaker_sim_cli.models.eres2net import AttentionalFusion, Res2Bottleneck
 from speaker_sim_cli.models.masking import conv_out_lengths, masked_mean, time_mask
 
-__all__ = ["ERes2NetV2"]
+__all__ = ["ERes2NetV2", "Res2Bottleneck"]  # the block is ERes2Net's (shared)
 
 _STD_EPS = 1e-8  # 3D-Speaker's statistics pooling: sqrt(var + 1e-8), var unbiased
-
-
-def _relu20(x: torch.Tensor) -> torch.Tensor:
-    """The blocks' activation: ReLU clipped at 20 (3D-Speaker uses Hardtanh(0, 20))."""
-    return F.hardtanh(x, 0.0, 20.0)
-
-
-def _zero_pad_(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero ``x`` in place past each row's length via a (B, 1, 1, T) float mask (None: no-op).
-
-    Only used on fresh activation outputs that autograd does not save (hardtanh saves its
-    input), so the in-place product is safe under autograd too.
-    """
-    return x if mask is None else x.mul_(mask)
 
 
 def _masked_var(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -59,90 +46,6 @@ def _masked_var(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     sq = ((x - mean) * mask).pow(2).sum(dim=-1)
     n = lengths.to(x.dtype).view([x.shape[0]] + [1] * (x.dim() - 2))
     return sq / (n - 1)
-
-
-class AttentionalFusion(nn.Module):
-    """AFF: mixes ``x`` and ``y`` (same shape) with a learned per-position gate in (0, 2).
-
-    ``x * g + y * (2 - g)`` is zero wherever both inputs are zero, so fusion keeps padding zero.
-    """
-
-    def __init__(self, channels: int = 64, r: int = 4) -> None:
-        super().__init__()
-        inter = channels // r
-        self.local_att = nn.Sequential(
-            nn.Conv2d(channels * 2, inter, kernel_size=1),
-            nn.BatchNorm2d(inter),
-            nn.SiLU(inplace=True),
-            nn.Conv2d(inter, channels, kernel_size=1),
-            nn.BatchNorm2d(channels),
-        )
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        gate = 1.0 + torch.tanh(self.local_att(torch.cat((x, y), dim=1)))
-        return x * gate + y * (2.0 - gate)
-
-
-class Res2Bottleneck(nn.Module):
-    """ERes2NetV2 block: 1x1 (stride) -> ``scale`` chained 3x3 sub-band convs -> 1x1, residual.
-
-    With ``fuse=True`` each sub-band is merged into the running one by AFF instead of a sum.
-    ``forward(x, mask)`` takes the (B, 1, 1, T_out) float mask of the block's output time axis.
-    """
-
-    def __init__(
-        self,
-        in_planes: int,
-        planes: int,
-        stride: int = 1,
-        baseWidth: int = 26,
-        scale: int = 2,
-        expansion: int = 2,
-        fuse: bool = False,
-    ) -> None:
-        super().__init__()
-        width = planes * baseWidth // 64
-        out_planes = planes * expansion
-        self.width = width
-        self.scale = scale
-        self.stride = stride
-        self.conv1 = nn.Conv2d(in_planes, width * scale, kernel_size=1, stride=stride, bias=False)
-        self.bn1 = nn.BatchNorm2d(width * scale)
-        self.convs = nn.ModuleList(
-            nn.Conv2d(width, width, kernel_size=3, padding=1, bias=False) for _ in range(scale)
-        )
-        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(scale))
-        self.fuse_models = nn.ModuleList(
-            AttentionalFusion(channels=width, r=4) for _ in range(scale - 1 if fuse else 0)
-        )
-        self.fuse = fuse
-        self.conv3 = nn.Conv2d(width * scale, out_planes, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_planes)
-        self.shortcut: nn.Module = nn.Sequential()
-        if stride != 1 or in_planes != out_planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(out_planes),
-            )
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        # A valid output frame of a 1x1 conv (strided or not) reads only valid input frames, so
-        # padded frames need zeros only where a 3x3 conv reads them: the sub-band inputs. Sums
-        # and AFF of zeroed inputs stay zero. The last band and the block output feed 1x1 convs
-        # only and keep whatever lands on padded frames (the caller zeroes what a 3x3 reads).
-        out = _zero_pad_(_relu20(self.bn1(self.conv1(x))), mask)
-        bands = torch.split(out, self.width, dim=1)
-        outs: list[torch.Tensor] = []
-        sp = bands[0]
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns, strict=True)):
-            if i > 0:
-                sp = self.fuse_models[i - 1](sp, bands[i]) if self.fuse else sp + bands[i]
-            sp = _relu20(bn(conv(sp)))
-            if i < self.scale - 1:
-                sp = _zero_pad_(sp, mask)
-            outs.append(sp)
-        out = self.bn3(self.conv3(torch.cat(outs, dim=1)))
-        return _relu20(out + self.shortcut(x))
 
 
 class ERes2NetV2(nn.Module):
@@ -174,7 +77,7 @@ class ERes2NetV2(nn.Module):
         self.pooling_func = pooling_func
         self.two_emb_layer = two_emb_layer
         self._in_planes = m_channels
-        stage_kw = {"baseWidth": baseWidth, "scale": scale, "expansion": expansion}
+        stage_kw = {"base_width": baseWidth, "scale": scale, "expansion": expansion}
 
         self.conv1 = nn.Conv2d(1, m_channels, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(m_channels)
@@ -190,7 +93,7 @@ class ERes2NetV2(nn.Module):
             padding=1,
             bias=False,
         )
-        self.fuse34 = AttentionalFusion(channels=m_channels * 8 * expansion, r=4)
+        self.fuse34 = AttentionalFusion(m_channels * 8 * expansion)
 
         stats_dim = int(feat_dim / 8) * m_channels * 8 * expansion
         n_stats = 2 if pooling_func == "TSTP" else 1

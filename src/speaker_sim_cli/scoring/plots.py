@@ -30,7 +30,7 @@ from speaker_sim_cli.scoring.metrics import (
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["DET_TICKS", "plot_det", "plot_histograms", "probit"]
+__all__ = ["DET_TICKS", "det_figure", "plot_det", "plot_histograms", "probit"]
 
 #: DET axis ticks, as fractions (labelled in %)
 DET_TICKS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4)
@@ -127,8 +127,28 @@ def plot_det(
         title: optional figure title.
 
     Returns:
-        ``path`` as a Path. Axes are labelled in % (0.1 ... 40, extended when a marked point
-        lies beyond 40 %).
+        ``path`` as a Path. See :func:`det_figure` for the axes.
+    """
+    return _save(det_figure(curves, p_target, title), path)
+
+
+# Lower axis limits on offer (fractions): the largest one at or below the finest error rate
+# the trials can show (1 / trials of the larger class), so big lists keep their low-FAR end.
+_LOW_LIMITS = (5e-4, 2e-4, 1e-4, 5e-5, 2e-5, 1e-5)
+_LOW_TICKS = (1e-5, 1e-4)
+
+
+def det_figure(
+    curves: Sequence[tuple[str, npt.ArrayLike, npt.ArrayLike]],
+    p_target: float = 0.01,
+    title: str | None = None,
+) -> Figure:
+    """The DET figure of :func:`plot_det`, not yet written.
+
+    Axes are labelled in %, from 0.05 % (lower when a curve has the trials to resolve lower
+    rates, down to 0.001 %) to 40 % (extended when a marked point lies beyond). Rates below
+    the lower limit, 0 included, are drawn on the lower and left edges, so a perfectly separated
+    system shows as a line along those edges with its markers in the corner, not as nothing.
     """
     if not curves:
         raise ValueError("plot_det needs at least one (label, scores, labels) curve")
@@ -137,36 +157,43 @@ def plot_det(
 
     fig = Figure(figsize=(6.4, 6.0), dpi=120)
     ax = fig.add_subplot()
-    eps = 1e-7
-    hi = 0.5
-    color_cycle = [f"C{i}" for i in range(10)]
-    for i, (label, scores, labels) in enumerate(curves):
+    rows = []
+    finest = 1.0
+    for label, scores, labels in curves:
         s, y = _check_inputs(scores, labels)
         c = _counts(s, y)
+        finest = min(finest, 1.0 / max(c.n_targets, c.n_nontargets))
+        rows.append((label, c))
+    lo = next((t for t in _LOW_LIMITS if t <= finest), _LOW_LIMITS[-1])
+    hi = 0.5
+    drawn = []
+    for label, c in rows:
         fnr, fpr = _rates(c)
         eer, _ = _eer_index(fnr, fpr)
         dcf, k = _min_dcf_index(fnr, fpr, p_target, 1.0, 1.0)
-        color = color_cycle[i % len(color_cycle)]
-        px, py = _thin(probit(np.clip(fpr, eps, 1 - eps)), probit(np.clip(fnr, eps, 1 - eps)))
-        ax.plot(
-            px,
-            py,
-            color=color,
-            lw=1.6,
-            label=f"{label}: EER {eer * 100:.2f}%, minDCF({p_target:g}) {dcf:.3f}",
-        )
-        pe = probit(np.clip([eer], eps, 1 - eps))[0]
-        ax.plot([pe], [pe], "o", color=color, ms=7, mec="black", mew=0.8, zorder=5)
-        dx = probit(np.clip([fpr[k]], eps, 1 - eps))[0]
-        dy = probit(np.clip([fnr[k]], eps, 1 - eps))[0]
-        ax.plot([dx], [dy], "s", color=color, ms=7, mec="black", mew=0.8, zorder=5)
+        drawn.append((label, fnr, fpr, eer, dcf, k))
         hi = max(hi, float(eer), float(fpr[k]), float(fnr[k]))
     if hi > 0.45:
         hi = next((t for t in (0.8, 0.95, 0.99) if hi < t * 0.97), 0.995)
         ticks = DET_TICKS + tuple(t for t in _HIGH_TICKS if t <= hi)
     else:
         ticks = DET_TICKS
-    lo = 0.0005
+    ticks = tuple(t for t in _LOW_TICKS if t >= lo and t < DET_TICKS[0]) + ticks
+
+    def edge(v: npt.ArrayLike, top: float = 1 - 1e-9) -> npt.NDArray[np.float64]:
+        return probit(np.clip(np.asarray(v, dtype=np.float64), lo, top))
+
+    color_cycle = [f"C{i}" for i in range(10)]
+    for i, (label, fnr, fpr, eer, dcf, k) in enumerate(drawn):
+        color = color_cycle[i % len(color_cycle)]
+        # Low rates (0 included) sit on the lower/left edge; high ones leave the axes, clipped.
+        px, py = _thin(edge(fpr), edge(fnr))
+        ax.plot(px, py, color=color, lw=1.6,
+                label=f"{label}: EER {eer * 100:.2f}%, minDCF({p_target:g}) {dcf:.3f}")  # fmt: skip
+        pe = edge([eer], hi)[0]
+        ax.plot([pe], [pe], "o", color=color, ms=7, mec="black", mew=0.8, zorder=5, clip_on=False)
+        ax.plot(edge([fpr[k]], hi), edge([fnr[k]], hi), "s", color=color, ms=7, mec="black", mew=0.8,
+                zorder=5, clip_on=False)  # fmt: skip
     tick_pos = probit(np.array(ticks))
     tick_lab = [f"{t * 100:g}" for t in ticks]
     lim = (float(probit([lo])[0]), float(probit([hi])[0]))
@@ -185,7 +212,7 @@ def plot_det(
     ax.set_title(title or "DET curve")
     ax.legend(loc="upper right", fontsize=8, framealpha=0.9)
     fig.tight_layout()
-    return _save(fig, path)
+    return fig
 
 
 def plot_histograms(
