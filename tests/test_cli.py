@@ -128,6 +128,42 @@ def test_embed_writes_matrix_and_index(runner, shared, real_ckpt, tmp_path):
     assert np.dot(mat[0], want) / np.linalg.norm(mat[0]) / np.linalg.norm(want) > 0.9999
 
 
+def test_embed_kaldi_ark_reads_back_with_kaldiio(runner, shared, real_ckpt, tmp_path):
+    """--format kaldi writes xvector.ark/scp as WeSpeaker does; kaldiio (an independent
+    reader) gets the same vectors as the npy output; a stale failures.csv is removed."""
+    kaldiio = pytest.importorskip("kaldiio")
+    a, b, c = _pairs(shared)
+    scp_in = tmp_path / "wav.scp"
+    scp_in.write_text(f"utt-a {a}\nutt-b {b}\nutt-c {c}\n")
+    out = tmp_path / "emb"
+    out.mkdir()
+    (out / "failures.csv").write_text("key,path,error\nold,old.wav,from an earlier run\n")
+    res = runner.invoke(app, ["embed", str(scp_in), "--out", str(out), "-q", "--format", "kaldi"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "failures.csv").exists()
+    got = dict(kaldiio.load_scp(str(out / "xvector.scp")))
+    assert list(got) == ["utt-a", "utt-b", "utt-c"]
+    npy = tmp_path / "npy"
+    res = runner.invoke(app, ["embed", str(scp_in), "--out", str(npy), "-q"])
+    assert res.exit_code == 0, res.output
+    mat = np.load(npy / "embeddings.npy")
+    for i, key in enumerate(got):
+        assert got[key].dtype == np.float32
+        np.testing.assert_array_equal(got[key], mat[i])
+    from speaker_sim_cli.kaldi_vectors import read_kaldi_vectors
+
+    ours = read_kaldi_vectors(out / "xvector.scp")
+    assert all(np.array_equal(ours[k], got[k]) for k in got)
+    # Keys with spaces cannot live in an ark: refused up front, naming the key.
+    spaced = tmp_path / "list.txt"
+    spaced.write_text(f"{a}\n")
+    (tmp_path / "with space.wav").symlink_to(a)
+    spaced.write_text(str(tmp_path / "with space.wav") + "\n")
+    res = runner.invoke(app, ["embed", str(spaced), "--out", str(tmp_path / "x"), "--format",
+                              "kaldi"])  # fmt: skip
+    assert res.exit_code == 2 and "with space.wav" in res.stderr and "--format npy" in res.stderr
+
+
 def test_compare_prints_the_demo_table(runner, shared, real_ckpt):
     ex = real_ckpt.parent / "examples"
     res = runner.invoke(app, ["compare", str(ex), "--no-cache"])

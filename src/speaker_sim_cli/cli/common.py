@@ -70,6 +70,11 @@ class ScoreFormat(str, Enum):
     wespeaker = "wespeaker"
 
 
+class EmbedFormat(str, Enum):
+    npy = "npy"
+    kaldi = "kaldi"
+
+
 class Norm(str, Enum):
     asnorm = "asnorm"
     snorm = "snorm"

@@ -34,12 +34,21 @@ def embed(
     workers: c.WorkersOpt = -1,
     chunk_seconds: c.ChunkOpt = None,
     min_duration: c.MinDurOpt = 0.3,
+    fmt: Annotated[
+        c.EmbedFormat,
+        typer.Option(
+            "--format",
+            help="npy: embeddings.npy + index.csv; kaldi: xvector.ark + xvector.scp (as "
+            "WeSpeaker and Kaldi write them; keys must have no spaces).",
+        ),
+    ] = c.EmbedFormat.npy,
     quiet: c.QuietOpt = False,
 ) -> None:
-    """Write OUT/embeddings.npy (N x D float32, not normalised) and OUT/index.csv (key,path).
+    """Write OUT/embeddings.npy (N x D float32, not normalised) and OUT/index.csv (key,path),
+    or with --format kaldi OUT/xvector.ark + OUT/xvector.scp.
 
     Row i of the matrix is row i of the index; recordings that fail are listed in
-    OUT/failures.csv instead (exit 3).
+    OUT/failures.csv instead (exit 3). OUT/model.json names the model, checkpoint and settings.
     """
     STATE["quiet"] = quiet
     with errors_to_exit():
@@ -47,10 +56,14 @@ def embed(
 
         from ..engine.cache import atomic_write_bytes, npy_bytes
         from ..engine.config import EngineConfig
+        from ..kaldi_vectors import _check_key, kaldi_vectors
         from ..pipeline import Extractor
         from ..trials import read_inputs
 
         recs = read_inputs([str(p) for p in inputs])
+        if fmt is c.EmbedFormat.kaldi:
+            for r in recs:
+                _check_key(r.key)  # before any embedding work
         engine = EngineConfig(
             device=device, precision=precision.value, batch_size=batch_size,
             batch_frames=batch_frames, workers=workers, chunk_seconds=chunk_seconds,
@@ -70,15 +83,26 @@ def embed(
             else np.zeros((0, ex.spec.dim), np.float32)
         )
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "embeddings.npy", npy_bytes(mat))
         index = [[r.key, str(r.path)] for r in good]
+        if fmt is c.EmbedFormat.kaldi:
+            ark = (out / "xvector.ark").resolve()
+            ark_bytes, scp_bytes = kaldi_vectors([r.key for r in good], mat, str(ark))
+            atomic_write_bytes(ark, ark_bytes)
+            atomic_write_bytes(out / "xvector.scp", scp_bytes)
+            written = out / "xvector.scp"
+        else:
+            atomic_write_bytes(out / "embeddings.npy", npy_bytes(mat))
+            written = out / "embeddings.npy"
         atomic_write_bytes(out / "index.csv", _csv(["key", "path"], index))
+        failures = out / "failures.csv"
         if bad:
             rows = [[r.key, str(r.path), res.failures[str(r.path)]] for r in bad]
-            atomic_write_bytes(out / "failures.csv", _csv(["key", "path", "error"], rows))
+            atomic_write_bytes(failures, _csv(["key", "path", "error"], rows))
+        else:  # an earlier run's list must not outlive it
+            failures.unlink(missing_ok=True)
         c.write_json(out / "model.json", ex.describe())
         say(
-            f"{len(good)} embeddings ({ex.spec.dim}-dim, {ex.spec.alias}) -> {out}/embeddings.npy; "
+            f"{len(good)} embeddings ({ex.spec.dim}-dim, {ex.spec.alias}) -> {written}; "
             f"{res.embedded} embedded, {res.cached} from cache"
         )
         if ex.stats.chunked:

@@ -191,9 +191,16 @@ def det_figure(
         ax.plot(px, py, color=color, lw=1.6,
                 label=f"{label}: EER {eer * 100:.2f}%, minDCF({p_target:g}) {dcf:.3f}")  # fmt: skip
         pe = edge([eer], hi)[0]
-        ax.plot([pe], [pe], "o", color=color, ms=7, mec="black", mew=0.8, zorder=5, clip_on=False)
-        ax.plot(edge([fpr[k]], hi), edge([fnr[k]], hi), "s", color=color, ms=7, mec="black", mew=0.8,
-                zorder=5, clip_on=False)  # fmt: skip
+        marker: dict[str, Any] = {
+            "color": color,
+            "ms": 7,
+            "mec": "black",
+            "mew": 0.8,
+            "zorder": 5,
+            "clip_on": False,
+        }
+        ax.plot([pe], [pe], "o", **marker)
+        ax.plot(edge([fpr[k]], hi), edge([fnr[k]], hi), "s", **marker)
     tick_pos = probit(np.array(ticks))
     tick_lab = [f"{t * 100:g}" for t in ticks]
     lim = (float(probit([lo])[0]), float(probit([hi])[0]))
