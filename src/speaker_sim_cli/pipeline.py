@@ -272,8 +272,12 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
-def cosine_pairs(emb: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 200_000) -> np.ndarray:
-    """Cosine of rows ``emb[a[i]]`` and ``emb[b[i]]`` in float64, in chunks (O(chunk) memory)."""
+def cosine_pairs(emb: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """Cosine of rows ``emb[a[i]]`` and ``emb[b[i]]`` in float64, in chunks.
+
+    Small chunks keep the gathered rows in the CPU caches: 1 M trials of 192-dim vectors take
+    0.2-0.5 s in chunks of 2k, 2.1 s in chunks of 200k (measured on 2 cores).
+    """
     e = l2_normalize(emb.astype(np.float64))
     out = np.empty(len(a), dtype=np.float64)
     for s in range(0, len(a), chunk):

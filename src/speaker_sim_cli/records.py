@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ class TrialList:
 
     def items(self) -> list[str]:
         """Unique items (paths or utterance ids) in first-seen order."""
-        return list(dict.fromkeys(x for pair in zip(self.enroll, self.test) for x in pair))
+        return list(dict.fromkeys(chain.from_iterable(zip(self.enroll, self.test))))
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"source": self.source, "format": self.format, "trials": len(self)}

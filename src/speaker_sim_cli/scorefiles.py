@@ -55,6 +55,8 @@ def write_scores(
 ) -> int:
     """Write rows in input order; returns how many rows were written."""
     has_err = errors is not None and any(e is not None for e in errors)
+    text = [_fmt(x) for x in scores.tolist()]  # floats once, not numpy scalars per row
+    labs = labels.tolist() if labels is not None else None
     rows = 0
     if fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
@@ -67,9 +69,9 @@ def write_scores(
             if err is not None and skip_failed:
                 continue
             row = [enroll[i], test[i]]
-            if labels is not None:
-                row.append(str(int(labels[i])))
-            row.append(_fmt(float(scores[i])))
+            if labs is not None:
+                row.append(str(int(labs[i])))
+            row.append(text[i])
             if has_err and not skip_failed:
                 row.append(err or "")
             w.writerow(row)
@@ -77,18 +79,19 @@ def write_scores(
         return rows
     if fmt not in FORMATS:
         raise UsageError(f"unknown score format {fmt!r}: use one of {', '.join(FORMATS)}")
-    for i in range(len(enroll)):
-        if math.isnan(float(scores[i])):
-            continue  # whitespace formats have no place for a failure; the report counts it
-        s = _fmt(float(scores[i]))
-        if labels is None:
-            out.write(f"{enroll[i]} {test[i]} {s}\n")
+    # Whitespace formats have no place for a failure (NaN, written as ""): the report counts it.
+    keep = [i for i, t in enumerate(text) if t]
+    for s in range(0, len(keep), 65536):
+        part = keep[s : s + 65536]
+        if labs is None:
+            lines = [f"{enroll[i]} {test[i]} {text[i]}\n" for i in part]
         elif fmt == "kaldi":
-            out.write(f"{enroll[i]} {test[i]} {int(labels[i])} {s}\n")
+            lines = [f"{enroll[i]} {test[i]} {int(labs[i])} {text[i]}\n" for i in part]
         else:
-            word = "target" if labels[i] else "nontarget"
-            out.write(f"{enroll[i]} {test[i]} {s} {word}\n")
-        rows += 1
+            word = ("nontarget", "target")
+            lines = [f"{enroll[i]} {test[i]} {text[i]} {word[int(labs[i])]}\n" for i in part]
+        out.write("".join(lines))
+        rows += len(part)
     return rows
 
 

@@ -139,6 +139,11 @@ def _read_delimited(p: Path, text: str, delim: str) -> TrialList:
     return TrialList(enroll, test, arr, str(p), fmt, numbers)
 
 
+def _remember(known: dict[str, int], word: str, where: str) -> int:
+    known[word] = parse_label(word, where)
+    return known[word]
+
+
 def _read_whitespace(p: Path, lines: list[tuple[int, str]]) -> TrialList:
     first = lines[0][1].split()
     vox = (
@@ -148,13 +153,15 @@ def _read_whitespace(p: Path, lines: list[tuple[int, str]]) -> TrialList:
     )
     enroll, test, labels, numbers = [], [], [], []
     has_label: bool | None = None
+    known: dict[str, int] = {}  # label spellings parsed so far
     for lineno, line in lines:
         f = line.split()
         where = f"{p}:{lineno}"
         if vox:
             if len(f) != 3:
                 raise UsageError(f"{where}: expected 'label path1 path2', found {len(f)} fields")
-            labels.append(parse_label(f[0], where))
+            lab = known.get(f[0])
+            labels.append(lab if lab is not None else _remember(known, f[0], where))
             enroll.append(f[1])
             test.append(f[2])
         else:
@@ -169,7 +176,8 @@ def _read_whitespace(p: Path, lines: list[tuple[int, str]]) -> TrialList:
             enroll.append(f[0])
             test.append(f[1])
             if has_label:
-                labels.append(parse_label(f[2], where))
+                lab = known.get(f[2])
+                labels.append(lab if lab is not None else _remember(known, f[2], where))
         numbers.append(lineno)
     arr = np.asarray(labels, dtype=np.int8) if labels else None
     return TrialList(enroll, test, arr, str(p), "voxceleb" if vox else "kaldi", numbers)
