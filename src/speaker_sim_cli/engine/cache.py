@@ -16,12 +16,9 @@ concurrent runs never see half a file; an unreadable or truncated entry is a mis
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,52 +26,20 @@ from typing import Any
 
 import numpy as np
 
-from ..paths import default_cache_dir
+from ..paths import atomic_write_bytes, default_cache_dir, file_sha256, memoised_sha256
 
-__all__ = ["EmbeddingCache", "cache_clear", "cache_info", "default_cache_dir"]
-
-
-def content_hash(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+__all__ = [
+    "EmbeddingCache",
+    "atomic_write_bytes",
+    "cache_clear",
+    "cache_info",
+    "default_cache_dir",
+]
 
 
 def setting_key(ingredients: dict[str, Any]) -> str:
     blob = json.dumps(ingredients, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:20]
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp creates 0600 files; renamed into place they should get the usual mode (0644 under the
-# default umask), as an ordinary open() would: reports are shared, and so may a cache be.
-_FILE_MODE = 0o666 & ~_umask()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path`` and rename it into place.
-
-    Readers see the old file or the new one, never a half; an interrupted write leaves no file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with contextlib.suppress(OSError):
-                os.fchmod(f.fileno(), _FILE_MODE)
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
@@ -117,28 +82,10 @@ class EmbeddingCache:
 
     # -- content hashes -------------------------------------------------------------------
     def file_hash(self, path: Path) -> str:
-        """Content sha256 of ``path``, memoised against its size and mtime."""
-        st = path.stat()
-        # The inode too: a file replaced by rename keeps neither, even with a copied mtime.
-        stamp = f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+        """Content sha256 of ``path``, memoised against its size, mtime and inode."""
         if self.root is None:
-            return content_hash(path)
-        # Keyed by the absolute path: "a.wav" from two working folders is two files.
-        where = os.path.abspath(path)
-        memo = self.root / "files" / (hashlib.sha1(where.encode()).hexdigest() + ".txt")
-        try:
-            text = memo.read_text()
-            if text.startswith(stamp + " "):
-                digest = text[len(stamp) + 1 :].strip()
-                if len(digest) == 64:
-                    return digest
-        except OSError:
-            pass
-        digest = content_hash(path)
-        if self.write_error is None:
-            with contextlib.suppress(OSError):
-                atomic_write_bytes(memo, f"{stamp} {digest}".encode())
-        return digest
+            return file_sha256(path)
+        return memoised_sha256(path, self.root / "files", write=self.write_error is None)
 
     def file_hashes(self, paths: Sequence[Path], threads: int = 8) -> list[str | OSError]:
         """:meth:`file_hash` of each path, ``threads`` at a time (hashlib and file reads release

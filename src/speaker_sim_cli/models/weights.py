@@ -8,7 +8,6 @@ the ModelScope cache -> ``modelscope.snapshot_download(id, revision)`` unless of
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -96,37 +95,12 @@ def _download(spec: ModelSpec) -> Path:
     return path
 
 
-def sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def checkpoint_hash(path: Path) -> str:
-    """sha256 of a checkpoint, memoised in a sidecar keyed by size and mtime."""
-    from ..paths import default_cache_dir
+    """sha256 of a checkpoint, memoised under the user cache (``hashes/``) by size, mtime and
+    inode, so a warm run does not re-read hundreds of megabytes."""
+    from ..paths import default_cache_dir, memoised_sha256
 
-    st = path.stat()
-    memo_dir = default_cache_dir() / "hashes"
-    memo = memo_dir / (hashlib.sha1(str(path).encode()).hexdigest() + ".txt")
-    stamp = f"{st.st_size}:{st.st_mtime_ns}"
-    try:
-        saved_stamp, digest = memo.read_text().split()
-        if saved_stamp == stamp and len(digest) == 64:
-            return digest
-    except (OSError, ValueError):
-        pass
-    digest = sha256(path)
-    try:
-        memo_dir.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(f"{stamp} {digest}")
-        os.replace(tmp, memo)
-    except OSError:
-        pass
-    return digest
+    return memoised_sha256(path, default_cache_dir() / "hashes")
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, Any]:
