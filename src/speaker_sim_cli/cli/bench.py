@@ -137,6 +137,13 @@ def result_table(r: dict[str, Any]) -> Any:
         "",
         f"[bold]{r['speedup']:.2f}x[/bold] (target {r['targets']['speedup']:g}x)",
     )
+    if len(r["paired_speedups"]) > 1:
+        t.add_row(
+            "per-round (b)/(a)",
+            "",
+            ", ".join(f"{x:.2f}x" for x in r["paired_speedups"])
+            + f" (median {r['median_paired_speedup']:.2f}x)",
+        )
     w = r["engine_warm"]
     t.add_row(
         "(b) again, warm cache",
