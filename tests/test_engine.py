@@ -285,3 +285,30 @@ def test_expand_corpus_makes_distinct_copies(tmp_path):
         info = sf.info(str(p))
         assert info.samplerate == 16000 and info.frames == 8000
     assert sf.info(str(out[3])).subtype == "PCM_24"
+
+
+def test_device_errors_are_usage_errors_that_say_why(tmp_path):
+    """A typo fails before any work (torch-free syntax check); a missing GPU names the cause."""
+    from typer.testing import CliRunner
+
+    from speaker_sim_cli.cli.main import app
+    from speaker_sim_cli.engine.config import EngineConfig
+    from speaker_sim_cli.engine.embedder import resolve_device
+    from speaker_sim_cli.errors import UsageError
+
+    for bad in ("gpu", "cuda:x", "cpu,", "auto,cuda:0"):
+        with pytest.raises(UsageError, match="--device"):
+            EngineConfig(device=bad)
+    for good in ("auto", "cpu", "cuda", "cuda:1", "cuda:0, cuda:1", "cpu,cpu"):
+        EngineConfig(device=good)
+    trials = tmp_path / "t.csv"
+    trials.write_text("enrollment,test\na.wav,b.wav\n")
+    res = CliRunner().invoke(app, ["score", str(trials), "--device", "gpu"])
+    assert res.exit_code == 2 and "'gpu' is not a device" in res.stderr
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match=r"CUDA is not available: .*use --device cpu"):
+            resolve_device("cuda")
+    else:
+        n = torch.cuda.device_count()
+        with pytest.raises(UsageError, match=f"has {n} GPU"):
+            resolve_device(f"cuda:{n}")

@@ -8,8 +8,11 @@ loaded on the first recording the cache does not hold.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..errors import UsageError
 
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
 
@@ -40,6 +43,21 @@ def fp32_submodules(arch: str, precision: str) -> tuple[str, ...]:
     return ()
 
 
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device_syntax(device: str) -> None:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or a comma-separated list of them; checked before
+    any work (and without torch), so a typo fails at once, even on a fully cached run."""
+    items = [d.strip() for d in device.split(",")]
+    bad = next((d for d in items if not _DEVICE.fullmatch(d)), None)
+    if bad is not None:
+        raise UsageError(f"--device {device}: {bad!r} is not a device (use auto, cpu, cuda or "
+                         "cuda:N, or a list such as cuda:0,cuda:1)")  # fmt: skip
+    if len(items) > 1 and "auto" in items:
+        raise UsageError(f"--device {device}: auto cannot be part of a list")
+
+
 def default_workers() -> int:
     n = os.cpu_count() or 1
     return max(0, min(8, n - 1))
@@ -63,6 +81,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.precision not in PRECISION_NAMES:
             raise ValueError(f"precision must be one of {', '.join(PRECISION_NAMES)}")
+        check_device_syntax(self.device)
 
     def mode(self) -> str:
         if self.chunk_seconds:

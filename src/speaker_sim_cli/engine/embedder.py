@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..errors import UsageError
 from ..features import compute_features, num_frames
 from ..models.registry import ModelSpec
 from .config import (
@@ -51,12 +52,29 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def resolve_device(device: str) -> torch.device:
-    """``auto`` -> first CUDA device when there is one, else CPU."""
+    """``auto`` -> first CUDA device when there is one, else CPU. A CUDA device that is not
+    there is a usage error that says why (a CPU-only torch build, or no such GPU)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UsageError(
+            f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)"
+        ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                "this torch is a CPU-only build"
+                if torch.version.cuda is None
+                else "no GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)"
+            )
+            raise UsageError(f"--device {device}: CUDA is not available: {why} "
+                             f"(torch {torch.__version__}); use --device cpu or auto")  # fmt: skip
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise UsageError(f"--device {device}: this machine has {n} GPU(s), cuda:0 to "
+                             f"cuda:{n - 1}")  # fmt: skip
     return dev
 
 
