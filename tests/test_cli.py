@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from speaker_sim_cli.cli.main import app
+from speaker_sim_cli.models.registry import DEFAULT_MODEL
 
 pytestmark = [pytest.mark.weights]
 
@@ -162,6 +163,58 @@ def test_embed_kaldi_ark_reads_back_with_kaldiio(runner, shared, real_ckpt, tmp_
     res = runner.invoke(app, ["embed", str(spaced), "--out", str(tmp_path / "x"), "--format",
                               "kaldi"])  # fmt: skip
     assert res.exit_code == 2 and "with space.wav" in res.stderr and "--format npy" in res.stderr
+
+
+def test_score_from_precomputed_embeddings(runner, shared, real_ckpt, tmp_path):
+    """score --embeddings (an embed folder, npy or kaldi, or an xvector.scp) gives the bytes
+    score gives from the audio; items are keys; a key with no vector fails only its trials."""
+    a, b, c = _pairs(shared)
+    scp_in = tmp_path / "wav.scp"
+    scp_in.write_text(f"spk1-a {a}\nspk1-b {b}\nspk2-a {c}\n")
+    for fmt in ("npy", "kaldi"):
+        res = runner.invoke(app, ["embed", str(scp_in), "-o", str(tmp_path / fmt), "-q",
+                                  "--format", fmt])  # fmt: skip
+        assert res.exit_code == 0, res.output
+    trials = tmp_path / "trials"
+    trials.write_text("spk1-a spk1-b target\nspk1-a spk2-a nontarget\nspk1-b spk2-a nontarget\n")
+    audio = tmp_path / "audio.txt"
+    res = runner.invoke(app, ["score", str(trials), "--wav-scp", str(scp_in), "-o", str(audio),
+                              "--format", "kaldi", "-q"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    sources = [tmp_path / "npy", tmp_path / "kaldi", tmp_path / "kaldi" / "xvector.scp"]
+    for src in sources:
+        out, rep = tmp_path / "pre.txt", tmp_path / "pre.json"
+        res = runner.invoke(app, ["score", str(trials), "--embeddings", str(src), "-o", str(out),
+                                  "--format", "kaldi", "--report", str(rep)])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        assert out.read_bytes() == audio.read_bytes(), src
+        doc = json.loads(rep.read_text())
+        assert doc["model"]["embeddings"] == str(src) and doc["model"]["dim"] == 192
+        assert doc["model"]["model"]["id"] == DEFAULT_MODEL  # what embed's model.json says
+        assert doc["counts"]["embedded"] == 0
+    # An unknown key fails its trials only (exit 3), naming the key and the source.
+    trials.write_text("spk1-a spk1-b\nspk1-a nobody\n")
+    res = runner.invoke(app, ["score", str(trials), "--embeddings", str(tmp_path / "npy")])
+    assert res.exit_code == 3
+    df = pd.read_csv(pd.io.common.StringIO(res.stdout))
+    assert np.isfinite(df.score[0]) and np.isnan(df.score[1])
+    assert "nobody" in df.error[1] and "no embedding with this key" in df.error[1]
+    # Enrolment maps work on keys too.
+    spk2utt = tmp_path / "spk2utt"
+    spk2utt.write_text("spk1 spk1-a spk1-b\n")
+    trials.write_text("spk1 spk2-a\n")
+    res = runner.invoke(app, ["score", str(trials), "--embeddings", str(tmp_path / "npy"),
+                              "--enroll-map", str(spk2utt), "-q"])  # fmt: skip
+    ref = runner.invoke(app, ["score", str(trials), "--wav-scp", str(scp_in),
+                              "--enroll-map", str(spk2utt), "-q"])  # fmt: skip
+    assert res.exit_code == ref.exit_code == 0, res.output + ref.output
+    assert res.stdout == ref.stdout and "spk1,spk2-a," in res.stdout
+    # Misuse is a usage error.
+    res = runner.invoke(app, ["score", str(trials), "--embeddings", str(tmp_path / "npy"),
+                              "--wav-scp", str(scp_in)])  # fmt: skip
+    assert res.exit_code == 2 and "do not go together" in res.stderr
+    res = runner.invoke(app, ["score", str(trials), "--embeddings", str(tmp_path / "none")])
+    assert res.exit_code == 2 and "not found" in res.stderr
 
 
 def test_compare_prints_the_demo_table(runner, shared, real_ckpt):

@@ -52,10 +52,16 @@ def read_kaldi_vectors(scp: str | Path) -> dict[str, np.ndarray]:
     for lineno, line in enumerate(Path(scp).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        key, where = line.split(maxsplit=1)
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or ":" not in parts[1]:
+            raise ValueError(f"{scp}:{lineno}: expected 'key ark-path:offset'")
+        key, where = parts
         path, _, off = where.strip().rpartition(":")
         if path not in cache:
-            cache[path] = Path(path).read_bytes()
+            ark = Path(path)
+            if not ark.is_absolute() and not ark.exists():  # relative to the scp, then
+                ark = Path(scp).parent / path
+            cache[path] = ark.read_bytes()
         buf, pos = cache[path], int(off)
         if buf[pos : pos + 5] != b"\0BFV ":
             raise ValueError(f"{scp}:{lineno}: no binary float vector at {path}:{pos}")

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -72,6 +72,10 @@ class Extractor:
     @property
     def loaded(self) -> bool:
         return self._embedder is not None
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
 
     def load(self) -> Embedder:
         """Build the model, load the checkpoint (strict) and place it on the device, once."""
@@ -250,6 +254,23 @@ def _probe_all(paths: Sequence[str], threads: int = 8) -> list[AudioInfo | Audio
         return list(pool.map(one, paths))
 
 
+class EmbeddingSource(Protocol):
+    """What scoring needs: an :class:`Extractor`, or embeddings computed earlier."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def embed_paths(
+        self,
+        paths: Sequence[str | Path],
+        progress: Callable[[int, float], None] | None = None,
+        on_start: Callable[[int, float], None] | None = None,
+        stop_on_error: bool = False,
+    ) -> EmbedResult: ...
+
+
 @dataclass
 class ScoreResult:
     """Per-trial scores (NaN where a recording failed) with the reason, and the failures."""
@@ -330,7 +351,7 @@ def score_trials(
     trials: TrialList,
     recordings: dict[str, Recording],
     missing: dict[str, str],
-    extractor: Extractor,
+    extractor: EmbeddingSource,
     progress: Callable[[int, float], None] | None = None,
     on_start: Callable[[int, float], None] | None = None,
     stop_on_error: bool = False,
@@ -356,7 +377,7 @@ def score_trials(
             return "not embedded: the run stopped at the first failure"
         return None
 
-    dim = extractor.spec.dim
+    dim = extractor.dim
     mean = None
     info: dict[str, Any] = {}
     if opt.mean_from:
@@ -371,9 +392,12 @@ def score_trials(
         return v - mean if mean is not None else v
 
     # Entities: every trial item is a recording, or (enrolment side) a speaker of enroll_map.
-    item_reason: dict[str, str] = dict(missing)
     vectors: dict[str, np.ndarray] = {}
     enroll_side = set(trials.enroll)
+    # An enrolment speaker of enroll_map is no recording: not being one (e.g. not in wav.scp)
+    # is no failure.
+    item_reason = {k: why for k, why in missing.items()
+                   if not (k in enroll_map and k in enroll_side)}  # fmt: skip
     for k in trials.items():
         if k in item_reason:
             continue

@@ -86,6 +86,14 @@ def score(
     allow_commands: Annotated[
         bool, typer.Option(help="Allow wav.scp entries that are shell commands ('... |').")
     ] = False,
+    embeddings: Annotated[
+        Path | None,
+        typer.Option(
+            help="Score embeddings computed earlier instead of audio: a folder written by "
+            "'speaker-sim embed' (npy or kaldi) or a Kaldi/WeSpeaker xvector.scp. Trial, "
+            "enrolment-map, cohort and mean items are its keys; model options are unused.",
+        ),
+    ] = None,
     quiet: c.QuietOpt = False,
 ) -> None:
     """Score every trial by cosine; EER / minDCF when the trials have labels.
@@ -102,7 +110,7 @@ def score(
             device, precision.value, batch_size, batch_frames, workers, chunk_seconds,
             min_duration, max_duration, p_target or [0.01, 0.05], on_error.value, allow_commands,
             _Extras(enroll_map, norm.value if norm else None, cohort, cohort_utt2spk, top_n,
-                    mean_from),
+                    mean_from, embeddings),
         )  # fmt: skip
 
 
@@ -114,34 +122,48 @@ def _run(
     max_duration: float, p_targets: list[float], on_error: str, allow_commands: bool,
     extras: _Extras,
 ) -> None:  # fmt: skip
-    from ..engine.config import EngineConfig
+    from ..engine.config import EngineConfig, EngineStats
     from ..errors import UsageError
-    from ..pipeline import Extractor, score_trials
+    from ..pipeline import EmbeddingSource, Extractor, score_trials
+    from ..records import Recording
     from ..scorefiles import atomic_text_output, check_whitespace_safe, write_scores
     from ..trials import read_trials, read_wav_scp, resolve_trial_items
 
     t0 = time.perf_counter()
     tl = read_trials(trials_path)
+    if extras.embeddings is not None and wav_scp is not None:
+        raise UsageError("--embeddings and --wav-scp do not go together: trial items are keys")
     scp = read_wav_scp(wav_scp, allow_commands) if wav_scp else None
     if root is not None and not root.is_dir():
         raise UsageError(f"--root {root}: not a folder")
     check_whitespace_safe(tl.items(), fmt)
-    recs, missing = resolve_trial_items(
-        tl, root, scp, wav_scp.resolve().parent if wav_scp else None
-    )
     options = _scoring_options(extras, root or Path(tl.source).resolve().parent, scp,
                                wav_scp.resolve().parent if wav_scp else None)  # fmt: skip
-    engine = EngineConfig(
-        device=device, precision=precision, batch_size=batch_size, batch_frames=batch_frames,
-        workers=workers, chunk_seconds=chunk_seconds, min_duration=min_duration,
-        max_duration=max_duration,
-    )  # fmt: skip
     t_load = time.perf_counter()
-    ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache)
+    source: EmbeddingSource
+    ex: Extractor | None = None
+    if extras.embeddings is not None:
+        from ..precomputed import PrecomputedEmbeddings
+
+        source = PrecomputedEmbeddings.load(extras.embeddings)
+        # Items are the source's keys: no path resolution anywhere.
+        recs = {k: Recording(k, Path(k)) for k in tl.items()}
+        missing: dict[str, str] = {}
+        _keys_as_paths(options)
+    else:
+        recs, missing = resolve_trial_items(
+            tl, root, scp, wav_scp.resolve().parent if wav_scp else None
+        )
+        engine = EngineConfig(
+            device=device, precision=precision, batch_size=batch_size,
+            batch_frames=batch_frames, workers=workers, chunk_seconds=chunk_seconds,
+            min_duration=min_duration, max_duration=max_duration,
+        )  # fmt: skip
+        source = ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache)
     load_s = time.perf_counter() - t_load
     bar = EmbedProgress()
     try:
-        res = score_trials(tl, recs, missing, ex, *bar.callbacks,
+        res = score_trials(tl, recs, missing, source, *bar.callbacks,
                            stop_on_error=on_error == "fail", options=options)  # fmt: skip
     finally:
         bar.stop()
@@ -179,10 +201,10 @@ def _run(
         "from_cache": res.embed.cached,
         "duplicate_trials": len(tl) - len(set(zip(tl.enroll, tl.test))),
     }
-    st = ex.stats
+    st = ex.stats if ex is not None else EngineStats()
     timing = {
         "total_s": round(time.perf_counter() - t0, 3),
-        "model_load_s": round(load_s + ex.load_seconds, 3),
+        "model_load_s": round(load_s + (ex.load_seconds if ex is not None else 0.0), 3),
         "embed_s": round(res.embed.seconds, 3),
         "audio_s": round(st.audio_seconds, 3),
         "x_realtime": round(st.audio_seconds / res.embed.seconds, 1)
@@ -194,7 +216,7 @@ def _run(
             "trials": tl.describe(),
             "metrics": c.metrics_block(metrics) if metrics is not None else None,
             "counts": counts,
-            "model": ex.describe(),
+            "model": source.describe(),
             "extraction": {
                 "chunked_recordings": st.chunked,
                 "padding_overhead": round(st.padded_frames / st.frames - 1, 4)
@@ -208,8 +230,8 @@ def _run(
             "score_format": fmt,
         }
         c.write_json(report, doc)
-    _summary(res, counts, timing, metrics, ex)
-    if ex.cache.write_error:
+    _summary(res, counts, timing, metrics, ex, extras.embeddings)
+    if ex is not None and ex.cache.write_error:
         warn(f"the cache could not be written ({ex.cache.write_error}); ran without it")
     if counts["duplicate_trials"]:
         warn(f"{counts['duplicate_trials']} duplicate trials (each scored and written)")
@@ -227,6 +249,22 @@ class _Extras(NamedTuple):
     cohort_utt2spk: Path | None
     top_n: int
     mean_from: Path | None
+    embeddings: Path | None = None
+
+
+def _keys_as_paths(opt: ScoringOptions) -> None:
+    """With --embeddings, every recording of the options is looked up by its key as written."""
+    from ..records import Recording
+
+    def keyed(rs: list[Recording]) -> list[Recording]:
+        return [Recording(r.key, Path(r.key)) for r in rs]
+
+    if opt.enroll_map is not None:
+        opt.enroll_map = {spk: keyed(rs) for spk, rs in opt.enroll_map.items()}
+    if opt.cohort is not None:
+        opt.cohort = keyed(opt.cohort)
+    if opt.mean_from is not None:
+        opt.mean_from = keyed(opt.mean_from)
 
 
 def _scoring_options(
@@ -267,16 +305,28 @@ def _scoring_options(
 
 
 def _summary(
-    res: ScoreResult, counts: dict[str, Any], timing: dict[str, Any], metrics: Any, ex: Extractor
+    res: ScoreResult,
+    counts: dict[str, Any],
+    timing: dict[str, Any],
+    metrics: Any,
+    ex: Extractor | None,
+    embeddings: Path | None,
 ) -> None:
     if STATE["quiet"]:
         return
-    say(
-        f"{counts['scored']}/{counts['trials']} trials scored with {ex.spec.alias} "
-        f"({ex.device_label}, {ex.engine_cfg.precision}); {counts['recordings']} recordings: "
-        f"{counts['embedded']} embedded, {counts['from_cache']} from cache; "
-        f"{timing['total_s']:.1f} s"
-    )
+    if ex is None:
+        say(
+            f"{counts['scored']}/{counts['trials']} trials scored from the embeddings in "
+            f"{escape(str(embeddings))}; {counts['recordings']} items, "
+            f"{counts['failed_recordings']} without a vector; {timing['total_s']:.1f} s"
+        )
+    else:
+        say(
+            f"{counts['scored']}/{counts['trials']} trials scored with {ex.spec.alias} "
+            f"({ex.device_label}, {ex.engine_cfg.precision}); {counts['recordings']} recordings: "
+            f"{counts['embedded']} embedded, {counts['from_cache']} from cache; "
+            f"{timing['total_s']:.1f} s"
+        )
     if metrics is not None:
         err_console.print(c.metrics_table([("scores", metrics)], "Metrics (NIST SRE16 scorer)"))
     if res.failures:
@@ -289,5 +339,5 @@ def _summary(
         for f in res.failures:
             t.add_row(escape(f.path), escape(f.reason))
         err_console.print(t)
-    if ex.stats.chunked:
+    if ex is not None and ex.stats.chunked:
         say(f"{ex.stats.chunked} long recordings were embedded as averages of windows")
