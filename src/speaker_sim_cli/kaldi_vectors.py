@@ -18,10 +18,11 @@ import numpy as np
 
 from .errors import UsageError
 
-__all__ = ["kaldi_vectors", "read_kaldi_vectors"]
+__all__ = ["check_key", "kaldi_vectors", "read_kaldi_vectors"]
 
 
-def _check_key(key: str) -> bytes:
+def check_key(key: str) -> bytes:
+    """``key`` as UTF-8; a UsageError when an ark cannot hold it (empty, or whitespace)."""
     if not key or any(c.isspace() for c in key):
         raise UsageError(
             f"key {key!r} is empty or contains whitespace, which a Kaldi ark cannot hold: "
@@ -38,7 +39,7 @@ def kaldi_vectors(keys: Sequence[str], mat: np.ndarray, ark_name: str) -> tuple[
     ark = bytearray()
     scp: list[str] = []
     for key, row in zip(keys, data, strict=True):
-        k = _check_key(key)
+        k = check_key(key)
         ark += k + b" "
         scp.append(f"{key} {ark_name}:{len(ark)}\n")
         ark += b"\0BFV " + struct.pack("<bi", 4, row.shape[0]) + row.tobytes()

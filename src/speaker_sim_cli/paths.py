@@ -6,7 +6,12 @@ import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def default_cache_dir() -> Path:
@@ -79,3 +84,14 @@ def memoised_sha256(path: Path, memo_dir: Path, write: bool = True) -> str:
         with contextlib.suppress(OSError):
             atomic_write_bytes(memo, f"{stamp} {digest}".encode())
     return digest
+
+
+def map_in_threads(fn: Callable[[T], R], items: Sequence[T], threads: int = 8) -> list[R]:
+    """``[fn(x) for x in items]``, ``threads`` at a time, in input order: for file reads,
+    hashing and header probes, which release the GIL. ``fn`` should return its errors."""
+    if threads <= 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))

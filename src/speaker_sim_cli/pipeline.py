@@ -18,7 +18,7 @@ from .engine.shard import embed_sharded, split_devices
 from .errors import AudioError
 from .models.registry import ModelSpec, get_model
 from .models.weights import Found, checkpoint_hash, load_checkpoint_into, resolve_checkpoint
-from .paths import default_cache_dir
+from .paths import default_cache_dir, map_in_threads
 from .records import Failure, Recording, TrialList
 
 if TYPE_CHECKING:
@@ -237,7 +237,7 @@ def _read_failure(exc: OSError) -> str:
     return f"cannot read ({exc.strerror or exc})"
 
 
-def _probe_all(paths: Sequence[str], threads: int = 8) -> list[AudioInfo | AudioError]:
+def _probe_all(paths: Sequence[str]) -> list[AudioInfo | AudioError]:
     """:func:`probe` each path (a header read; libsndfile releases the GIL), in threads."""
 
     def one(p: str) -> AudioInfo | AudioError:
@@ -246,12 +246,7 @@ def _probe_all(paths: Sequence[str], threads: int = 8) -> list[AudioInfo | Audio
         except AudioError as exc:
             return exc
 
-    if len(paths) < 2:
-        return [one(p) for p in paths]
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
-        return list(pool.map(one, paths))
+    return map_in_threads(one, paths)
 
 
 class EmbeddingSource(Protocol):

@@ -56,14 +56,14 @@ def embed(
 
         from ..engine.cache import atomic_write_bytes, npy_bytes
         from ..engine.config import EngineConfig
-        from ..kaldi_vectors import _check_key, kaldi_vectors
+        from ..kaldi_vectors import check_key, kaldi_vectors
         from ..pipeline import Extractor
         from ..trials import read_inputs
 
         recs = read_inputs([str(p) for p in inputs])
         if fmt is c.EmbedFormat.kaldi:
             for r in recs:
-                _check_key(r.key)  # before any embedding work
+                check_key(r.key)  # before any embedding work
         engine = EngineConfig(
             device=device, precision=precision.value, batch_size=batch_size,
             batch_frames=batch_frames, workers=workers, chunk_seconds=chunk_seconds,

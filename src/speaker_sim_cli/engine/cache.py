@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from ..paths import atomic_write_bytes, default_cache_dir, file_sha256, memoised_sha256
+from ..paths import (
+    atomic_write_bytes,
+    default_cache_dir,
+    file_sha256,
+    map_in_threads,
+    memoised_sha256,
+)
 
 __all__ = [
     "EmbeddingCache",
@@ -97,12 +103,7 @@ class EmbeddingCache:
             except OSError as exc:
                 return exc
 
-        if threads <= 1 or len(paths) < 2:
-            return [one(p) for p in paths]
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(threads, len(paths))) as pool:
-            return list(pool.map(one, paths))
+        return map_in_threads(one, paths, threads)
 
     # -- embeddings -----------------------------------------------------------------------
     def _path(self, digest: str) -> Path:
