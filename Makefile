@@ -38,13 +38,13 @@ test-fast: install
 	SPEAKER_SIM_SHARED=$(SHARED) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check speaker_sim_cli tests benchmarks
+	$(BIN)/ruff format --check speaker_sim_cli tests benchmarks
 	$(BIN)/mypy
 
 format: install
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format speaker_sim_cli tests benchmarks
+	$(BIN)/ruff check --fix speaker_sim_cli tests benchmarks
 
 bench: install
 	$(BIN)/speaker-sim bench --out bench-results/engine.json
@@ -53,4 +53,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_warm.py --out bench-results/warm.json
 
 clean:
-	rm -rf $(VENV) pretrained .pytest_cache .mypy_cache .ruff_cache build *.egg-info src/*.egg-info
+	rm -rf $(VENV) pretrained .pytest_cache .mypy_cache .ruff_cache build *.egg-info

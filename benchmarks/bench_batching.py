@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speaker_sim_cli.audio import load
+from speaker_sim_cli.audio.decode import load
+from speaker_sim_cli.audio.features import compute_features, num_frames
 from speaker_sim_cli.engine.data import pad_rows, plan_batches
 from speaker_sim_cli.engine.embedder import Embedder, EngineConfig
-from speaker_sim_cli.features import compute_features, num_frames
 from speaker_sim_cli.models.registry import ARCHS, MODELS
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from speaker_sim_cli.audio import load, probe
+from speaker_sim_cli.audio.decode import load, probe
 from speaker_sim_cli.errors import AudioError
 
 

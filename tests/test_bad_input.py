@@ -199,7 +199,7 @@ def test_unwritable_cache_warns_and_still_scores(runner, shared, real_ckpt, tmp_
 
 
 def test_internal_errors_are_one_line_and_debug_shows_traceback(runner, tmp_path, monkeypatch):
-    import speaker_sim_cli.trials as trials_mod
+    import speaker_sim_cli.io.trials as trials_mod
 
     def boom(path):
         raise KeyError("bug")

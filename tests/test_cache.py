@@ -14,10 +14,10 @@ import pytest
 import soundfile as sf
 from typer.testing import CliRunner
 
+from speaker_sim_cli.audio.frontend import FbankConfig
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.engine.cache import EmbeddingCache, cache_info, setting_key
 from speaker_sim_cli.engine.embedder import EngineConfig
-from speaker_sim_cli.frontend import FbankConfig
 from speaker_sim_cli.models.registry import DEFAULT_MODEL, get_model
 from speaker_sim_cli.pipeline import Extractor
 
@@ -75,10 +75,15 @@ def _variants():
     yield "precision", {**BASE, "precision": "bf16"}
     yield "format", {**BASE, "format": 2}
     default = FbankConfig()
+    valid_other = {"channel": "mean", "loudness_db": -20.0}
     for f in dataclasses.fields(FbankConfig):
+        if f.name == "dither":  # only 0 is accepted
+            continue
         value = getattr(default, f.name)
-        if isinstance(value, bool):
-            other: object = not value
+        if f.name in valid_other:
+            other: object = valid_other[f.name]
+        elif isinstance(value, bool):
+            other = not value
         elif isinstance(value, int | float):
             other = value / 2 + 1
         else:

@@ -151,7 +151,7 @@ def test_embed_kaldi_ark_reads_back_with_kaldiio(runner, shared, real_ckpt, tmp_
     for i, key in enumerate(got):
         assert got[key].dtype == np.float32
         np.testing.assert_array_equal(got[key], mat[i])
-    from speaker_sim_cli.kaldi_vectors import read_kaldi_vectors
+    from speaker_sim_cli.io.kaldi_vectors import read_kaldi_vectors
 
     ours = read_kaldi_vectors(out / "xvector.scp")
     assert all(np.array_equal(ours[k], got[k]) for k in got)

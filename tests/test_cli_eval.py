@@ -19,7 +19,7 @@ from typer.testing import CliRunner, Result
 
 from speaker_sim_cli.cli import common
 from speaker_sim_cli.cli.main import app
-from speaker_sim_cli.scorefiles import read_scores, write_scores
+from speaker_sim_cli.io.scorefiles import read_scores, write_scores
 from speaker_sim_cli.scoring.calibration import Calibration, cllr, fit_calibration, min_cllr
 from speaker_sim_cli.scoring.metrics import error_rates_at, evaluate
 

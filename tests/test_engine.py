@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from speaker_sim_cli.engine.bench import compare_embeddings, flop_model, list_audio, read_corpus
+from speaker_sim_cli.benchmark import compare_embeddings, flop_model, list_audio, read_corpus
 from speaker_sim_cli.engine.data import plan_batches
 from speaker_sim_cli.engine.embedder import Embedder, EngineConfig
 from speaker_sim_cli.models.registry import DEFAULT_MODEL
@@ -62,7 +62,7 @@ def extractor(real_ckpt, device):
 
 
 def _waves(paths, sr):
-    from speaker_sim_cli.audio import load
+    from speaker_sim_cli.audio.decode import load
 
     return [torch.from_numpy(load(p, sr)) for p in paths]
 
@@ -269,7 +269,7 @@ def test_expand_corpus_makes_distinct_copies(tmp_path):
 
     import soundfile as sf
 
-    from speaker_sim_cli.engine.bench import expand_corpus
+    from speaker_sim_cli.benchmark import expand_corpus
 
     src = []
     for name, sub in (("a.wav", "PCM_16"), ("b.flac", "PCM_24")):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from speaker_sim_cli.features import (
+from speaker_sim_cli.audio.features import (
     FbankConfig,
     compute_features,
     fbank,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from speaker_sim_cli.errors import UsageError
-from speaker_sim_cli.trials import read_inputs, read_trials, read_wav_scp, resolve_trial_items
+from speaker_sim_cli.io.trials import read_inputs, read_trials, read_wav_scp, resolve_trial_items
 
 
 def write(tmp_path, name, text):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from speaker_sim_cli.audio import load
+from speaker_sim_cli.audio.decode import load
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.engine.embedder import Embedder, EngineConfig
 from speaker_sim_cli.models.registry import ARCHS, MODELS

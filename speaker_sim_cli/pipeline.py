@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .audio import AudioInfo, is_command, probe
+from .audio.decode import AudioInfo, is_command, probe
 from .engine.cache import EmbeddingCache
 from .engine.config import EngineConfig, EngineStats, fp32_submodules
 from .engine.shard import embed_sharded, split_devices
@@ -19,23 +19,12 @@ from .errors import AudioError
 from .models.registry import ModelSpec, get_model
 from .models.weights import Found, checkpoint_hash, load_checkpoint_into, resolve_checkpoint
 from .paths import default_cache_dir, map_in_threads
-from .records import Failure, Recording, TrialList
+from .records import EmbedResult, Failure, Recording, TrialList
 
 if TYPE_CHECKING:
     from .engine.embedder import Embedder
 
 CACHE_FORMAT = 1
-
-
-@dataclass
-class EmbedResult:
-    """Embeddings by resolved path, failures by resolved path, and what it took."""
-
-    embeddings: dict[str, np.ndarray]
-    failures: dict[str, str]
-    embedded: int = 0
-    cached: int = 0
-    seconds: float = 0.0
 
 
 class Extractor:

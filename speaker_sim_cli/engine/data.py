@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..audio import load
+from ..audio.decode import load
 from ..errors import AudioError
 
 
@@ -30,9 +30,15 @@ class AudioDataset(torch.utils.data.Dataset[Loaded]):
     """Decodes ``paths[i]`` to a float32 mono tensor at ``sample_rate``; never raises."""
 
     def __init__(
-        self, paths: Sequence[str], sample_rate: int, min_samples: int = 0, max_samples: int = 0
+        self,
+        paths: Sequence[str],
+        sample_rate: int,
+        min_samples: int = 0,
+        max_samples: int = 0,
+        channel: int | str = 0,
     ) -> None:
         self.paths = list(paths)
+        self.channel = channel
         self.sample_rate = sample_rate
         self.min_samples = min_samples
         self.max_samples = max_samples
@@ -42,7 +48,7 @@ class AudioDataset(torch.utils.data.Dataset[Loaded]):
 
     def __getitem__(self, i: int) -> Loaded:
         try:
-            wav = load(self.paths[i], self.sample_rate)
+            wav = load(self.paths[i], self.sample_rate, self.channel)
             check_wave(wav, self.sample_rate, self.min_samples, self.max_samples)
         except AudioError as exc:
             return Loaded(i, None, exc.reason)

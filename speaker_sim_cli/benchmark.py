@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import AudioError, UsageError
+from .errors import AudioError, UsageError
 
 AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus"})
 
@@ -160,8 +160,8 @@ def run_baseline(
     """
     import torch
 
-    from ..audio import load
-    from ..features import compute_features
+    from .audio.decode import load
+    from .audio.features import compute_features
 
     embs: dict[str, np.ndarray] = {}
     failures: dict[str, str] = {}
@@ -209,8 +209,8 @@ def run_engine(
     """``extractor.embed_paths`` against the cache at ``cache_root`` (empty: cold; the same root
     again: warm). Returns embeddings by path and timings (``compute_s`` is fbank + model in the
     main process)."""
-    from .cache import EmbeddingCache
-    from .embedder import EngineStats
+    from .engine.cache import EmbeddingCache
+    from .engine.embedder import EngineStats
 
     extractor.cache = EmbeddingCache(cache_root, extractor.ingredients(), extractor.spec.dim)
     extractor.embedder.stats = EngineStats()
@@ -346,9 +346,9 @@ def run_benchmark(
     """
     import torch
 
-    from ..models.registry import DEFAULT_MODEL
-    from ..pipeline import Extractor
-    from .embedder import EngineConfig, cpu_runners, default_workers
+    from .engine.embedder import EngineConfig, cpu_runners, default_workers
+    from .models.registry import DEFAULT_MODEL
+    from .pipeline import Extractor
 
     say = log or (lambda _msg: None)
     cfg = engine or EngineConfig()
@@ -359,7 +359,7 @@ def run_benchmark(
         ex = Extractor(model or DEFAULT_MODEL, model_dir, cfg, cache_dir=Path(tmp) / "warmup")
         load_s = time.perf_counter() - t0
         net, device, fe = ex.embedder.model, ex.embedder.device, ex.spec.frontend
-        flops = flop_model(net, fe.num_mel_bins, device)
+        flops = flop_model(net, getattr(fe, "num_mel_bins", 80), device)
         # Warm both paths (page cache, allocator, kernels) so neither pays first-call costs.
         for p in files:
             Path(p).read_bytes()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UsageError
-from .records import Recording, TrialList
+from ..errors import UsageError
+from ..records import Recording, TrialList
 
 ENROLL_NAMES = (
     "enrollment",
@@ -209,7 +209,7 @@ def read_wav_scp(path: str | Path, allow_commands: bool = False) -> dict[str, st
 
 def read_inputs(inputs: Sequence[str | Path]) -> list[Recording]:
     """``embed`` inputs: wav.scp files, list files (one path a line) or audio paths."""
-    from .audio_formats import is_audio_path
+    from ..audio.formats import is_audio_path
 
     recs: list[Recording] = []
     for item in inputs:

@@ -56,9 +56,9 @@ def embed(
 
         from ..engine.cache import atomic_write_bytes, npy_bytes
         from ..engine.config import EngineConfig
-        from ..kaldi_vectors import check_key, kaldi_vectors
+        from ..io.kaldi_vectors import check_key, kaldi_vectors
+        from ..io.trials import read_inputs
         from ..pipeline import Extractor
-        from ..trials import read_inputs
 
         recs = read_inputs([str(p) for p in inputs])
         if fmt is c.EmbedFormat.kaldi:

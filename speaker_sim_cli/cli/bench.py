@@ -61,7 +61,7 @@ def bench(
     with errors_to_exit():
         import tempfile
 
-        from ..engine.bench import default_corpus_dir, read_corpus, run_benchmark
+        from ..benchmark import default_corpus_dir, read_corpus, run_benchmark
         from ..engine.config import EngineConfig
 
         paths = read_corpus(files)
@@ -72,7 +72,7 @@ def bench(
         )  # fmt: skip
         with tempfile.TemporaryDirectory(prefix="speaker-sim-corpus-") as tmp:
             if repeat_corpus > 1:
-                from ..engine.bench import expand_corpus
+                from ..benchmark import expand_corpus
 
                 say(f"writing {repeat_corpus - 1} distinct copies of {len(paths)} recordings")
                 paths = expand_corpus(paths, repeat_corpus, Path(tmp))

@@ -30,7 +30,7 @@ def compare(
     STATE["quiet"] = quiet
     bad: dict[str, str] = {}
     with errors_to_exit():
-        from ..audio_formats import is_audio_path
+        from ..audio.formats import is_audio_path
         from ..engine.config import EngineConfig
         from ..errors import UsageError
         from ..pipeline import Extractor, cosine_pairs

@@ -124,10 +124,10 @@ def _run(
 ) -> None:  # fmt: skip
     from ..engine.config import EngineConfig, EngineStats
     from ..errors import UsageError
+    from ..io.scorefiles import atomic_text_output, check_whitespace_safe, write_scores
+    from ..io.trials import read_trials, read_wav_scp, resolve_trial_items
     from ..pipeline import EmbeddingSource, Extractor, score_trials
     from ..records import Recording
-    from ..scorefiles import atomic_text_output, check_whitespace_safe, write_scores
-    from ..trials import read_trials, read_wav_scp, resolve_trial_items
 
     t0 = time.perf_counter()
     tl = read_trials(trials_path)
@@ -143,7 +143,7 @@ def _run(
     source: EmbeddingSource
     ex: Extractor | None = None
     if extras.embeddings is not None:
-        from ..precomputed import PrecomputedEmbeddings
+        from ..io.precomputed import PrecomputedEmbeddings
 
         source = PrecomputedEmbeddings.load(extras.embeddings)
         # Items are the source's keys: no path resolution anywhere.
@@ -271,9 +271,9 @@ def _scoring_options(
     x: _Extras, root: Path, scp: dict[str, str] | None, scp_dir: Path | None
 ) -> ScoringOptions:
     from ..errors import UsageError
+    from ..io.trials import read_inputs, read_spk2utt, read_utt2spk, resolve_path
     from ..pipeline import ScoringOptions
     from ..records import Recording
-    from ..trials import read_inputs, read_spk2utt, read_utt2spk, resolve_path
 
     def rec(item: str) -> Recording:
         if scp is not None:

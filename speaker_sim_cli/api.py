@@ -290,8 +290,8 @@ class SpeakerSim:
         """
         import pandas as pd
 
+        from .io.trials import read_trials, resolve_trial_items
         from .pipeline import cosine_pairs, index_pairs, trial_errors
-        from .trials import read_trials, resolve_trial_items
 
         tl = (
             read_trials(os.fspath(trials))
@@ -354,7 +354,7 @@ class SpeakerSim:
         return out
 
     def _prepare_wave(self, arr: np.ndarray, sample_rate: int | None, i: int) -> np.ndarray:
-        from .audio import resample
+        from .audio.decode import resample
         from .engine.data import check_wave
 
         if arr.ndim != 1:
@@ -386,8 +386,8 @@ def _as_array(x: Any) -> np.ndarray:
 
 def _trials_from_memory(trials: Any) -> Any:
     """A TrialList from a DataFrame or an iterable of (enrollment, test[, label])."""
+    from .io.trials import _header_columns, parse_label
     from .records import TrialList
-    from .trials import _header_columns, parse_label
 
     enroll: list[str] = []
     test: list[str] = []

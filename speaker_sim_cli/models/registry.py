@@ -11,8 +11,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..audio.frontend import FbankConfig, Frontend
 from ..errors import UsageError
-from ..frontend import FbankConfig
 
 DEFAULT_MODEL = "iic/speech_campplus_sv_zh_en_16k-common_advanced"
 
@@ -90,7 +90,7 @@ class ModelSpec:
     arch: str
     dim: int
     trained_on: str
-    frontend: FbankConfig = field(default_factory=FbankConfig)
+    frontend: Frontend = field(default_factory=FbankConfig)
 
     @property
     def name(self) -> str:

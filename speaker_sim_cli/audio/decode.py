@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .errors import AudioError
+from ..errors import AudioError
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,12 @@ _BLOCK = 1 << 20
 
 
 def load(
-    path: str | Path, sample_rate: int, channel: int = 0, command_timeout: float = 600
+    path: str | Path, sample_rate: int, channel: int | str = 0, command_timeout: float = 600
 ) -> np.ndarray:
     """Decode ``path`` to a float32 mono waveform at ``sample_rate``.
+
+    ``channel``: an index, ``"first"`` (0) or ``"mean"`` (the average of all channels, as
+    mvector reads audio).
 
     ``path`` may be a wav.scp command (``sox a.sph -t wav - |``), run through the shell. Returns a
     1-D float32 array (samples,). Raises AudioError for a missing, empty, undecodable,
@@ -74,17 +78,14 @@ def load(
     try:
         with sf.SoundFile(str(p)) as f:
             rate, channels, frames = f.samplerate, f.channels, f.frames
-            if channel >= channels:
-                raise AudioError(str(p), f"has {channels} channel(s), channel {channel} requested")
+            pick = _channel_picker(str(p), channel, channels)
             if channels > 1 and frames * channels > _BLOCK_READ_SAMPLES:
                 parts = [
-                    np.array(b[:, channel], dtype=np.float32)
-                    for b in f.blocks(blocksize=_BLOCK, dtype="float32", always_2d=True)
+                    pick(b) for b in f.blocks(blocksize=_BLOCK, dtype="float32", always_2d=True)
                 ]
                 wav = np.concatenate(parts) if parts else np.zeros(0, np.float32)
             else:
-                data = f.read(dtype="float32", always_2d=True)
-                wav = np.ascontiguousarray(data[:, channel])
+                wav = pick(f.read(dtype="float32", always_2d=True))
     except AudioError:
         raise
     except MemoryError:
@@ -102,7 +103,7 @@ def _finish(name: str, wav: np.ndarray, rate: int, sample_rate: int) -> np.ndarr
     return resample(wav, rate, sample_rate)
 
 
-def _load_command(cmd: str, sample_rate: int, channel: int, timeout: float) -> np.ndarray:
+def _load_command(cmd: str, sample_rate: int, channel: int | str, timeout: float) -> np.ndarray:
     import io
     import subprocess
 
@@ -122,9 +123,21 @@ def _load_command(cmd: str, sample_rate: int, channel: int, timeout: float) -> n
         data, rate = sf.read(io.BytesIO(proc.stdout), dtype="float32", always_2d=True)
     except Exception as exc:
         raise AudioError(cmd, f"cannot decode the command's output ({_sf_reason(exc)})") from None
-    if channel >= data.shape[1]:
-        raise AudioError(cmd, f"has {data.shape[1]} channel(s), channel {channel} requested")
-    return _finish(cmd, np.ascontiguousarray(data[:, channel]), rate, sample_rate)
+    return _finish(cmd, _channel_picker(cmd, channel, data.shape[1])(data), rate, sample_rate)
+
+
+def _channel_picker(name: str, channel: int | str, channels: int) -> Any:
+    """A function (frames, channels) -> (frames,) float32 contiguous for ``channel``."""
+    if channel == "mean":
+        if channels == 1:
+            return lambda d: np.ascontiguousarray(d[:, 0], dtype=np.float32)
+        return lambda d: np.ascontiguousarray(d.mean(axis=1, dtype=np.float32))
+    idx = 0 if channel == "first" else channel
+    if not isinstance(idx, int) or idx < 0:
+        raise ValueError(f"channel must be an index, 'first' or 'mean', got {channel!r}")
+    if idx >= channels:
+        raise AudioError(name, f"has {channels} channel(s), channel {idx} requested")
+    return lambda d: np.ascontiguousarray(d[:, idx], dtype=np.float32)
 
 
 def _decode_reason(p: Path, exc: Exception) -> str:

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
+from ..records import EmbedResult
 from .kaldi_vectors import read_kaldi_vectors
-from .pipeline import EmbedResult
 from .trials import read_text
 
 __all__ = ["PrecomputedEmbeddings"]

@@ -255,7 +255,7 @@ def read_labelled(path: Path, labels: Path | None) -> tuple[Any, np.ndarray, str
     import numpy as np
 
     from ..errors import UsageError
-    from ..scorefiles import attach_labels, read_scores
+    from ..io.scorefiles import attach_labels, read_scores
 
     table = read_scores(path)
     if labels is not None:
@@ -481,7 +481,7 @@ def _baseline_block(d: Any, where: str) -> BaselineMetrics:
 def _load_baseline(path: Path) -> dict[str, BaselineMetrics]:
     """Baseline metrics by score-file path ('' for a single-file report)."""
     from ..errors import UsageError
-    from ..trials import read_text
+    from ..io.trials import read_text
 
     text = read_text(path)
     try:

@@ -150,7 +150,7 @@ def _esc(text: str) -> str:
 
 def _labelled(path: Path, labels: Path | None, need: bool) -> tuple[Any, np.ndarray | None]:
     from ..errors import UsageError
-    from ..scorefiles import attach_labels, read_scores
+    from ..io.scorefiles import attach_labels, read_scores
 
     table = read_scores(path)
     if labels is not None:
@@ -196,8 +196,8 @@ def _fit(train: Path, labels: Path | None, prior: float) -> tuple[Calibration, d
 
 def _load(path: Path) -> Calibration:
     from ..errors import UsageError
+    from ..io.trials import read_text
     from ..scoring.calibration import Calibration
-    from ..trials import read_text
 
     try:
         doc = json.loads(read_text(path))
@@ -232,7 +232,7 @@ def _apply(
     import numpy as np
 
     from ..errors import UsageError
-    from ..scorefiles import atomic_text_output, check_whitespace_safe, write_scores
+    from ..io.scorefiles import atomic_text_output, check_whitespace_safe, write_scores
     from ..scoring.calibration import cllr, min_cllr
 
     table, labs = _labelled(src, labels, need=False)

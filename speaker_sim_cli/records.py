@@ -21,6 +21,17 @@ class Recording:
         return {"key": self.key, "path": str(self.path)}
 
 
+@dataclass
+class EmbedResult:
+    """Embeddings by resolved path, failures by resolved path, and what it took."""
+
+    embeddings: dict[str, np.ndarray]
+    failures: dict[str, str]
+    embedded: int = 0
+    cached: int = 0
+    seconds: float = 0.0
+
+
 @dataclass(frozen=True)
 class Failure:
     """A recording that could not be embedded, and why."""

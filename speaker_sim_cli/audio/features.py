@@ -9,24 +9,32 @@ epsilon, no dither. Per-utterance mean subtraction is a separate step (:func:`me
 
 from __future__ import annotations
 
+import importlib
 import math
 from functools import lru_cache
+from typing import Any
 
 import torch
 
-from .frontend import FbankConfig
+from .frontend import FbankConfig, Frontend
 
-__all__ = ["FbankConfig", "compute_features", "fbank", "mean_normalize", "num_frames"]
+__all__ = [
+    "FbankConfig",
+    "Frontend",
+    "compute_features",
+    "fbank",
+    "fbank_features",
+    "mean_normalize",
+    "num_frames",
+    "prepare_waves",
+]
 
 
-def num_frames(num_samples: int | torch.Tensor, cfg: FbankConfig) -> torch.Tensor | int:
-    """Frames Kaldi produces from ``num_samples`` with snip edges (0 when too short)."""
-    if isinstance(num_samples, torch.Tensor):
-        n = torch.div(num_samples - cfg.window_size, cfg.window_shift, rounding_mode="floor") + 1
-        return n.clamp_min(0)
-    if num_samples < cfg.window_size:
-        return 0
-    return 1 + (num_samples - cfg.window_size) // cfg.window_shift
+def num_frames(num_samples: int | torch.Tensor, cfg: Frontend) -> torch.Tensor | int:
+    """Frames the front end produces from ``num_samples`` (Kaldi fbank: snip edges, 0 if short)."""
+    if not isinstance(num_samples, torch.Tensor):
+        num_samples = int(num_samples)
+    return cfg.num_frames(num_samples)
 
 
 def _mel(freq: torch.Tensor | float) -> torch.Tensor:
@@ -128,14 +136,41 @@ def mean_normalize(feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (feats - mean[:, None, :]) * valid[..., None]
 
 
-def compute_features(
+def fbank_features(
     waves: torch.Tensor, lengths: torch.Tensor | None, cfg: FbankConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's front end: fbank, then mean normalisation when the config asks for it."""
+    """Kaldi fbank at ``cfg.input_scale``, then mean normalisation when the config asks for it."""
+    if cfg.input_scale != 1.0:
+        waves = waves * cfg.input_scale
     feats, n = fbank(waves, lengths, cfg)
     if cfg.mean_norm:
         feats = mean_normalize(feats, n)
     return feats, n
+
+
+def prepare_waves(waves: torch.Tensor, lengths: torch.Tensor | None, cfg: Frontend) -> torch.Tensor:
+    """Waveform-level steps shared by the family (loudness normalisation), before features."""
+    if cfg.loudness_db is None:
+        return waves
+    from .loudness import normalize_loudness
+
+    return normalize_loudness(waves, lengths, cfg.loudness_db)
+
+
+@lru_cache(maxsize=32)
+def _compute_fn(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def compute_features(
+    waves: torch.Tensor, lengths: torch.Tensor | None, cfg: Frontend
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's front end on a padded batch: (B, N) waves, (B,) lengths -> features
+    (B, T, ...) with padded frames zeroed, and valid frame counts (B,) int64."""
+    waves = prepare_waves(waves, lengths, cfg)
+    fn = _compute_fn(type(cfg).compute)
+    return fn(waves, lengths, cfg)
 
 
 def seconds_to_frames(seconds: float, cfg: FbankConfig) -> int:

@@ -21,7 +21,7 @@ from typing import IO
 
 import numpy as np
 
-from .errors import UsageError
+from ..errors import UsageError
 from .trials import ENROLL_NAMES, LABEL_NAMES, TARGET_WORDS, TEST_NAMES, parse_label, read_text
 
 FORMATS = ("csv", "kaldi", "wespeaker")

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..audio.features import compute_features, num_frames
 from ..errors import UsageError
-from ..features import compute_features, num_frames
 from ..models.registry import ModelSpec
 from .config import (
     DEFAULT_BATCH_FRAMES,
@@ -202,7 +202,11 @@ class Embedder:
         est_frames = [max(int(num_frames(int(n), self.frontend)), 1) for n in est_samples]
         plan = plan_batches(est_frames, self.batch_frames, self.cfg.batch_size)
         dataset = AudioDataset(
-            paths, sr, int(self.cfg.min_duration * sr), int(self.cfg.max_duration * sr)
+            paths,
+            sr,
+            int(self.cfg.min_duration * sr),
+            int(self.cfg.max_duration * sr),
+            self.frontend.channel,
         )
         runners = 1
         if self.device.type == "cpu":

@@ -1,0 +1,6 @@
+"""Audio in, features out: decoding (soundfile, channel choice, soxr resampling), the file
+formats we recognise, and the front ends (frozen configs, torch-free; batched torch compute).
+
+May import: ``errors``, ``records``, ``paths``. Never ``engine``, ``pipeline``, ``cli``. Only
+``features`` imports torch.
+"""

@@ -1,1 +1,0 @@
-"""The command line: a Typer app with one module per command. The only layer that prints."""

@@ -1,1 +1,0 @@
-"""Model zoo: the registry, the weight lookup and one module per architecture family."""
