@@ -91,6 +91,8 @@ class ModelSpec:
     dim: int
     trained_on: str
     frontend: Frontend = field(default_factory=FbankConfig)
+    #: The published decision threshold on raw cosine (model card), None where none is published.
+    threshold: float | None = None
 
     @property
     def name(self) -> str:
