@@ -42,6 +42,11 @@ class Frontend:
     def num_frames(self, num_samples: Any) -> Any:
         return num_samples
 
+    def budget_frames(self, fbank_frames: int) -> int:
+        """The engine's batch budget, written in 10 ms fbank frames, in this front end's
+        frames (the same for the spectral members; samples for :class:`WaveformConfig`)."""
+        return int(fbank_frames)
+
     def to_dict(self) -> dict[str, object]:
         out = asdict(self)
         for f in fields(self):
@@ -98,3 +103,24 @@ class FbankConfig(Frontend):
             return 1 + (num_samples - self.window_size) // self.window_shift
         n = (num_samples - self.window_size) // self.window_shift + 1
         return n.clamp_min(0)
+
+
+@dataclass(frozen=True)
+class WaveformConfig(Frontend):
+    """The raw waveform, for self-supervised models (WavLM): features are (B, N) samples.
+
+    ``normalize``: each row layer-normed over its own valid samples as s3prl does before WavLM
+    (``F.layer_norm(wav, wav.shape)``: biased variance, ``eps`` 1e-5, no affine). A frame is a
+    sample, so the engine's batch budget (written in 10 ms fbank frames) is scaled by
+    :meth:`budget_frames`.
+    """
+
+    normalize: bool = True
+    eps: float = 1e-5
+
+    kind: ClassVar[str] = "waveform"
+    compute: ClassVar[str] = "speaker_sim_cli.audio.waveform:waveform_features"
+
+    def budget_frames(self, fbank_frames: int) -> int:
+        """A budget of ``fbank_frames`` 10 ms frames, in samples."""
+        return int(fbank_frames) * self.sample_rate // 100

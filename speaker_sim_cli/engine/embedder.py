@@ -112,6 +112,8 @@ class Embedder:
         self.frontend = spec.frontend
         self.stats = EngineStats()
         frames = config.batch_frames or DEFAULT_BATCH_FRAMES.get(self.device.type, 2_400)
+        # The budget is written in 10 ms fbank frames; a waveform front end counts samples.
+        frames = self.frontend.budget_frames(frames)
         self.batch_frames = frames
         self._lock = threading.Lock()  # stats, when CPU runners embed batches side by side
 
