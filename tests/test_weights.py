@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from speaker_sim_cli.errors import CheckpointMismatchError, UsageError, WeightsNotFoundError
-from speaker_sim_cli.models.registry import DEFAULT_MODEL, MODELS, get_model
+from speaker_sim_cli.models.registry import ARCHS, DEFAULT_MODEL, MODELS, get_model
 from speaker_sim_cli.models.weights import (
+    Found,
     find_checkpoint,
     load_checkpoint_into,
     resolve_checkpoint,
@@ -20,8 +21,8 @@ def test_ids_aliases_and_damo_prefix():
     assert get_model("damo/speech_campplus_sv_zh_en_16k-common_advanced") is spec
     assert get_model("campplus-zh-en") is spec
     assert get_model("eres2net-large-3dspeaker").arch == "eres2net_large512"
-    assert len(MODELS) == 13
-    assert len({m.alias for m in MODELS}) == 13
+    assert len([m for m in MODELS if ARCHS[m.arch].fixture == "arch"]) == 13  # 3D-Speaker's
+    assert len({m.alias for m in MODELS}) == len(MODELS)
     with pytest.raises(UsageError, match="unknown model 'nope'"):
         get_model("nope")
 
@@ -30,6 +31,7 @@ def test_ids_aliases_and_damo_prefix():
 def clean_env(monkeypatch, tmp_path):
     monkeypatch.delenv("SPEAKER_SIM_PRETRAINED", raising=False)
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "ms"))
+    monkeypatch.setenv("SPEAKER_SIM_DATA", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -45,6 +47,8 @@ def test_lookup_order(clean_env, monkeypatch):
     tmp = clean_env
     ms = _touch(tmp / "ms" / "models" / "iic" / spec.name, spec.checkpoint)
     assert find_checkpoint(spec).path == ms
+    user = _touch(tmp / "data" / "pretrained" / spec.name, spec.checkpoint)
+    assert find_checkpoint(spec) == Found(user, "user-pretrained")
     local = _touch(tmp / "pretrained" / spec.name, spec.checkpoint)
     assert find_checkpoint(spec) == find_checkpoint(spec)
     assert find_checkpoint(spec).path == local
@@ -63,6 +67,9 @@ def test_missing_offline_names_file_and_folder(clean_env, monkeypatch):
         resolve_checkpoint(spec)
     msg = str(err.value)
     assert "ecapa_tdnn.bin" in msg and str(clean_env / "pretrained" / spec.name) in msg
+    # every place searched is named, the user-level folder included
+    assert str(clean_env / "data" / "pretrained" / spec.name) in msg
+    assert str(clean_env / "ms" / "models" / "iic" / spec.name) in msg
     with pytest.raises(WeightsNotFoundError, match="not found in --model-dir"):
         resolve_checkpoint(spec, clean_env / "nowhere")
 
