@@ -24,9 +24,21 @@ def compare(
     cache_dir: c.CacheDirOpt = None,
     no_cache: c.NoCacheOpt = False,
     device: c.DeviceOpt = "auto",
+    score_scale: c.ScoreScaleOpt = None,
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            help="Decision threshold on the cosine for the verdict column (default: the "
+            "model's published one, when its card gives one).",
+        ),
+    ] = None,
     quiet: c.QuietOpt = False,
 ) -> None:
-    """Score every pair of the given recordings (raw cosine) and print the table."""
+    """Score every pair of the given recordings (raw cosine) and print the table.
+
+    With a threshold (``--threshold``, or the model's published one) a verdict column says
+    ``same`` when the cosine is at or above it, else ``different``.
+    """
     STATE["quiet"] = quiet
     bad: dict[str, str] = {}
     with errors_to_exit():
@@ -52,13 +64,30 @@ def compare(
         import numpy as np
 
         mat = np.stack([res.embeddings[str(p.resolve())] for p in good]) if good else None
-        t = Table(title=f"Cosine similarity ({ex.spec.alias}, {ex.spec.id})")
+        thr = threshold if threshold is not None else ex.spec.threshold
+        title = f"Cosine similarity ({ex.spec.alias}, {ex.spec.id})"
+        if thr is not None:
+            origin = "--threshold" if threshold is not None else "published"
+            title += f"; threshold {thr:g} ({origin})"
+        t = Table(title=title)
         t.add_column("enrollment")
         t.add_column("test")
         t.add_column("cosine", justify="right")
+        if score_scale is not None:
+            from ..scoring.scales import SCALES
+
+            column, rescale = SCALES[score_scale.value]
+            t.add_column(column, justify="right")
+        if thr is not None:
+            t.add_column("verdict")
         for i, j in itertools.combinations(range(len(good)), 2):
             s = float(cosine_pairs(mat, np.array([i]), np.array([j]))[0])  # type: ignore[arg-type]
-            t.add_row(good[i].name, good[j].name, f"{s:.4f}")
+            cells = [good[i].name, good[j].name, f"{s:.4f}"]
+            if score_scale is not None:
+                cells.append(f"{float(rescale(s)):.2f}")
+            if thr is not None:
+                cells.append("[green]same[/green]" if s >= thr else "different")
+            t.add_row(*cells)
         Console(soft_wrap=False).print(t)
         for p, reason in bad.items():
             say(f"[red]failed[/red] {escape(p)}: {escape(reason)}")

@@ -26,7 +26,7 @@ def models(
         found = find_checkpoint(m, model_dir)
         rows.append({
             "id": m.id, "alias": m.alias, "arch": m.arch, "dim": m.dim, "revision": m.revision,
-            "checkpoint": m.checkpoint, "trained_on": m.trained_on,
+            "checkpoint": m.checkpoint, "trained_on": m.trained_on, "threshold": m.threshold,
             "weights": str(found.path) if found else "missing",
             "default": m.id == DEFAULT_MODEL,
         })  # fmt: skip

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ..audio.frontend import FbankConfig, Frontend
+from ..audio.frontend import FbankConfig, Frontend, WaveformConfig
 from ..errors import UsageError
 
 DEFAULT_MODEL = "iic/speech_campplus_sv_zh_en_16k-common_advanced"
@@ -25,6 +26,12 @@ class Arch:
     module: str
     cls: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    #: The folder under ``shared/fixtures/`` holding ``<name>.schema.json`` (and ``.npz``): the
+    #: 3D-Speaker archs are in ``arch/``; other families in their own folder.
+    fixture: str = "arch"
+    #: ``module:function`` loading a checkpoint file into the built network, ``(model, path,
+    #: spec)``; None: a strict load of a plain state dict (:func:`.weights.load_checkpoint_into`).
+    loader: str | None = None
 
     def build(self) -> Any:
         mod = importlib.import_module(f"speaker_sim_cli.models.{self.module}")
@@ -75,8 +82,15 @@ ARCHS: dict[str, Arch] = {
             "ECAPATDNN",
             {"input_size": 80, "lin_neurons": 192, "channels": [1024, 1024, 1024, 1024, 3072]},
         ),
+        Arch("funasr_xvector", "funasr_xvector", "FunASRXVector",
+             {"feat_dim": 80, "embedding_size": 256}, fixture="funasr"),  # fmt: skip
+        # WavLM-Large + ECAPA_TDNN_SMALL (UniSpeech), the TTS "SIM" model (wavlm_ecapa.py).
+        Arch("wavlm_large_ecapa", "wavlm_ecapa", "WavLMECAPA", {}, fixture="wavlm_sim"),
     ]
 }
+
+#: FunASR's WavFrontend (specs/funasr_xvector.md): int16-range input, no CMN, dither 0.
+FUNASR_FBANK = FbankConfig(mean_norm=False, input_scale=32768.0)
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,11 @@ class ModelSpec:
     frontend: Frontend = field(default_factory=FbankConfig)
     #: The published decision threshold on raw cosine (model card), None where none is published.
     threshold: float | None = None
+    #: Other file names the checkpoint may have in a model folder, tried after ``checkpoint``.
+    alt_checkpoints: tuple[str, ...] = ()
+    #: The architecture when it is not a row of ARCHS: built from a user's training config
+    #: (mvector); its kwargs are part of the cache key.
+    arch_def: Arch | None = None
 
     @property
     def name(self) -> str:
@@ -103,15 +122,20 @@ class ModelSpec:
     def sample_rate(self) -> int:
         return self.frontend.sample_rate
 
+    @property
+    def architecture(self) -> Arch:
+        return self.arch_def if self.arch_def is not None else ARCHS[self.arch]
+
     def build(self) -> Any:
-        return ARCHS[self.arch].build()
+        return self.architecture.build()
 
 
 MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(DEFAULT_MODEL, "campplus-zh-en", "v1.0.0", "campplus_cn_en_common.pt",
               "campplus192", 192, "large zh+en corpus"),
     ModelSpec("iic/speech_campplus_sv_zh-cn_16k-common", "campplus-zh", "v1.0.0",
-              "campplus_cn_common.bin", "campplus192", 192, "200k zh speakers"),
+              "campplus_cn_common.bin", "campplus192", 192, "200k zh speakers",
+              threshold=0.31),
     ModelSpec("iic/speech_campplus_sv_en_voxceleb_16k", "campplus-vox", "v1.0.2",
               "campplus_voxceleb.bin", "campplus512", 512, "VoxCeleb"),
     ModelSpec("iic/speech_eres2net_sv_en_voxceleb_16k", "eres2net-vox", "v1.0.2",
@@ -121,7 +145,8 @@ MODELS: tuple[ModelSpec, ...] = (
     ModelSpec("iic/speech_eres2net_base_200k_sv_zh-cn_16k-common", "eres2net-base-zh", "v1.0.0",
               "pretrained_eres2net.pt", "eres2net_base512", 512, "200k zh speakers"),
     ModelSpec("iic/speech_eres2net_base_sv_zh-cn_3dspeaker_16k", "eres2net-base-3dspeaker",
-              "v1.0.1", "eres2net_base_model.ckpt", "eres2net_base512", 512, "3D-Speaker"),
+              "v1.0.1", "eres2net_base_model.ckpt", "eres2net_base512", 512, "3D-Speaker",
+              threshold=0.249),
     ModelSpec("iic/speech_eres2net_large_sv_zh-cn_3dspeaker_16k", "eres2net-large-3dspeaker",
               "v1.0.0", "eres2net_large_model.ckpt", "eres2net_large512", 512, "3D-Speaker"),
     ModelSpec("iic/speech_eres2netv2_sv_zh-cn_16k-common", "eres2netv2-zh", "v1.0.1",
@@ -135,6 +160,15 @@ MODELS: tuple[ModelSpec, ...] = (
               "ecapa-tdnn.ckpt", "ecapa1024", 192, "3D-Speaker"),
     ModelSpec("iic/speech_ecapa-tdnn_sv_en_voxceleb_16k", "ecapa-vox", "v1.0.1",
               "ecapa_tdnn.bin", "ecapa1024", 192, "VoxCeleb"),
+    ModelSpec("iic/speech_xvector_sv-zh-cn-cnceleb-16k-spk3465-pytorch", "xvector-cnceleb",
+              "master", "sv.pb", "funasr_xvector", 256, "CN-Celeb + AliMeeting (FunASR)",
+              frontend=FUNASR_FBANK, threshold=0.9465, alt_checkpoints=("sv.pth",)),
+    # The SIM of seed-tts-eval / UltraEval "Simo" / F5-TTS / CosyVoice papers. Not on a hub
+    # (revision ""): UniSpeech's README links wavlm_large_finetune.pth; put it in
+    # pretrained/wavlm_large_finetune/.
+    ModelSpec("microsoft/wavlm_large_finetune", "wavlm-ecapa-sim", "",
+              "wavlm_large_finetune.pth", "wavlm_large_ecapa", 256,
+              "VoxCeleb2 (UniSpeech WavLM-Large + ECAPA-TDNN)", frontend=WaveformConfig()),
 )  # fmt: skip
 
 _BY_KEY: dict[str, ModelSpec] = {}
@@ -151,7 +185,33 @@ def get_model(key: str) -> ModelSpec:
     if spec is None:
         known = ", ".join(m.alias for m in MODELS)
         raise UsageError(
-            f"unknown model {key!r}: use a ModelScope id or an alias ({known}); "
-            "`speaker-sim models` lists them"
+            f"unknown model {key!r}: use a ModelScope id or an alias ({known}), or "
+            f"{' / '.join(FAMILIES)} with --model-dir; `speaker-sim models` lists them"
         )
     return spec
+
+
+#: Families whose model is described by the user's own files rather than a row of the zoo:
+#: ``--model KEY --model-dir DIR [--model-config FILE]`` -> ``module:function(model_dir,
+#: model_config) -> ModelSpec``.
+FAMILIES: dict[str, str] = {
+    "mvector": "speaker_sim_cli.models.mvector_config:mvector_spec",
+}
+
+
+def resolve_model(
+    key: str, model_dir: str | Path | None = None, model_config: str | Path | None = None
+) -> ModelSpec:
+    """The ModelSpec for ``--model KEY`` (a zoo id or alias, or a family of :data:`FAMILIES`
+    built from ``model_dir`` and ``model_config``)."""
+    family = FAMILIES.get(key.strip().lower())
+    if family is not None:
+        module, _, fn = family.partition(":")
+        built: ModelSpec = getattr(importlib.import_module(module), fn)(model_dir, model_config)
+        return built
+    if model_config is not None:
+        raise UsageError(
+            f"--model-config is read for {' / '.join(FAMILIES)} checkpoints, not for {key!r} "
+            "(a zoo model's front end and architecture are fixed)"
+        )
+    return get_model(key)
