@@ -20,8 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -31,12 +30,10 @@ from . import common as c
 from .ui import EXIT_FAILURE, STATE, err_console, errors_to_exit, say, warn
 
 if TYPE_CHECKING:
-    import numpy as np
     from rich.table import Table
 
+    from ..scoring.evaluation import FileResult
     from ..scoring.metrics import Metrics
-
-DEFAULT_P_TARGETS = (0.01, 0.05)
 
 
 def eval_scores(
@@ -138,10 +135,16 @@ def eval_scores(
     """
     STATE["quiet"] = quiet
     with errors_to_exit():
-        ps = _p_targets(p_target, gate_p if max_min_dcf is not None else None)
-        refs = _load_baseline(baseline) if baseline is not None else None
+        from ..scoring.evaluation import evaluate_file, p_targets
+        from ..scoring.gate import load_baseline, run_gate
 
-        results = [_evaluate_file(p, labels, ps, c_miss, c_fa, threshold) for p in scores]
+        ps = p_targets(p_target, gate_p if max_min_dcf is not None else None)
+        refs = load_baseline(baseline) if baseline is not None else None  # fail fast
+
+        notes: list[str] = []
+        results = [evaluate_file(p, labels, ps, c_miss, c_fa, threshold, notes) for p in scores]
+        for note in notes:
+            warn(note)
         names = display_names(scores)
         if not quiet:
             err_console.print(
@@ -159,7 +162,7 @@ def eval_scores(
                     )
         for r in results:
             if r.failed:
-                warn(f"{_esc(str(r.path))}: {r.failed} rows without a score (failed) left out")
+                warn(f"{r.path}: {r.failed} rows without a score (failed) left out")
 
         docs = {str(r.path): r.doc() for r in results}
         out: dict[str, Any] = docs[str(scores[0])] if len(scores) == 1 else {"files": docs}
@@ -168,134 +171,30 @@ def eval_scores(
             out["plots"] = _plots(plot, names, results, ps[0])
             say(f"plots written to {_esc(str(plot))}")
 
-        dcf_tol = tolerance if dcf_tolerance is None else dcf_tolerance
-        gate = max_eer is not None or max_min_dcf is not None or refs is not None
-        failures: list[str] = []
-        if gate:
-            checks: list[dict[str, Any]] = []
-            for n, r in zip(names, results, strict=True):
-                prefix = f"{n}: " if len(results) > 1 else ""
-                m = r.metrics
-                if max_eer is not None:
-                    checks.append(_limit_check(n, prefix, "eer", m.eer, max_eer))
-                if max_min_dcf is not None:
-                    key = f"min_dcf[{gate_p:g}]"
-                    checks.append(_limit_check(n, prefix, key, m.min_dcf[gate_p], max_min_dcf))
-                if refs is not None:
-                    ref = _match_baseline(refs, r.path, baseline)
-                    checks.extend(_baseline_checks(n, prefix, m, ref, tolerance, dcf_tol, baseline))
-            failures = [ck["reason"] for ck in checks if not ck["passed"]]
-            out["gate"] = {
-                "passed": not failures,
-                "tolerance": {"eer": tolerance, "min_dcf": dcf_tol},
-                "checks": checks,
-            }
+        gate = None
+        if max_eer is not None or max_min_dcf is not None or refs is not None:
+            files = [(n, r.path, r.metrics) for n, r in zip(names, results, strict=True)]
+            gate = run_gate(
+                files, max_eer=max_eer, max_min_dcf=max_min_dcf, gate_p=gate_p,
+                baseline=baseline, tolerance=tolerance, dcf_tolerance=dcf_tolerance, refs=refs,
+            )  # fmt: skip
+            for note in gate.notes:
+                warn(note)
+            out["gate"] = gate.to_dict()
 
+        out = c.with_invocation(out)
         if report is not None:
             c.write_json(report, out)
         else:
             typer.echo(json.dumps(c._clean(out), indent=2))
 
-        if failures:
+        if gate is not None and not gate.passed:
             from rich.markup import escape
 
-            err_console.print(f"[red]gate failed:[/red] {escape('; '.join(failures))}")
+            err_console.print(f"[red]gate failed:[/red] {escape('; '.join(gate.failures))}")
             raise typer.Exit(EXIT_FAILURE)
-        if gate:
-            say(f"gate passed ({len(out['gate']['checks'])} checks)")
-
-
-# ---------------------------------------------------------------------------------------------
-# reading and evaluating one score file
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FileResult:
-    path: Path
-    fmt: str
-    labels_from: str
-    scores: np.ndarray  # (n_scored,) float64, failed rows removed
-    labels: np.ndarray  # (n_scored,) int8
-    metrics: Metrics
-    trials: int
-    failed: int
-
-    def doc(self) -> dict[str, Any]:
-        """The per-file report, keyed as ``score --report`` keys its own."""
-        return {
-            "scores": str(self.path),
-            "score_format": self.fmt,
-            "labels": self.labels_from,
-            "metrics": c.metrics_block(self.metrics),
-            "counts": {
-                "trials": self.trials,
-                "scored": self.trials - self.failed,
-                "failed": self.failed,
-                "targets": self.metrics.n_targets,
-                "nontargets": self.metrics.n_nontargets,
-            },
-        }
-
-
-def _p_targets(given: Sequence[float] | None, gate_p: float | None) -> list[float]:
-    from ..errors import UsageError
-
-    ps = list(dict.fromkeys(float(p) for p in (given or DEFAULT_P_TARGETS)))
-    if gate_p is not None and gate_p not in ps:
-        ps.append(float(gate_p))
-    bad = [p for p in ps if not 0.0 < p < 1.0]
-    if bad:
-        raise UsageError(f"--p-target / --gate-p must be in (0, 1), got {bad[0]:g}")
-    return ps
-
-
-def read_labelled(path: Path, labels: Path | None) -> tuple[Any, np.ndarray, str]:
-    """``(table, labels (n,) int8, where the labels came from)``; UsageError when unlabelled."""
-    import numpy as np
-
-    from ..errors import UsageError
-    from ..io.scorefiles import attach_labels, read_scores
-
-    table = read_scores(path)
-    if labels is not None:
-        labs = attach_labels(table, labels)
-        if table.labels is not None:
-            differ = int(np.count_nonzero(table.labels != labs))
-            if differ:
-                warn(
-                    f"{_esc(str(path))}: {differ} labels in the score file differ from "
-                    f"{_esc(str(labels))}; using {_esc(str(labels))}"
-                )
-        return table, labs, str(labels)
-    if table.labels is None:
-        raise UsageError(f"{path}: no labels in the score file; pass --labels TRIALS")
-    return table, table.labels, "score file"
-
-
-def _evaluate_file(
-    path: Path,
-    labels: Path | None,
-    ps: list[float],
-    c_miss: float,
-    c_fa: float,
-    threshold: float | None,
-) -> FileResult:
-    import numpy as np
-
-    from ..errors import UsageError
-    from ..scoring.metrics import evaluate
-
-    table, labs, source = read_labelled(path, labels)
-    ok = ~np.isnan(table.scores)
-    s = table.scores[ok]
-    y = labs[ok]
-    try:
-        m = evaluate(s, y, p_targets=ps, c_miss=c_miss, c_fa=c_fa, threshold=threshold)
-    except ValueError as exc:
-        raise UsageError(f"{path}: {exc}") from None
-    n = len(table.scores)
-    return FileResult(path, table.format, source, s, y, m, n, int(n - ok.sum()))
+        if gate is not None:
+            say(f"gate passed ({len(gate.checks)} checks)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,170 +316,6 @@ def _plots(
             raise UsageError(f"{r.path}: {exc}") from None
         hists[str(r.path)] = str(h)
     return {"det": str(det), "histograms": hists}
-
-
-# ---------------------------------------------------------------------------------------------
-# the gate
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BaselineMetrics:
-    """The comparable part of a report: EER, minDCF per p_target, the costs it used."""
-
-    eer: float
-    min_dcf: dict[float, float]
-    c_miss: float | None = None
-    c_fa: float | None = None
-
-
-def _num(x: Any, where: str) -> float:
-    from ..errors import UsageError
-
-    if isinstance(x, bool) or not isinstance(x, int | float):
-        raise UsageError(f"{where}: expected a number, found {x!r}")
-    return float(x)
-
-
-def _baseline_block(d: Any, where: str) -> BaselineMetrics:
-    from ..errors import UsageError
-
-    if not isinstance(d, Mapping):
-        raise UsageError(f"{where}: not a JSON object")
-    if "metrics" in d:
-        d = d["metrics"]
-        if d is None:
-            raise UsageError(f"{where}: the report has no metrics (were the trials labelled?)")
-        if not isinstance(d, Mapping):
-            raise UsageError(f"{where}: 'metrics' is not a JSON object")
-    if "eer" not in d:
-        raise UsageError(f"{where}: no 'eer' in the report; is it an eval or score report?")
-    mdcf: dict[float, float] = {}
-    if isinstance(d.get("min_dcf"), Mapping):  # common.metrics_block: {"0.01": v}
-        items = [(k, v) for k, v in d["min_dcf"].items()]
-    else:  # flat Metrics.to_dict / reference files: "min_dcf_p0.01": v
-        items = [(k[len("min_dcf_p") :], v) for k, v in d.items() if k.startswith("min_dcf_p")]
-    for k, v in items:
-        if v is None:
-            continue
-        try:
-            p = float(k)
-        except ValueError:
-            raise UsageError(f"{where}: bad p_target key {k!r} in min_dcf") from None
-        mdcf[p] = _num(v, f"{where}: min_dcf[{k}]")
-    cm = d.get("c_miss")
-    cf = d.get("c_fa")
-    return BaselineMetrics(
-        eer=_num(d["eer"], f"{where}: eer"),
-        min_dcf=mdcf,
-        c_miss=None if cm is None else _num(cm, f"{where}: c_miss"),
-        c_fa=None if cf is None else _num(cf, f"{where}: c_fa"),
-    )
-
-
-def _load_baseline(path: Path) -> dict[str, BaselineMetrics]:
-    """Baseline metrics by score-file path ('' for a single-file report)."""
-    from ..errors import UsageError
-    from ..io.trials import read_text
-
-    text = read_text(path)
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"--baseline {path}: not JSON ({exc})") from None
-    if isinstance(doc, Mapping) and isinstance(doc.get("files"), Mapping):
-        if not doc["files"]:
-            raise UsageError(f"--baseline {path}: 'files' is empty")
-        return {
-            str(k): _baseline_block(v, f"--baseline {path}: files[{k}]")
-            for k, v in doc["files"].items()
-        }
-    return {"": _baseline_block(doc, f"--baseline {path}")}
-
-
-def _match_baseline(
-    refs: dict[str, BaselineMetrics], path: Path, baseline: Path | None
-) -> BaselineMetrics:
-    from ..errors import UsageError
-
-    if len(refs) == 1:
-        return next(iter(refs.values()))
-    if str(path) in refs:
-        return refs[str(path)]
-    res = path.resolve()
-    for k, v in refs.items():
-        if Path(k).resolve() == res:
-            return v
-    same = [k for k in refs if Path(k).name == path.name]
-    if len(same) == 1:
-        return refs[same[0]]
-    raise UsageError(
-        f"--baseline {baseline}: no entry for {path} (it has {', '.join(sorted(refs))})"
-    )
-
-
-def _metric_name(key: str) -> str:
-    if key == "eer":
-        return "EER"
-    return "minDCF(" + key[len("min_dcf[") : -1] + ")"
-
-
-def _limit_check(name: str, prefix: str, key: str, value: float, limit: float) -> dict[str, Any]:
-    ok = value <= limit
-    reason = f"{prefix}{_metric_name(key)} {value:.6f} > max {limit:g}"
-    return {
-        "file": name,
-        "metric": key,
-        "value": value,
-        "max": limit,
-        "passed": ok,
-        "reason": None if ok else reason,
-    }
-
-
-def _baseline_checks(
-    name: str,
-    prefix: str,
-    m: Metrics,
-    ref: BaselineMetrics,
-    tolerance: float,
-    dcf_tolerance: float,
-    baseline: Path | None,
-) -> list[dict[str, Any]]:
-    from ..errors import UsageError
-
-    for cost, new, old in (("c_miss", m.c_miss, ref.c_miss), ("c_fa", m.c_fa, ref.c_fa)):
-        if old is not None and not math.isclose(new, old):
-            raise UsageError(
-                f"--baseline {baseline} used {cost}={old:g}, this run {cost}={new:g}: "
-                "minDCF values are not comparable"
-            )
-    pairs: list[tuple[str, float, float]] = [("eer", m.eer, ref.eer)]
-    common_ps = [p for p in m.min_dcf if any(math.isclose(p, q) for q in ref.min_dcf)]
-    for p in common_ps:
-        q = next(q for q in ref.min_dcf if math.isclose(p, q))
-        pairs.append((f"min_dcf[{p:g}]", m.min_dcf[p], ref.min_dcf[q]))
-    if ref.min_dcf and not common_ps:
-        warn(f"--baseline {_esc(str(baseline))}: no p_target in common; only EER is compared")
-    out = []
-    for key, new, old in pairs:
-        tol = tolerance if key == "eer" else dcf_tolerance
-        ok = new <= old + tol
-        reason = (
-            f"{prefix}{_metric_name(key)} {new:.6f} is worse than baseline {old:.6f} "
-            f"by {new - old:.6f} (tolerance {tol:g})"
-        )
-        out.append(
-            {
-                "file": name,
-                "metric": key,
-                "value": new,
-                "baseline": old,
-                "passed": ok,
-                "reason": None if ok else reason,
-            }
-        )
-    return out
 
 
 def register(app: typer.Typer) -> None:
