@@ -18,13 +18,29 @@ from .ui import EXIT_PARTIAL, STATE, EmbedProgress, err_console, errors_to_exit,
 
 def score(
     trials: Annotated[
-        Path,
+        Path | None,
         typer.Argument(
             help="Trial list: CSV with a header (enrollment,test[,label]), Kaldi trials "
-            "(enroll test [target|nontarget]) or a VoxCeleb list (1 path1 path2).",
+            "(enroll test [target|nontarget]), a VoxCeleb list (1 path1 path2) or a "
+            "seed-tts-eval pair list (generated|prompt|text).",
             show_default=False,
         ),
-    ],
+    ] = None,
+    pairs: Annotated[
+        Path | None,
+        typer.Option(
+            help="TTS speaker similarity: a seed-tts-eval pair list (generated|prompt|text, "
+            "or a test set's meta.lst with --gen-dir) instead of TRIALS. The report's 'sim' "
+            "block gives the mean, std and counts over all pairs and the failed pairs by reason.",
+        ),
+    ] = None,
+    gen_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="With a seed-tts-eval meta.lst: the folder of the generated <utt>.wav files "
+            "(cal_sim.sh's output_dir)."
+        ),
+    ] = None,
     wav_scp: Annotated[
         Path | None, typer.Option(help="Kaldi wav.scp: trial items are utterance ids.")
     ] = None,
@@ -106,11 +122,12 @@ def score(
     STATE["quiet"] = quiet
     with errors_to_exit():
         _run(
-            trials, wav_scp, root, model, model_dir, out, fmt.value, report, cache_dir, no_cache,
+            _trial_source(trials, pairs), wav_scp, root, model, model_dir, out, fmt.value, report,
+            cache_dir, no_cache,
             device, precision.value, batch_size, batch_frames, workers, chunk_seconds,
             min_duration, max_duration, p_target or [0.01, 0.05], on_error.value, allow_commands,
             _Extras(enroll_map, norm.value if norm else None, cohort, cohort_utt2spk, top_n,
-                    mean_from, embeddings),
+                    mean_from, embeddings, gen_dir=gen_dir),
         )  # fmt: skip
 
 
@@ -130,7 +147,7 @@ def _run(
     from ..records import Recording
 
     t0 = time.perf_counter()
-    tl = read_trials(trials_path)
+    tl = read_trials(trials_path, extras.gen_dir)
     if extras.embeddings is not None and wav_scp is not None:
         raise UsageError("--embeddings and --wav-scp do not go together: trial items are keys")
     scp = read_wav_scp(wav_scp, allow_commands) if wav_scp else None
@@ -168,6 +185,11 @@ def _run(
     finally:
         bar.stop()
     n_fail_trials = int((~res.ok).sum())
+    sim = None
+    if tl.format.startswith("seed-tts-eval"):
+        from ..io.pairs import sim_summary
+
+        sim = sim_summary(tl, res.scores, {f.key: f.reason for f in res.failures})
 
     metrics = None
     labels = tl.labels
@@ -224,6 +246,7 @@ def _run(
                 else 0.0,
             },
             "failures": [f.to_dict() for f in res.failures],
+            **({"sim": sim} if sim is not None else {}),
             "scoring": {"method": "cosine", **res.extra},
             "timing": timing,
             "scores": str(out) if out else "stdout",
@@ -231,6 +254,8 @@ def _run(
         }
         c.write_json(report, doc)
     _summary(res, counts, timing, metrics, ex, extras.embeddings)
+    if sim is not None:
+        _say_sim(sim)
     if ex is not None and ex.cache.write_error:
         warn(f"the cache could not be written ({ex.cache.write_error}); ran without it")
     if counts["duplicate_trials"]:
@@ -250,6 +275,7 @@ class _Extras(NamedTuple):
     top_n: int
     mean_from: Path | None
     embeddings: Path | None = None
+    gen_dir: Path | None = None  # --gen-dir: generated wavs of a seed-tts-eval meta.lst
 
 
 def _keys_as_paths(opt: ScoringOptions) -> None:
@@ -341,3 +367,28 @@ def _summary(
         err_console.print(t)
     if ex is not None and ex.stats.chunked:
         say(f"{ex.stats.chunked} long recordings were embedded as averages of windows")
+
+
+def _trial_source(trials: Path | None, pairs: Path | None) -> Path:
+    """TRIALS or --pairs (exactly one)."""
+    from ..errors import UsageError
+
+    if trials is not None and pairs is not None:
+        raise UsageError("give a trial list or --pairs, not both")
+    src = trials if trials is not None else pairs
+    if src is None:
+        raise UsageError("give a trial list (or --pairs meta.lst for TTS speaker similarity)")
+    return src
+
+
+def _say_sim(sim: dict[str, Any]) -> None:
+    """The TTS SIM line: mean over the scored pairs, always with how many of how many."""
+    if STATE["quiet"]:
+        return
+    if sim["count_scored"]:
+        say(f"SIM {sim['mean']:.4f} (std {sim['std']:.4f}) over {sim['count_scored']} of "
+            f"{sim['count_total']} pairs")  # fmt: skip
+    if sim["count_failed"]:
+        reasons = ", ".join(f"{n} x {why}" for why, n in list(sim["failed_by_reason"].items())[:3])
+        warn(f"{sim['count_failed']} of {sim['count_total']} pairs not scored (not in the "
+             f"mean): {escape(reasons)}")  # fmt: skip

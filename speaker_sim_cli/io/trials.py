@@ -5,7 +5,8 @@ Trial formats (detected from the content):
 - CSV / TSV with a header: ``enrollment,test[,label]`` and the usual synonyms
   (enroll/test, utt1/utt2, audio1/audio2, label/target/is_target, ...);
 - Kaldi trials: ``enroll test [target|nontarget|1|0]``, whitespace separated;
-- VoxCeleb lists: ``1 path1 path2``.
+- VoxCeleb lists: ``1 path1 path2``;
+- seed-tts-eval pair lists ``generated|prompt|text`` and meta.lst (:mod:`.pairs`).
 """
 
 from __future__ import annotations
@@ -74,14 +75,22 @@ def read_text(path: Path) -> str:
         raise UsageError(f"{path}: not a UTF-8 text file") from None
 
 
-def read_trials(path: str | Path) -> TrialList:
-    """Read a trial list in any supported format. Raises UsageError naming file and line."""
+def read_trials(path: str | Path, gen_dir: str | Path | None = None) -> TrialList:
+    """Read a trial list in any supported format. Raises UsageError naming file and line.
+
+    seed-tts-eval's ``|``-separated pair lists (and, with ``gen_dir``, its test sets'
+    meta.lst) are read by :func:`speaker_sim_cli.io.pairs.read_pairs`.
+    """
     p = Path(path)
     text = read_text(p)
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     if not lines:
         raise UsageError(f"{p}: the trial list is empty")
     first = lines[0][1]
+    from .pairs import looks_like_pairs, read_pairs
+
+    if gen_dir is not None or looks_like_pairs(first):
+        return read_pairs(p, gen_dir)
     if "," in first or ("\t" in first and _header_columns(first.split("\t")) is not None):
         return _read_delimited(p, text, "\t" if "," not in first else ",")
     return _read_whitespace(p, lines)

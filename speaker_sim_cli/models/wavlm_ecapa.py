@@ -26,7 +26,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +163,10 @@ class WavLMECAPA(nn.Module):
     end's output; (B, N, 1) also accepted), zero-padded; lengths (B,) int64 valid samples
     (None: all N; each at least 400). Returns (B, emb_dim).
     """
+
+    #: In ``wavlm_large_finetune.pth`` beside the model: the training classifier (AAM-softmax
+    #: projection), unused for embeddings; the only key a strict load lets through.
+    ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = ("loss_calculator.projection.weight",)
 
     def __init__(
         self,

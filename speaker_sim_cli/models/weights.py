@@ -75,6 +75,9 @@ def resolve_checkpoint(spec: ModelSpec, model_dir: str | Path | None = None) -> 
         f"checkpoint {spec.checkpoint} of {spec.id} not found; put it in {where}/ "
         "(or set SPEAKER_SIM_PRETRAINED, or pass --model-dir)"
     )
+    if not spec.revision:  # not on ModelScope (e.g. UniSpeech's wavlm_large_finetune.pth)
+        raise WeightsNotFoundError(hint + " — it is not on a model hub: download it from its "
+                                   "publisher (README: 'TTS speaker similarity')")  # fmt: skip
     if offline():
         raise WeightsNotFoundError(hint + " — offline, so no download was tried")
     try:
@@ -135,6 +138,10 @@ def load_checkpoint_into(module: Any, path: Path, arch: str) -> None:
             f"{path}: cannot read as a torch checkpoint ({str(exc).splitlines()[0][:200]})"
         ) from None
     state = unwrap_state_dict(raw)
+    # Keys a family's checkpoints carry that inference never uses (a training classifier):
+    # the only ones let through; every other key must fit exactly.
+    ignored = getattr(module, "ignored_checkpoint_keys", ())
+    state = {k: v for k, v in state.items() if k not in ignored}
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
