@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["SpeakerSim", "__version__"]
+__all__ = ["SpeakerSim", "Voiceprints", "__version__"]
 
 if TYPE_CHECKING:
     from .api import SpeakerSim
+    from .voiceprints.library import Voiceprints
 
 
 def __getattr__(name: str) -> Any:
@@ -20,8 +21,12 @@ def __getattr__(name: str) -> Any:
         from .api import SpeakerSim
 
         return SpeakerSim
+    if name == "Voiceprints":
+        from .voiceprints.library import Voiceprints
+
+        return Voiceprints
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), "SpeakerSim"])
+    return sorted([*globals(), "SpeakerSim", "Voiceprints"])

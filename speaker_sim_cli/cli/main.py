@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from . import bench, cache_cmd, calibrate, eval_cmd, serve
+from . import (
+    bench,
+    cache_cmd,
+    calibrate,
+    eval_cmd,
+    identify_cmd,
+    serve,
+    speakers_cmd,
+    voiceprints_cmd,
+)
 from .compare import compare
 from .embed import embed
 from .models_cmd import models
@@ -37,7 +46,16 @@ app.command()(compare)
 app.command()(models)
 
 
-for _module in (eval_cmd, calibrate, serve, bench, cache_cmd):
+for _module in (
+    eval_cmd,
+    calibrate,
+    serve,
+    bench,
+    cache_cmd,
+    voiceprints_cmd,
+    identify_cmd,
+    speakers_cmd,
+):
     _module.register(app)
 
 
