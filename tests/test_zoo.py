@@ -15,6 +15,12 @@ from speaker_sim_cli.models.registry import ARCHS, MODELS
 
 pytestmark = [pytest.mark.slow]
 
+# WavLM-Large (324 M parameters) is too heavy for these per-id loops on CI's CPUs; its own file
+# (test_wavlm_sim.py) runs its registry entry end to end at the tiny geometry and the Large
+# geometry against the reference.
+ZOO = [m for m in MODELS if ARCHS[m.arch].fixture != "wavlm_sim"]
+ZOO_ARCHS = sorted(a for a, arch in ARCHS.items() if arch.fixture != "wavlm_sim")
+
 
 def _save(sd, path, style):
     if style == "wrapped":
@@ -25,7 +31,7 @@ def _save(sd, path, style):
         torch.save(sd, path)
 
 
-@pytest.mark.parametrize("spec", MODELS, ids=[m.alias for m in MODELS])
+@pytest.mark.parametrize("spec", ZOO, ids=[m.alias for m in ZOO])
 def test_embed_with_model_dir_for_every_id(spec, synth_state_dict, shared, tmp_path):
     style = ["plain", "wrapped", "model"][MODELS.index(spec) % 3]
     _save(synth_state_dict(spec.arch), tmp_path / spec.checkpoint, style)
@@ -59,7 +65,7 @@ def dev_hard_waves(shared):
     return [waves[p] for p in sorted(pick)]
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", ZOO_ARCHS)
 def test_batch_of_32_equals_one_by_one(arch, synth_state_dict, dev_hard_waves):
     model = ARCHS[arch].build()
     model.load_state_dict(synth_state_dict(arch), strict=True)
