@@ -52,15 +52,26 @@ def write_scores(
     errors: list[str | None] | None,
     fmt: str = "csv",
     skip_failed: bool = False,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> int:
-    """Write rows in input order; returns how many rows were written."""
+    """Write rows in input order; returns how many rows were written.
+
+    ``extra``: more score columns (name -> values per trial, e.g. ``score_funasr``) written after
+    ``score``; csv only.
+    """
     has_err = errors is not None and any(e is not None for e in errors)
     text = [_fmt(x) for x in scores.tolist()]  # floats once, not numpy scalars per row
+    extra = extra or {}
+    if extra and fmt != "csv":
+        raise UsageError(f"the {fmt} score format has no place for {', '.join(extra)}: "
+                         "use --format csv")  # fmt: skip
+    extra_text = [[_fmt(x) for x in v.tolist()] for v in extra.values()]
     labs = labels.tolist() if labels is not None else None
     rows = 0
     if fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
         header = ["enrollment", "test"] + (["label"] if labels is not None else []) + ["score"]
+        header += list(extra)
         if has_err and not skip_failed:
             header.append("error")
         w.writerow(header)
@@ -72,6 +83,7 @@ def write_scores(
             if labs is not None:
                 row.append(str(int(labs[i])))
             row.append(text[i])
+            row.extend(col[i] for col in extra_text)
             if has_err and not skip_failed:
                 row.append(err or "")
             w.writerow(row)
