@@ -46,28 +46,53 @@ def kaldi_vectors(keys: Sequence[str], mat: np.ndarray, ark_name: str) -> tuple[
     return bytes(ark), "".join(scp).encode("utf-8")
 
 
+_HEADERS = {b"\0BFV ": ("<f4", 4), b"\0BDV ": ("<f8", 8)}  # float and double vectors
+
+
 def read_kaldi_vectors(scp: str | Path) -> dict[str, np.ndarray]:
-    """Read float vectors through an scp written by :func:`kaldi_vectors` (or by Kaldi)."""
+    """Read vectors (binary float or double) through an scp written by :func:`kaldi_vectors`,
+    Kaldi or kaldiio. Returns float32 vectors by key. Any defect (bad line, missing or truncated
+    ark, wrong header) is a UsageError naming the scp line and the ark."""
+    scp = Path(scp)
+    from .trials import read_text
+
     out: dict[str, np.ndarray] = {}
     cache: dict[str, bytes] = {}
-    for lineno, line in enumerate(Path(scp).read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_text(scp).splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{scp}:{lineno}"
         parts = line.split(maxsplit=1)
         if len(parts) != 2 or ":" not in parts[1]:
-            raise ValueError(f"{scp}:{lineno}: expected 'key ark-path:offset'")
-        key, where = parts
-        path, _, off = where.strip().rpartition(":")
+            raise UsageError(f"{where}: expected 'key ark-path:offset'")
+        key, target = parts
+        path, _, off = target.strip().rpartition(":")
+        if not off.isdigit():
+            raise UsageError(f"{where}: offset {off!r} is not a byte offset")
+        if key in out:
+            raise UsageError(f"{where}: key {key!r} appears twice")
         if path not in cache:
             ark = Path(path)
             if not ark.is_absolute() and not ark.exists():  # relative to the scp, then
-                ark = Path(scp).parent / path
-            cache[path] = ark.read_bytes()
+                ark = scp.parent / path
+            try:
+                cache[path] = ark.read_bytes()
+            except OSError as exc:
+                raise UsageError(
+                    f"{where}: cannot read the ark {ark} ({exc.strerror or exc})"
+                ) from None
         buf, pos = cache[path], int(off)
-        if buf[pos : pos + 5] != b"\0BFV ":
-            raise ValueError(f"{scp}:{lineno}: no binary float vector at {path}:{pos}")
-        size_len, dim = struct.unpack_from("<bi", buf, pos + 5)
-        if size_len != 4:
-            raise ValueError(f"{scp}:{lineno}: unexpected int size {size_len}")
-        out[key] = np.frombuffer(buf, dtype="<f4", count=dim, offset=pos + 10).copy()
+        kind = _HEADERS.get(buf[pos : pos + 5])
+        if kind is None:
+            raise UsageError(f"{where}: no binary float vector at {path}:{pos}")
+        dtype, size = kind
+        if len(buf) < pos + 10 or buf[pos + 5] != 4:
+            raise UsageError(f"{where}: truncated or malformed vector header at {path}:{pos}")
+        (dim,) = struct.unpack_from("<i", buf, pos + 6)
+        end = pos + 10 + dim * size
+        if dim < 0 or end > len(buf):
+            raise UsageError(f"{where}: vector of dimension {dim} runs past the end of {path}")
+        out[key] = np.frombuffer(buf, dtype=dtype, count=dim, offset=pos + 10).astype(np.float32)
+    if not out:
+        raise UsageError(f"{scp}: no vectors listed")
     return out

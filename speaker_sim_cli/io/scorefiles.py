@@ -224,25 +224,31 @@ def _is_float(s: str) -> bool:
 
 
 def _read_csv(p: Path, text: str) -> ScoreTable:
-    rows = list(csv.reader(io.StringIO(text)))
-    header = [h.strip().lower() for h in rows[0]]
+    from .trials import csv_rows
+
+    rows = csv_rows(p, text)
+    head_line, head = rows[0]
+    header = [h.strip().lower() for h in head]
     if "score" not in header:
-        raise UsageError(f"{p}:1: no 'score' column in the header")
+        raise UsageError(f"{p}:{head_line}: no 'score' column in the header")
     e = next((header.index(n) for n in ENROLL_NAMES if n in header), None)
     t = next((header.index(n) for n in TEST_NAMES if n in header and header.index(n) != e), None)
     if e is None or t is None:
-        raise UsageError(f"{p}:1: no enrollment / test columns in the header")
+        raise UsageError(f"{p}:{head_line}: no enrollment / test columns in the header")
     s_col = header.index("score")
     lab = next((header.index(n) for n in LABEL_NAMES if n in header), None)
+    need = max(e, t, s_col, lab if lab is not None else 0) + 1
     enroll, test, scores, labels = [], [], [], []
-    for lineno, r in enumerate(rows[1:], 2):
-        if not any(c.strip() for c in r):
-            continue
-        if len(r) < len(header) - (1 if header[-1] == "error" else 0):
+    for lineno, r in rows[1:]:
+        if len(r) < len(header) - (1 if header[-1] == "error" else 0) or len(r) < need:
+            raise UsageError(f"{p}:{lineno}: expected {len(header)} fields, found {len(r)}")
+        if len(r) > len(header):
             raise UsageError(f"{p}:{lineno}: expected {len(header)} fields, found {len(r)}")
         val = r[s_col].strip()
         if val and not _is_float(val):
             raise UsageError(f"{p}:{lineno}: score {val!r} is not a number")
+        if not r[e].strip() or not r[t].strip():
+            raise UsageError(f"{p}:{lineno}: empty enrollment or test field")
         enroll.append(r[e])
         test.append(r[t])
         scores.append(float(val) if val else math.nan)

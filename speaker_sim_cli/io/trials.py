@@ -110,9 +110,32 @@ def _header_columns(fields: Sequence[str]) -> tuple[int, int, int | None] | None
     return e, t, lab
 
 
-def _read_delimited(p: Path, text: str, delim: str) -> TrialList:
+def csv_rows(p: Path, text: str, delim: str = ",") -> list[tuple[int, list[str]]]:
+    """The non-blank records of a delimited file with the line each starts on. A malformed
+    record (a field past the csv module's size limit, a stray NUL, ...) is a UsageError naming
+    the file and the line, never a csv.Error."""
     reader = csv.reader(io.StringIO(text), delimiter=delim)
-    rows = [(i + 1, r) for i, r in enumerate(reader) if any(c.strip() for c in r)]
+    rows: list[tuple[int, list[str]]] = []
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            msg = str(exc)
+            if "field larger than field limit" in msg:
+                msg = f"a field is longer than {csv.field_size_limit():,} characters"
+            raise UsageError(f"{p}:{start}: malformed line ({msg})") from None
+        if any(c.strip() for c in row):
+            rows.append((start, row))
+    if not rows:
+        raise UsageError(f"{p}: no rows (only blank lines or empty fields)")
+    return rows
+
+
+def _read_delimited(p: Path, text: str, delim: str) -> TrialList:
+    rows = csv_rows(p, text, delim)
     header = rows[0][1]
     cols = _header_columns(header)
     fmt = "csv" if delim == "," else "tsv"
@@ -162,6 +185,7 @@ def _read_whitespace(p: Path, lines: list[tuple[int, str]]) -> TrialList:
     )
     enroll, test, labels, numbers = [], [], [], []
     has_label: bool | None = None
+    first_line = 0
     known: dict[str, int] = {}  # label spellings parsed so far
     for lineno, line in lines:
         f = line.split()
@@ -179,9 +203,13 @@ def _read_whitespace(p: Path, lines: list[tuple[int, str]]) -> TrialList:
                     f"{where}: expected 'enroll test [target|nontarget]', found {len(f)} fields"
                 )
             if has_label is None:
-                has_label = len(f) == 3
+                has_label, first_line = len(f) == 3, lineno
             elif has_label != (len(f) == 3):
-                raise UsageError(f"{where}: some lines have a label and some do not")
+                raise UsageError(
+                    f"{where}: {'no label' if has_label else 'a label'}, but line {first_line} "
+                    f"{'has one' if has_label else 'has none'} (some lines have a label and some "
+                    "do not)"
+                )
             enroll.append(f[0])
             test.append(f[1])
             if has_label:
