@@ -115,6 +115,9 @@ class SpeakerSim:
             batches of interactive use and ``serve``), -1 for cores - 1 (large jobs).
         batch_size, batch_frames, chunk_seconds, min_duration, max_duration: as the options
             of ``speaker-sim score`` (``max_duration=0``: no limit).
+        model_config: the training config of a model described by the user's own files:
+            mvector's ``config.yml`` with ``model="mvector"`` and ``model_dir`` its
+            ``models/<Model>_<Feature>/best_model/`` folder.
     """
 
     def __init__(
@@ -133,6 +136,7 @@ class SpeakerSim:
         chunk_seconds: float | None = None,
         min_duration: float = 0.3,
         max_duration: float = 0.0,
+        model_config: str | os.PathLike[str] | None = None,
     ) -> None:
         from .engine.config import EngineConfig
         from .pipeline import Extractor
@@ -153,6 +157,7 @@ class SpeakerSim:
             engine,
             Path(cache_dir) if cache_dir is not None else None,
             use_cache=use_cache,
+            model_config=Path(model_config) if model_config is not None else None,
         )
         self.memory = MemoryLRU(memory_cache)
         self.counts = Counts()
@@ -355,6 +360,7 @@ class SpeakerSim:
 
     def _prepare_wave(self, arr: np.ndarray, sample_rate: int | None, i: int) -> np.ndarray:
         from .audio.decode import resample
+        from .audio.loudness import normalize_recording
         from .engine.data import check_wave
 
         if arr.ndim != 1:
@@ -369,10 +375,13 @@ class SpeakerSim:
             raise AudioError(f"<array {i}>", "contains NaN or Inf samples")
         sr = self.sample_rate
         if sample_rate is not None and sample_rate != sr:
-            wav = resample(wav, int(sample_rate), sr)
+            wav = resample(wav, int(sample_rate), sr, self.extractor.spec.frontend.resampler)
         cfg = self.extractor.engine_cfg
         try:
             check_wave(wav, sr, int(cfg.min_duration * sr), 0)
+            loudness = self.extractor.spec.frontend.loudness_db
+            if loudness is not None:  # per recording, as files get it at decode
+                wav = normalize_recording(wav, loudness)
         except AudioError as exc:
             raise AudioError(f"<array {i}>", exc.reason) from None
         return wav

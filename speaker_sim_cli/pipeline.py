@@ -16,8 +16,8 @@ from .engine.cache import EmbeddingCache
 from .engine.config import EngineConfig, EngineStats, fp32_submodules
 from .engine.shard import embed_sharded, split_devices
 from .errors import AudioError
-from .models.registry import ModelSpec, get_model
-from .models.weights import Found, checkpoint_hash, load_checkpoint_into, resolve_checkpoint
+from .models.registry import ModelSpec, resolve_model
+from .models.weights import Found, checkpoint_hash, load_spec_checkpoint, resolve_checkpoint
 from .paths import default_cache_dir, map_in_threads
 from .records import EmbedResult, Failure, Recording, TrialList
 
@@ -44,8 +44,13 @@ class Extractor:
         cache_dir: str | Path | None = None,
         use_cache: bool = True,
         eager: bool = False,
+        model_config: str | Path | None = None,
     ) -> None:
-        self.spec = get_model(model) if isinstance(model, str) else model
+        # A zoo id/alias, or a family built from the user's files (--model mvector
+        # --model-dir DIR --model-config FILE).
+        if isinstance(model, str):
+            model = resolve_model(model, model_dir, model_config)
+        self.spec = model
         self.engine_cfg = engine or EngineConfig()
         self.found: Found = resolve_checkpoint(self.spec, model_dir)
         self.devices = split_devices(self.engine_cfg.device)
@@ -73,7 +78,7 @@ class Extractor:
             from .engine.embedder import Embedder
 
             module = self.spec.build()
-            load_checkpoint_into(module, self.found.path, self.spec.arch)
+            load_spec_checkpoint(module, self.found.path, self.spec)
             # With several devices the shards run in their own processes; this copy stays on
             # the CPU for in-process use (arrays, small requests).
             cfg = self.engine_cfg
@@ -111,6 +116,7 @@ class Extractor:
             "model": self.spec.id,
             "checkpoint_sha256": self.checkpoint_sha256,
             "frontend": self.spec.frontend.to_dict(),
+            **({"arch": self.spec.arch_def.kwargs} if self.spec.arch_def is not None else {}),
             "mode": self.engine_cfg.mode(),
             "precision": self.engine_cfg.precision,
             "fp32_modules": list(self.fp32_modules),

@@ -75,7 +75,7 @@ def _variants():
     yield "precision", {**BASE, "precision": "bf16"}
     yield "format", {**BASE, "format": 2}
     default = FbankConfig()
-    valid_other = {"channel": "mean", "loudness_db": -20.0}
+    valid_other = {"channel": "mean", "loudness_db": -20.0, "resampler": "kaiser_best"}
     for f in dataclasses.fields(FbankConfig):
         if f.name == "dither":  # only 0 is accepted
             continue

@@ -58,12 +58,18 @@ _BLOCK = 1 << 20
 
 
 def load(
-    path: str | Path, sample_rate: int, channel: int | str = 0, command_timeout: float = 600
+    path: str | Path,
+    sample_rate: int,
+    channel: int | str = 0,
+    command_timeout: float = 600,
+    resampler: str = "soxr",
 ) -> np.ndarray:
     """Decode ``path`` to a float32 mono waveform at ``sample_rate``.
 
     ``channel``: an index, ``"first"`` (0) or ``"mean"`` (the average of all channels, as
     mvector reads audio).
+
+    ``resampler``: ``"soxr"`` (HQ) or ``"kaiser_best"`` (resampy's filter, as mvector).
 
     ``path`` may be a wav.scp command (``sox a.sph -t wav - |``), run through the shell. Returns a
     1-D float32 array (samples,). Raises AudioError for a missing, empty, undecodable,
@@ -72,7 +78,7 @@ def load(
     import soundfile as sf
 
     if is_command(path):
-        return _load_command(str(path), sample_rate, channel, command_timeout)
+        return _load_command(str(path), sample_rate, channel, command_timeout, resampler)
     p = Path(path)
     _check_file(p)
     try:
@@ -92,18 +98,25 @@ def load(
         raise AudioError(str(p), "too long to decode in memory") from None
     except Exception as exc:
         raise AudioError(str(p), _decode_reason(p, exc)) from None
-    return _finish(str(p), wav, rate, sample_rate)
+    return _finish(str(p), wav, rate, sample_rate, resampler)
 
 
-def _finish(name: str, wav: np.ndarray, rate: int, sample_rate: int) -> np.ndarray:
+def _finish(
+    name: str, wav: np.ndarray, rate: int, sample_rate: int, resampler: str = "soxr"
+) -> np.ndarray:
     if wav.shape[0] == 0:
         raise AudioError(name, "no samples")
     if not np.isfinite(wav).all():
         raise AudioError(name, "contains NaN or Inf samples")
-    return resample(wav, rate, sample_rate)
+    try:
+        return resample(wav, rate, sample_rate, resampler)
+    except ValueError as exc:  # e.g. too few samples to resample
+        raise AudioError(name, str(exc)) from None
 
 
-def _load_command(cmd: str, sample_rate: int, channel: int | str, timeout: float) -> np.ndarray:
+def _load_command(
+    cmd: str, sample_rate: int, channel: int | str, timeout: float, resampler: str = "soxr"
+) -> np.ndarray:
     import io
     import subprocess
 
@@ -123,7 +136,8 @@ def _load_command(cmd: str, sample_rate: int, channel: int | str, timeout: float
         data, rate = sf.read(io.BytesIO(proc.stdout), dtype="float32", always_2d=True)
     except Exception as exc:
         raise AudioError(cmd, f"cannot decode the command's output ({_sf_reason(exc)})") from None
-    return _finish(cmd, _channel_picker(cmd, channel, data.shape[1])(data), rate, sample_rate)
+    wav = _channel_picker(cmd, channel, data.shape[1])(data)
+    return _finish(cmd, wav, rate, sample_rate, resampler)
 
 
 def _channel_picker(name: str, channel: int | str, channels: int) -> Any:
@@ -163,10 +177,17 @@ def _looks_like_text(head: bytes) -> bool:
     return all(c.isprintable() or c in "\r\n\t" for c in text)
 
 
-def resample(wav: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Resample a 1-D float32 waveform with soxr (HQ); a no-op at the same rate."""
+def resample(wav: np.ndarray, rate: int, target: int, method: str = "soxr") -> np.ndarray:
+    """Resample a 1-D float32 waveform with soxr (HQ) or resampy's ``kaiser_best``
+    (``method``); a no-op at the same rate."""
     if rate == target:
         return wav.astype(np.float32, copy=False)
+    if method == "kaiser_best":
+        from .kaiser import kaiser_best_resample
+
+        return kaiser_best_resample(wav, rate, target)
+    if method != "soxr":
+        raise ValueError(f"unknown resampler {method!r} (soxr or kaiser_best)")
     import soxr
 
     out = soxr.resample(wav, rate, target)

@@ -149,12 +149,11 @@ def fbank_features(
 
 
 def prepare_waves(waves: torch.Tensor, lengths: torch.Tensor | None, cfg: Frontend) -> torch.Tensor:
-    """Waveform-level steps shared by the family (loudness normalisation), before features."""
-    if cfg.loudness_db is None:
-        return waves
-    from .loudness import normalize_loudness
-
-    return normalize_loudness(waves, lengths, cfg.loudness_db)
+    """Batch-level waveform steps before features: none. The per-recording steps (channel,
+    resampling, ``cfg.loudness_db``) happen at decode (engine/data.py, api.py): a recording
+    gets one loudness gain over all its samples, as mvector computes it, before it is cut into
+    windows, and one that cannot be normalised fails alone (see audio/loudness.py)."""
+    return waves
 
 
 @lru_cache(maxsize=32)

@@ -19,6 +19,14 @@ ModelDirOpt = Annotated[
     Path | None,
     typer.Option(help="Folder holding the model's checkpoint under its official file name."),
 ]
+ModelConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        help="Training config of a model described by your own files: mvector's config.yml, "
+        "with --model mvector --model-dir models/<Model>_<Feature>/best_model/ "
+        "(without it, Fbank checkpoints use mvector's shipped config for their model).",
+    ),
+]
 CacheDirOpt = Annotated[
     Path | None,
     typer.Option(help="Embedding cache folder (default: $SPEAKER_SIM_CACHE or the user cache)."),
@@ -78,20 +86,6 @@ class EmbedFormat(str, Enum):
 class Norm(str, Enum):
     asnorm = "asnorm"
     snorm = "snorm"
-
-
-class ScoreScale(str, Enum):
-    funasr = "funasr"
-
-
-ScoreScaleOpt = Annotated[
-    ScoreScale | None,
-    typer.Option(
-        "--score-scale",
-        help="Add a rescaled score beside the raw cosine (which stays the score): funasr = "
-        "FunASR 0.x's max(cos - 0.9465, 0) / (1 - 0.9465) * 100.",
-    ),
-]
 
 
 class OnError(str, Enum):

@@ -21,6 +21,7 @@ def compare(
     ],
     model: c.ModelOpt = c.DEFAULT,
     model_dir: c.ModelDirOpt = None,
+    model_config: c.ModelConfigOpt = None,
     cache_dir: c.CacheDirOpt = None,
     no_cache: c.NoCacheOpt = False,
     device: c.DeviceOpt = "auto",
@@ -56,7 +57,7 @@ def compare(
         if len(paths) < 2:
             raise UsageError("compare needs at least two recordings")
         ex = Extractor(model, model_dir, EngineConfig(device=device, workers=0), cache_dir,
-                       use_cache=not no_cache)  # fmt: skip
+                       use_cache=not no_cache, model_config=model_config)  # fmt: skip
         res = ex.embed_paths([str(p.resolve()) for p in paths])
         bad = {str(p): res.failures[str(p.resolve())] for p in paths
                if str(p.resolve()) in res.failures}  # fmt: skip

@@ -25,6 +25,7 @@ def embed(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     model: c.ModelOpt = c.DEFAULT,
     model_dir: c.ModelDirOpt = None,
+    model_config: c.ModelConfigOpt = None,
     cache_dir: c.CacheDirOpt = None,
     no_cache: c.NoCacheOpt = False,
     device: c.DeviceOpt = "auto",
@@ -69,7 +70,8 @@ def embed(
             batch_frames=batch_frames, workers=workers, chunk_seconds=chunk_seconds,
             min_duration=min_duration,
         )  # fmt: skip
-        ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache)
+        ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache,
+                       model_config=model_config)  # fmt: skip
         bar = EmbedProgress()
         try:
             res = ex.embed_paths([str(r.path) for r in recs], *bar.callbacks)

@@ -34,6 +34,17 @@ def score(
             "block gives the mean, std and counts over all pairs and the failed pairs by reason.",
         ),
     ] = None,
+    mvector_lists: Annotated[
+        tuple[Path, Path] | None,
+        typer.Option(
+            metavar="ENROLL TRIALS",
+            help="mvector's evaluation lists (path<TAB>speaker-id each) instead of TRIALS: "
+            "every trial recording against every enrolment recording, target when the ids "
+            "match. The summary and the report's 'mvector' block add mvector's own threshold, "
+            "EER and MinDCF for the same scores.",
+            show_default=False,
+        ),
+    ] = None,
     gen_dir: Annotated[
         Path | None,
         typer.Option(
@@ -50,6 +61,7 @@ def score(
     ] = None,
     model: c.ModelOpt = c.DEFAULT,
     model_dir: c.ModelDirOpt = None,
+    model_config: c.ModelConfigOpt = None,
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Score file (default: stdout).")
     ] = None,
@@ -110,7 +122,6 @@ def score(
             "enrolment-map, cohort and mean items are its keys; model options are unused.",
         ),
     ] = None,
-    score_scale: c.ScoreScaleOpt = None,
     quiet: c.QuietOpt = False,
 ) -> None:
     """Score every trial by cosine; EER / minDCF when the trials have labels.
@@ -123,13 +134,13 @@ def score(
     STATE["quiet"] = quiet
     with errors_to_exit():
         _run(
-            _trial_source(trials, pairs), wav_scp, root, model, model_dir, out, fmt.value, report,
+            _trial_source(trials, pairs, mvector_lists), wav_scp, root, model, model_dir, out, fmt.value, report,
             cache_dir, no_cache,
             device, precision.value, batch_size, batch_frames, workers, chunk_seconds,
             min_duration, max_duration, p_target or [0.01, 0.05], on_error.value, allow_commands,
             _Extras(enroll_map, norm.value if norm else None, cohort, cohort_utt2spk, top_n,
-                    mean_from, embeddings, score_scale.value if score_scale else None,
-                    gen_dir=gen_dir),
+                    mean_from, embeddings, gen_dir=gen_dir, model_config=model_config,
+                    mvector_lists=mvector_lists),
         )  # fmt: skip
 
 
@@ -149,16 +160,18 @@ def _run(
     from ..records import Recording
 
     t0 = time.perf_counter()
-    tl = read_trials(trials_path, extras.gen_dir)
+    if extras.mvector_lists is not None:
+        from ..io.mvector_lists import read_mvector_lists
+
+        tl = read_mvector_lists(*extras.mvector_lists)
+    else:
+        tl = read_trials(trials_path, extras.gen_dir)
     if extras.embeddings is not None and wav_scp is not None:
         raise UsageError("--embeddings and --wav-scp do not go together: trial items are keys")
     scp = read_wav_scp(wav_scp, allow_commands) if wav_scp else None
     if root is not None and not root.is_dir():
         raise UsageError(f"--root {root}: not a folder")
     check_whitespace_safe(tl.items(), fmt)
-    if extras.score_scale and fmt != "csv":
-        raise UsageError(f"--score-scale adds a column, which the {fmt} format has no place "
-                         "for: use --format csv")  # fmt: skip
     options = _scoring_options(extras, root or Path(tl.source).resolve().parent, scp,
                                wav_scp.resolve().parent if wav_scp else None)  # fmt: skip
     t_load = time.perf_counter()
@@ -181,7 +194,8 @@ def _run(
             batch_frames=batch_frames, workers=workers, chunk_seconds=chunk_seconds,
             min_duration=min_duration, max_duration=max_duration,
         )  # fmt: skip
-        source = ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache)
+        source = ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache,
+                                model_config=extras.model_config)  # fmt: skip
     load_s = time.perf_counter() - t_load
     bar = EmbedProgress()
     try:
@@ -206,15 +220,17 @@ def _run(
             metrics = evaluate(res.scores[ok], labels[ok], p_targets=p_targets)
         except ValueError as exc:
             warn(f"no metrics: {exc}")
+    mv = None
+    if metrics is not None and tl.format == "mvector-lists":
+        from ..scoring.mvector_eval import mvector_metrics
+
+        mv = mvector_metrics(res.scores[res.ok], labels[res.ok])  # type: ignore[index]
 
     def write(stream: object) -> int:
-        from ..scoring.scales import rescaled_columns
-
         return write_scores(
             stream,  # type: ignore[arg-type]
             tl.enroll, tl.test, res.scores, labels, res.errors, fmt,
             skip_failed=on_error == "skip",
-            extra=rescaled_columns(extras.score_scale, res.scores),
         )  # fmt: skip
 
     written = atomic_text_output(out, write)
@@ -255,17 +271,17 @@ def _run(
             },
             "failures": [f.to_dict() for f in res.failures],
             **({"sim": sim} if sim is not None else {}),
-            "scoring": {
-                "method": "cosine",
-                **res.extra,
-                **({"score_scale": extras.score_scale} if extras.score_scale else {}),
-            },
+            **({"mvector": mv.to_dict()} if mv is not None else {}),
+            "scoring": {"method": "cosine", **res.extra},
             "timing": timing,
             "scores": str(out) if out else "stdout",
             "score_format": fmt,
         }
         c.write_json(report, doc)
     _summary(res, counts, timing, metrics, ex, extras.embeddings)
+    if mv is not None and not STATE["quiet"]:
+        say(f"mvector eval.py: threshold:{mv.threshold:.5f}, EER:{mv.eer:.5f}, "
+            f"MinDCF:{mv.min_dcf:.5f}")  # fmt: skip
     if sim is not None:
         _say_sim(sim)
     if ex is not None and ex.cache.write_error:
@@ -287,8 +303,9 @@ class _Extras(NamedTuple):
     top_n: int
     mean_from: Path | None
     embeddings: Path | None = None
-    score_scale: str | None = None  # --score-scale: an extra rescaled column (scoring/scales.py)
     gen_dir: Path | None = None  # --gen-dir: generated wavs of a seed-tts-eval meta.lst
+    model_config: Path | None = None  # --model-config: mvector's training config.yml
+    mvector_lists: tuple[Path, Path] | None = None  # --mvector-lists ENROLL TRIALS
 
 
 def _keys_as_paths(opt: ScoringOptions) -> None:
@@ -382,10 +399,16 @@ def _summary(
         say(f"{ex.stats.chunked} long recordings were embedded as averages of windows")
 
 
-def _trial_source(trials: Path | None, pairs: Path | None) -> Path:
-    """TRIALS or --pairs (exactly one)."""
+def _trial_source(
+    trials: Path | None, pairs: Path | None, mvector_lists: tuple[Path, Path] | None = None
+) -> Path:
+    """TRIALS, --pairs or --mvector-lists (exactly one); the trial file's path."""
     from ..errors import UsageError
 
+    if mvector_lists is not None:
+        if trials is not None or pairs is not None:
+            raise UsageError("--mvector-lists replaces the trial list: give one or the other")
+        return mvector_lists[1]
     if trials is not None and pairs is not None:
         raise UsageError("give a trial list or --pairs, not both")
     src = trials if trials is not None else pairs

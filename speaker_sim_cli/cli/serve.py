@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
 def serve(
     model: c.ModelOpt = c.DEFAULT,
     model_dir: c.ModelDirOpt = None,
+    model_config: c.ModelConfigOpt = None,
     device: c.DeviceOpt = "auto",
     precision: Annotated[c.Precision, typer.Option(help="Model precision.")] = c.Precision.fp32,
     jsonl: Annotated[
@@ -74,7 +75,7 @@ def serve(
         _run(
             out, model, model_dir, device, precision.value, jsonl, window_ms, max_batch,
             memory_cache, cache_dir, no_cache, batch_size, batch_frames, workers, chunk_seconds,
-            min_duration, stats_file,
+            min_duration, stats_file, model_config,
         )  # fmt: skip
 
 
@@ -103,6 +104,7 @@ def _run(
     window_ms: float, max_batch: int, memory_cache: int, cache_dir: Path | None,
     no_cache: bool, batch_size: int, batch_frames: int, workers: int,
     chunk_seconds: float | None, min_duration: float, stats_file: Path | None,
+    model_config: Path | None = None,
 ) -> None:  # fmt: skip
     import time
 
@@ -114,7 +116,7 @@ def _run(
         model, model_dir, device, precision=precision, cache_dir=cache_dir,
         use_cache=not no_cache, memory_cache=memory_cache, workers=workers,
         batch_size=batch_size, batch_frames=batch_frames, chunk_seconds=chunk_seconds,
-        min_duration=min_duration,
+        min_duration=min_duration, model_config=model_config,
     )  # fmt: skip
     load_s = time.perf_counter() - t0
     server = Server(sim, out, jsonl=jsonl, window=window_ms / 1000, max_batch=max_batch, log=say)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..audio.decode import load
+from ..audio.loudness import normalize_recording
 from ..errors import AudioError
 
 
@@ -36,9 +37,13 @@ class AudioDataset(torch.utils.data.Dataset[Loaded]):
         min_samples: int = 0,
         max_samples: int = 0,
         channel: int | str = 0,
+        loudness_db: float | None = None,
+        resampler: str = "soxr",
     ) -> None:
         self.paths = list(paths)
         self.channel = channel
+        self.loudness_db = loudness_db  # normalise each recording to this RMS level (mvector)
+        self.resampler = resampler
         self.sample_rate = sample_rate
         self.min_samples = min_samples
         self.max_samples = max_samples
@@ -48,8 +53,10 @@ class AudioDataset(torch.utils.data.Dataset[Loaded]):
 
     def __getitem__(self, i: int) -> Loaded:
         try:
-            wav = load(self.paths[i], self.sample_rate, self.channel)
+            wav = load(self.paths[i], self.sample_rate, self.channel, resampler=self.resampler)
             check_wave(wav, self.sample_rate, self.min_samples, self.max_samples)
+            if self.loudness_db is not None:
+                wav = normalize_recording(wav, self.loudness_db)
         except AudioError as exc:
             return Loaded(i, None, exc.reason)
         except MemoryError:

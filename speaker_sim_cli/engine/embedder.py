@@ -209,6 +209,8 @@ class Embedder:
             int(self.cfg.min_duration * sr),
             int(self.cfg.max_duration * sr),
             self.frontend.channel,
+            self.frontend.loudness_db,
+            self.frontend.resampler,
         )
         runners = 1
         if self.device.type == "cpu":

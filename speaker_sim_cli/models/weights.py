@@ -49,10 +49,9 @@ def candidate_dirs(spec: ModelSpec, model_dir: str | Path | None = None) -> list
 def find_checkpoint(spec: ModelSpec, model_dir: str | Path | None = None) -> Found | None:
     """The first existing checkpoint file along the lookup order, or None."""
     for folder, source in candidate_dirs(spec, model_dir):
-        for name in (spec.checkpoint, *spec.alt_checkpoints):  # e.g. FunASR: sv.pb, then sv.pth
-            path = folder / name
-            if path.is_file():
-                return Found(path.resolve(), source)
+        path = folder / spec.checkpoint
+        if path.is_file():
+            return Found(path.resolve(), source)
     return None
 
 
@@ -93,10 +92,10 @@ def _download(spec: ModelSpec) -> Path:
     from modelscope.hub.snapshot_download import snapshot_download
 
     folder = Path(snapshot_download(spec.id, revision=spec.revision))
-    for name in (spec.checkpoint, *spec.alt_checkpoints):
-        if (folder / name).is_file():
-            return folder / name
-    raise FileNotFoundError(f"the download has no {spec.checkpoint}")
+    path = folder / spec.checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(f"the download has no {spec.checkpoint}")
+    return path
 
 
 def checkpoint_hash(path: Path) -> str:
@@ -139,9 +138,6 @@ def load_checkpoint_into(module: Any, path: Path, arch: str) -> None:
             f"{path}: cannot read as a torch checkpoint ({str(exc).splitlines()[0][:200]})"
         ) from None
     state = unwrap_state_dict(raw)
-    check_folder = getattr(module, "check_model_folder", None)
-    if check_folder is not None:  # a family that reads its model folder's config (FunASR sv.yaml)
-        check_folder(path.parent)
     # Keys a family's checkpoints carry that inference never uses (a training classifier):
     # the only ones let through; every other key must fit exactly.
     ignored = getattr(module, "ignored_checkpoint_keys", ())
@@ -164,3 +160,17 @@ def load_checkpoint_into(module: Any, path: Path, arch: str) -> None:
             parts.append(f"{len(shapes)} shape mismatches (first: {'; '.join(shapes[:3])})")
         raise CheckpointMismatchError(" ".join(parts))
     module.load_state_dict(state, strict=True)
+
+
+def load_spec_checkpoint(module: Any, path: Path, spec: ModelSpec) -> None:
+    """Load ``path`` into ``spec``'s built network: its architecture's own loader
+    ``(module, path, spec)`` when it has one (mvector: the backbone part of
+    ``nn.Sequential(backbone, classifier)``), else the strict load of a plain state dict."""
+    import importlib
+
+    loader = spec.architecture.loader
+    if loader is None:
+        load_checkpoint_into(module, path, spec.arch)
+        return
+    mod, _, fn = loader.partition(":")
+    getattr(importlib.import_module(mod), fn)(module, path, spec)
