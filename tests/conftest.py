@@ -80,8 +80,11 @@ def synth_state_dict(shared: Path):
     sys.path.insert(0, str(shared / "tools"))
     from synth_weights import synth_state_dict as synth  # type: ignore[import-not-found]
 
+    from speaker_sim_cli.models.registry import ARCHS
+
     def build(arch: str) -> dict[str, torch.Tensor]:
-        schema = json.loads((shared / "fixtures" / "arch" / f"{arch}.schema.json").read_text())
+        folder = ARCHS[arch].fixture if arch in ARCHS else "arch"
+        schema = json.loads((shared / "fixtures" / folder / f"{arch}.schema.json").read_text())
         return {k: torch.from_numpy(v) for k, v in synth(schema).items()}
 
     return build

@@ -88,6 +88,20 @@ class Norm(str, Enum):
     snorm = "snorm"
 
 
+class ScoreScale(str, Enum):
+    funasr = "funasr"
+
+
+ScoreScaleOpt = Annotated[
+    ScoreScale | None,
+    typer.Option(
+        "--score-scale",
+        help="Add a rescaled score beside the raw cosine (which stays the score): funasr = "
+        "FunASR 0.x's max(cos - 0.9465, 0) / (1 - 0.9465) * 100.",
+    ),
+]
+
+
 class OnError(str, Enum):
     keep = "keep"
     skip = "skip"

@@ -122,6 +122,7 @@ def score(
             "enrolment-map, cohort and mean items are its keys; model options are unused.",
         ),
     ] = None,
+    score_scale: c.ScoreScaleOpt = None,
     quiet: c.QuietOpt = False,
 ) -> None:
     """Score every trial by cosine; EER / minDCF when the trials have labels.
@@ -139,7 +140,8 @@ def score(
             device, precision.value, batch_size, batch_frames, workers, chunk_seconds,
             min_duration, max_duration, p_target or [0.01, 0.05], on_error.value, allow_commands,
             _Extras(enroll_map, norm.value if norm else None, cohort, cohort_utt2spk, top_n,
-                    mean_from, embeddings, gen_dir=gen_dir, model_config=model_config,
+                    mean_from, embeddings, score_scale.value if score_scale else None,
+                    gen_dir=gen_dir, model_config=model_config,
                     mvector_lists=mvector_lists),
         )  # fmt: skip
 
@@ -172,6 +174,9 @@ def _run(
     if root is not None and not root.is_dir():
         raise UsageError(f"--root {root}: not a folder")
     check_whitespace_safe(tl.items(), fmt)
+    if extras.score_scale and fmt != "csv":
+        raise UsageError(f"--score-scale adds a column, which the {fmt} format has no place "
+                         "for: use --format csv")  # fmt: skip
     options = _scoring_options(extras, root or Path(tl.source).resolve().parent, scp,
                                wav_scp.resolve().parent if wav_scp else None)  # fmt: skip
     t_load = time.perf_counter()
@@ -227,10 +232,13 @@ def _run(
         mv = mvector_metrics(res.scores[res.ok], labels[res.ok])  # type: ignore[index]
 
     def write(stream: object) -> int:
+        from ..scoring.scales import rescaled_columns
+
         return write_scores(
             stream,  # type: ignore[arg-type]
             tl.enroll, tl.test, res.scores, labels, res.errors, fmt,
             skip_failed=on_error == "skip",
+            extra=rescaled_columns(extras.score_scale, res.scores),
         )  # fmt: skip
 
     written = atomic_text_output(out, write)
@@ -272,7 +280,11 @@ def _run(
             "failures": [f.to_dict() for f in res.failures],
             **({"sim": sim} if sim is not None else {}),
             **({"mvector": mv.to_dict()} if mv is not None else {}),
-            "scoring": {"method": "cosine", **res.extra},
+            "scoring": {
+                "method": "cosine",
+                **res.extra,
+                **({"score_scale": extras.score_scale} if extras.score_scale else {}),
+            },
             "timing": timing,
             "scores": str(out) if out else "stdout",
             "score_format": fmt,
@@ -303,6 +315,7 @@ class _Extras(NamedTuple):
     top_n: int
     mean_from: Path | None
     embeddings: Path | None = None
+    score_scale: str | None = None  # --score-scale: an extra rescaled column (scoring/scales.py)
     gen_dir: Path | None = None  # --gen-dir: generated wavs of a seed-tts-eval meta.lst
     model_config: Path | None = None  # --model-config: mvector's training config.yml
     mvector_lists: tuple[Path, Path] | None = None  # --mvector-lists ENROLL TRIALS

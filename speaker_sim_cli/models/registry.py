@@ -82,8 +82,13 @@ ARCHS: dict[str, Arch] = {
             "ECAPATDNN",
             {"input_size": 80, "lin_neurons": 192, "channels": [1024, 1024, 1024, 1024, 3072]},
         ),
-        Arch("funasr_xvector", "funasr_xvector", "FunASRXVector",
-             {"feat_dim": 80, "embedding_size": 256}, fixture="funasr"),  # fmt: skip
+        Arch(
+            "funasr_xvector",
+            "funasr_xvector",
+            "FunASRXVector",
+            {"feat_dim": 80, "embedding_size": 256},
+            fixture="funasr",
+        ),
         # WavLM-Large + ECAPA_TDNN_SMALL (UniSpeech), the TTS "SIM" model (wavlm_ecapa.py).
         Arch("wavlm_large_ecapa", "wavlm_ecapa", "WavLMECAPA", {}, fixture="wavlm_sim"),
     ]

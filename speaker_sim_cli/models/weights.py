@@ -49,9 +49,10 @@ def candidate_dirs(spec: ModelSpec, model_dir: str | Path | None = None) -> list
 def find_checkpoint(spec: ModelSpec, model_dir: str | Path | None = None) -> Found | None:
     """The first existing checkpoint file along the lookup order, or None."""
     for folder, source in candidate_dirs(spec, model_dir):
-        path = folder / spec.checkpoint
-        if path.is_file():
-            return Found(path.resolve(), source)
+        for name in (spec.checkpoint, *spec.alt_checkpoints):  # e.g. FunASR: sv.pb, then sv.pth
+            path = folder / name
+            if path.is_file():
+                return Found(path.resolve(), source)
     return None
 
 
@@ -92,10 +93,10 @@ def _download(spec: ModelSpec) -> Path:
     from modelscope.hub.snapshot_download import snapshot_download
 
     folder = Path(snapshot_download(spec.id, revision=spec.revision))
-    path = folder / spec.checkpoint
-    if not path.is_file():
-        raise FileNotFoundError(f"the download has no {spec.checkpoint}")
-    return path
+    for name in (spec.checkpoint, *spec.alt_checkpoints):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"the download has no {spec.checkpoint}")
 
 
 def checkpoint_hash(path: Path) -> str:
@@ -138,6 +139,9 @@ def load_checkpoint_into(module: Any, path: Path, arch: str) -> None:
             f"{path}: cannot read as a torch checkpoint ({str(exc).splitlines()[0][:200]})"
         ) from None
     state = unwrap_state_dict(raw)
+    check_folder = getattr(module, "check_model_folder", None)
+    if check_folder is not None:  # a family that reads its model folder's config (FunASR sv.yaml)
+        check_folder(path.parent)
     # Keys a family's checkpoints carry that inference never uses (a training classifier):
     # the only ones let through; every other key must fit exactly.
     ignored = getattr(module, "ignored_checkpoint_keys", ())
