@@ -178,11 +178,21 @@ def test_every_preset_is_run(runner, shared, real_ckpt, tmp_path):
         if PRESET_COMMANDS[name] == "eval":
             args = ["eval", str(_ref_scores(shared)), "--labels", str(_labels(shared)),
                     "--baseline", str(_baseline(runner, shared, tmp_path))]  # fmt: skip
+        elif name == "mvector":  # its own model: an mvector case folder from the fixtures
+            case = shared / "fixtures" / "mvector" / "cases" / "CAMPPlus_Fbank"
+            lists = case / "eval_lists"
+            args = ["score", "--model-dir", str(case / "models" / "CAMPPlus_Fbank" / "best_model"),
+                    "--model-config", str(case / "config.yml"), "--mvector-lists",
+                    str(lists / "enroll_list.txt"), str(lists / "trials_list.txt"),
+                    "--root", str(shared), "--out", str(tmp_path / f"{name}.csv")]  # fmt: skip
         else:
             trials = spk_trials if name == "cnceleb" else _labels(shared)
             # The preset's model is swapped for the one real checkpoint here.
-            args = ["score", str(trials), "--model", DEFAULT_MODEL, "--out",
-                    str(tmp_path / f"{name}.csv")]  # fmt: skip
+            args = ["score", "--model", DEFAULT_MODEL, "--out", str(tmp_path / f"{name}.csv")]
+            if name == "seed-tts-eval-sim":  # its pair-list form: generated|prompt|text
+                args += ["--pairs", str(_pairs(shared, tmp_path))]
+            else:
+                args += [str(trials)]
             if name == "cnceleb":
                 args += ["--enroll-map", str(emap), "--root", str(shared)]
         res = runner.invoke(app, [*args, "--config", name, "--report", str(report), "-q"])
@@ -193,6 +203,18 @@ def test_every_preset_is_run(runner, shared, real_ckpt, tmp_path):
             assert doc["metrics"]["eer"] < 0.2, doc["metrics"]
         if name == "ci-gate":
             assert doc["gate"]["passed"] is True
+        if name == "seed-tts-eval-sim":
+            assert doc["sim"]["count_scored"] == doc["sim"]["count_total"] == 6, doc["sim"]
+        if name == "funasr-xvector":
+            assert "funasr" in (tmp_path / f"{name}.csv").read_text().splitlines()[0]
+
+
+def _pairs(shared: Path, tmp_path: Path) -> Path:
+    """A seed-tts-eval pair list over the VCTK recordings (generated|prompt|text)."""
+    wavs = sorted((shared / "audio" / "vctk" / "p225").glob("*.wav"))[:7]
+    lst = tmp_path / "pairs.lst"
+    lst.write_text("".join(f"{w}|{wavs[0]}|some text\n" for w in wavs[1:]))
+    return lst
 
 
 def _baseline(runner, shared: Path, tmp_path: Path) -> Path:
