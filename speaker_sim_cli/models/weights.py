@@ -2,8 +2,10 @@
 
 Lookup order for a model's checkpoint file:
 ``--model-dir`` -> ``$SPEAKER_SIM_PRETRAINED/<name>/`` -> ``./pretrained/<name>/`` ->
-the ModelScope cache -> ``modelscope.snapshot_download(id, revision)`` unless offline
-(``SPEAKER_SIM_OFFLINE=1`` or ``MODELSCOPE_OFFLINE=1``).
+the user's pretrained folder (:func:`user_pretrained_dir`, where ``make install`` links the
+weights it sets up, so they are found from any working folder) -> the ModelScope cache ->
+``modelscope.snapshot_download(id, revision)`` unless offline (``SPEAKER_SIM_OFFLINE=1`` or
+``MODELSCOPE_OFFLINE=1``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ class Found:
     source: str
 
 
+def user_pretrained_dir() -> Path:
+    """``$SPEAKER_SIM_DATA/pretrained`` or the user data dir's (``~/.local/share/speaker-sim/
+    pretrained`` on Linux): checkpoints there are found from any working folder."""
+    env = os.environ.get("SPEAKER_SIM_DATA")
+    if env:
+        return Path(env).expanduser() / "pretrained"
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir("speaker-sim")) / "pretrained"
+
+
 def candidate_dirs(spec: ModelSpec, model_dir: str | Path | None = None) -> list[tuple[Path, str]]:
     """The folders searched for ``spec.checkpoint``, in order, with a label for each."""
     dirs: list[tuple[Path, str]] = []
@@ -37,6 +50,7 @@ def candidate_dirs(spec: ModelSpec, model_dir: str | Path | None = None) -> list
     if env:
         dirs.append((Path(env).expanduser() / spec.name, "SPEAKER_SIM_PRETRAINED"))
     dirs.append((Path.cwd() / "pretrained" / spec.name, "pretrained"))
+    dirs.append((user_pretrained_dir() / spec.name, "user-pretrained"))
     ms_cache = Path(
         os.environ.get("MODELSCOPE_CACHE", Path.home() / ".cache" / "modelscope" / "hub")
     ).expanduser()
@@ -72,9 +86,11 @@ def resolve_checkpoint(spec: ModelSpec, model_dir: str | Path | None = None) -> 
             f"put the checkpoint of {spec.id} there under its official name"
         )
     where = Path.cwd() / "pretrained" / spec.name
+    searched = "; ".join(f"{folder}/ ({source})" for folder, source in candidate_dirs(spec))
     hint = (
-        f"checkpoint {spec.checkpoint} of {spec.id} not found; put it in {where}/ "
-        "(or set SPEAKER_SIM_PRETRAINED, or pass --model-dir)"
+        f"checkpoint {spec.checkpoint} of {spec.id} not found; put it in {where}/ or "
+        f"{user_pretrained_dir() / spec.name}/ (or set SPEAKER_SIM_PRETRAINED, or pass "
+        f"--model-dir). Searched: {searched}"
     )
     if not spec.revision:  # not on ModelScope (e.g. UniSpeech's wavlm_large_finetune.pth)
         raise WeightsNotFoundError(hint + " — it is not on a model hub: download it from its "
@@ -139,13 +155,13 @@ def load_checkpoint_into(module: Any, path: Path, arch: str) -> None:
             f"{path}: cannot read as a torch checkpoint ({str(exc).splitlines()[0][:200]})"
         ) from None
     state = unwrap_state_dict(raw)
-    check_folder = getattr(module, "check_model_folder", None)
-    if check_folder is not None:  # a family that reads its model folder's config (FunASR sv.yaml)
-        check_folder(path.parent)
     # Keys a family's checkpoints carry that inference never uses (a training classifier):
     # the only ones let through; every other key must fit exactly.
     ignored = getattr(module, "ignored_checkpoint_keys", ())
     state = {k: v for k, v in state.items() if k not in ignored}
+    check_folder = getattr(module, "check_model_folder", None)
+    if check_folder is not None:  # a family that reads its model folder's config (FunASR sv.yaml)
+        check_folder(path.parent)
     expected = module.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
