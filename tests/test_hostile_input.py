@@ -54,7 +54,7 @@ GARBAGE_TEXT = st.one_of(
     st.text(
         alphabet=st.one_of(NASTY, st.characters(codec="utf-8", exclude_categories=("Cs",))),
         max_size=400,
-    ),  # fmt: skip
+    ),
     st.lists(st.one_of(WORDY, NASTY), max_size=30).map("".join),
     st.builds(lambda n, c: c * n, st.integers(150_000, 210_000), st.sampled_from('ab,"')),
 )
@@ -159,6 +159,48 @@ def test_csv_field_over_the_csv_limit_is_a_usage_error(tmp_path):
     p.write_text("enrollment,test,label\na.wav,b.wav,1\n" + '"' + "x" * 200_000 + '",b.wav,1\n')
     with pytest.raises(UsageError, match=re.escape(f"{p}:3")):
         read_trials(p)
+
+
+@SETTINGS
+@given(GARBAGE_BYTES)
+def test_pair_lists_garbage(data):
+    from speaker_sim_cli.io.pairs import read_pairs
+
+    _garbage_ok(read_pairs, data, "meta.lst", "seed-tts-eval pairs (garbage)")
+
+
+@SETTINGS
+@given(st.lists(st.tuples(VALID_PATH, VALID_PATH, st.text("abc xyz", max_size=10)),
+                min_size=2, max_size=8),
+       st.integers(0, 50), GARBAGE_TEXT)  # fmt: skip
+def test_pair_lists_near_valid(rows, at, bad):
+    from speaker_sim_cli.io.pairs import read_pairs
+
+    body = [f"/g/{g}|/p/{p}|{text}" for g, p, text in rows]
+    bad = re.sub(r"[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]", " ", bad)
+    _near_valid(read_pairs, [], body, at, bad, "meta.lst", "seed-tts-eval pairs (near-valid)",
+                len)  # fmt: skip
+
+
+@SETTINGS
+@given(GARBAGE_BYTES)
+def test_mvector_lists_garbage(data):
+    from speaker_sim_cli.io.mvector_lists import read_mvector_list
+
+    _garbage_ok(read_mvector_list, data, "trials_list.txt", "mvector lists (garbage)")
+
+
+@SETTINGS
+@given(st.lists(st.tuples(VALID_PATH, st.from_regex(r"[0-9]{1,3}", fullmatch=True)),
+                min_size=2, max_size=8),
+       st.integers(0, 50), GARBAGE_TEXT)  # fmt: skip
+def test_mvector_lists_near_valid(rows, at, bad):
+    from speaker_sim_cli.io.mvector_lists import read_mvector_list
+
+    body = [f"{p}\t{s}" for p, s in rows]
+    bad = re.sub(r"[\r\n\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]", " ", bad)
+    _near_valid(read_mvector_list, [], body, at, bad, "enroll_list.txt",
+                "mvector lists (near-valid)", len)  # fmt: skip
 
 
 # -- wav.scp, spk2utt, utt2spk ------------------------------------------------------------
@@ -271,22 +313,24 @@ def test_serve_lines(line):
     """A request line parses to a request, None (blank), or a UsageError — nothing else."""
     TRIED["serve lines"] = TRIED.get("serve lines", 0) + 1
     for parse in (parse_text, parse_jsonl):
-        try:
-            parse(line)
-        except UsageError:
-            pass
+        req = parse(line)  # a bad line is a Request carrying an error, never an exception
+        assert req is None or isinstance(req.id, object)
 
 
 @SETTINGS
-@given(st.dictionaries(st.sampled_from(["id", "a", "b", "enroll", "test", "x"]),
-                       st.one_of(st.none(), st.integers(), st.text(max_size=20), st.lists(st.integers())),
-                       max_size=4))  # fmt: skip
+@given(
+    st.dictionaries(
+        st.sampled_from(["id", "a", "b", "enroll", "test", "x"]),
+        st.one_of(st.none(), st.integers(), st.text(max_size=20), st.lists(st.integers())),
+        max_size=4,
+    )
+)
 def test_serve_jsonl_objects(obj):
     TRIED["serve jsonl objects"] = TRIED.get("serve jsonl objects", 0) + 1
-    try:
-        parse_jsonl(json.dumps(obj))
-    except UsageError:
-        pass
+    req = parse_jsonl(json.dumps(obj))
+    assert req is not None
+    good = isinstance(obj.get("a"), str) and isinstance(obj.get("b"), str) and obj["a"] and obj["b"]
+    assert (req.error is None) == bool(good and not isinstance(obj.get("id"), list)), (obj, req)
 
 
 def test_inputs_tried_per_reader():
