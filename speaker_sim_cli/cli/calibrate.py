@@ -104,7 +104,7 @@ def calibrate(
         if not 0.0 < prior < 1.0:
             raise UsageError(f"--prior must be in (0, 1), got {prior:g}")
 
-        from .eval_cmd import display_names
+        from .render import display_names
 
         names = display_names(([train] if train is not None else []) + list(apply or []))
         rows: list[tuple[str, int, float | None, float | None]] = []
@@ -208,7 +208,7 @@ def _load(path: Path) -> Calibration:
 
 def _output_paths(srcs: list[Path], out_dir: Path | None, fmt: str) -> list[Path]:
     from ..errors import UsageError
-    from .eval_cmd import base_name
+    from .render import base_name
 
     if not srcs:
         return []
