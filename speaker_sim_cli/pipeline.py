@@ -15,7 +15,7 @@ from .audio.decode import AudioInfo, is_command, probe
 from .engine.cache import EmbeddingCache
 from .engine.config import EngineConfig, EngineStats, fp32_submodules
 from .engine.shard import embed_sharded, split_devices
-from .errors import AudioError
+from .errors import AudioError, UsageError
 from .models.registry import ModelSpec, resolve_model
 from .models.weights import Found, checkpoint_hash, load_spec_checkpoint, resolve_checkpoint
 from .paths import default_cache_dir, map_in_threads
@@ -23,6 +23,7 @@ from .records import EmbedResult, Failure, Recording, TrialList
 
 if TYPE_CHECKING:
     from .engine.embedder import Embedder
+    from .engine.ray_engine import RayOptions, RayRun
 
 CACHE_FORMAT = 1
 
@@ -45,6 +46,7 @@ class Extractor:
         use_cache: bool = True,
         eager: bool = False,
         model_config: str | Path | None = None,
+        ray: RayOptions | None = None,
     ) -> None:
         # A zoo id/alias, or a family built from the user's files (--model mvector
         # --model-dir DIR --model-config FILE).
@@ -60,6 +62,12 @@ class Extractor:
         self.load_seconds = 0.0
         root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.cache = EmbeddingCache(root if use_cache else None, self.ingredients(), self.spec.dim)
+        # --ray: the misses are embedded on a Ray cluster (engine/ray_engine.py), lazily too.
+        self.ray = ray
+        self._ray_run: RayRun | None = None
+        if ray is not None and not use_cache:
+            raise UsageError("--ray needs the embedding cache (the workers hand the embeddings "
+                             "back through it): drop --no-cache")  # fmt: skip
         if eager:
             self.load()
 
@@ -100,10 +108,17 @@ class Extractor:
     @property
     def stats(self) -> EngineStats:
         """What the engine did; all zero when every embedding came from the cache."""
+        if self.ray is not None:
+            return self._ray_run.stats if self._ray_run is not None else EngineStats()
         return self._embedder.stats if self._embedder is not None else EngineStats()
 
     @property
     def device_label(self) -> str:
+        if self.ray is not None:
+            if self._ray_run is None:
+                return "ray: not started, all from cache"
+            info = self._ray_run.info
+            return f"ray ({info.get('actors')} {info.get('actor_device')} actors)"
         if len(self.devices) > 1:
             return ",".join(self.devices)
         if self._embedder is None:
@@ -121,6 +136,14 @@ class Extractor:
             "precision": self.engine_cfg.precision,
             "fp32_modules": list(self.fp32_modules),
         }
+
+    def engine_report(self) -> dict[str, Any]:
+        """``{"engine": "local"}``, or ``{"engine": "ray", "ray": {address, actors, ...}}``."""
+        if self.ray is None:
+            return {"engine": "local"}
+        if self._ray_run is None:
+            return {"engine": "ray", "ray": {"address": self.ray.label(), "started": False}}
+        return {"engine": "ray", "ray": self._ray_run.report()}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -199,7 +222,15 @@ class Extractor:
         embedded = 0
         if todo and not (stop_on_error and failures):
             files = [by_digest[d][0] for d in todo]
-            if len(self.devices) > 1:
+            remote = self.ray is not None  # the Ray workers write the cache themselves
+            if remote:
+                from .engine.ray_engine import RayRun
+
+                assert self.ray is not None
+                self._ray_run = RayRun(self.ray, self.spec, self.found.path, self.engine_cfg,
+                                       self.cache)  # fmt: skip
+                stream = self._ray_run.embed(files, todo, est, progress)
+            elif len(self.devices) > 1:
                 stream = embed_sharded(
                     self.spec.id, self.found.path, self.engine_cfg, files, est, progress
                 )
@@ -217,7 +248,8 @@ class Extractor:
                     if stop_on_error:
                         break
                     continue
-                self.cache.put(todo[i], emb)
+                if not remote:
+                    self.cache.put(todo[i], emb)
                 embedded += 1
                 for p in ps:
                     embeddings[p] = emb

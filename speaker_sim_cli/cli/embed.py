@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from . import common as c
+from .ray_opt import RayActorsOpt, RayAddressOpt, RayGpusOpt, RayOpt, ray_options
 from .ui import EXIT_PARTIAL, STATE, EmbedProgress, errors_to_exit, say
 
 
@@ -43,6 +44,10 @@ def embed(
             "WeSpeaker and Kaldi write them; keys must have no spaces).",
         ),
     ] = c.EmbedFormat.npy,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = 0,
+    ray_gpus_per_actor: RayGpusOpt = None,
     quiet: c.QuietOpt = False,
 ) -> None:
     """Write OUT/embeddings.npy (N x D float32, not normalised) and OUT/index.csv (key,path),
@@ -61,6 +66,7 @@ def embed(
         from ..io.trials import read_inputs
         from ..pipeline import Extractor
 
+        ray_opts = ray_options(ray, ray_address, ray_actors, ray_gpus_per_actor, device)
         recs = read_inputs([str(p) for p in inputs])
         if fmt is c.EmbedFormat.kaldi:
             for r in recs:
@@ -71,7 +77,7 @@ def embed(
             min_duration=min_duration,
         )  # fmt: skip
         ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache,
-                       model_config=model_config)  # fmt: skip
+                       model_config=model_config, ray=ray_opts)  # fmt: skip
         bar = EmbedProgress()
         try:
             res = ex.embed_paths([str(r.path) for r in recs], *bar.callbacks)
@@ -102,7 +108,7 @@ def embed(
             atomic_write_bytes(failures, _csv(["key", "path", "error"], rows))
         else:  # an earlier run's list must not outlive it
             failures.unlink(missing_ok=True)
-        c.write_json(out / "model.json", ex.describe())
+        c.write_json(out / "model.json", {**ex.describe(), **ex.engine_report()})
         say(
             f"{len(good)} embeddings ({ex.spec.dim}-dim, {ex.spec.alias}) -> {written}; "
             f"{res.embedded} embedded, {res.cached} from cache"

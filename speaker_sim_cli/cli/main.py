@@ -20,6 +20,7 @@ from . import (
 from .compare import compare
 from .embed import embed
 from .models_cmd import models
+from .ray_opt import RayCommand
 from .score import score
 from .ui import STATE
 
@@ -40,8 +41,8 @@ def _root(
     STATE["debug"] = debug or os.environ.get("SPEAKER_SIM_DEBUG") == "1"
 
 
-app.command()(score)
-app.command()(embed)
+app.command(cls=RayCommand)(score)  # --ray [ADDRESS]
+app.command(cls=RayCommand)(embed)
 app.command()(compare)
 app.command()(models)
 

@@ -12,7 +12,9 @@ from rich.markup import escape
 from . import common as c
 
 if TYPE_CHECKING:
+    from ..engine.ray_engine import RayOptions
     from ..pipeline import Extractor, ScoreResult, ScoringOptions
+from .ray_opt import RayActorsOpt, RayAddressOpt, RayGpusOpt, RayOpt, ray_options
 from .ui import EXIT_PARTIAL, STATE, EmbedProgress, err_console, errors_to_exit, fail, say, warn
 
 
@@ -123,6 +125,10 @@ def score(
         ),
     ] = None,
     score_scale: c.ScoreScaleOpt = None,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_actors: RayActorsOpt = 0,
+    ray_gpus_per_actor: RayGpusOpt = None,
     quiet: c.QuietOpt = False,
 ) -> None:
     """Score every trial by cosine; EER / minDCF when the trials have labels.
@@ -143,6 +149,7 @@ def score(
                     mean_from, embeddings, score_scale.value if score_scale else None,
                     gen_dir=gen_dir, model_config=model_config,
                     mvector_lists=mvector_lists),
+            ray_opts=ray_options(ray, ray_address, ray_actors, ray_gpus_per_actor, device),
         )  # fmt: skip
 
 
@@ -152,7 +159,7 @@ def _run(
     cache_dir: Path | None, no_cache: bool, device: str, precision: str, batch_size: int,
     batch_frames: int, workers: int, chunk_seconds: float | None, min_duration: float,
     max_duration: float, p_targets: list[float], on_error: str, allow_commands: bool,
-    extras: _Extras,
+    extras: _Extras, ray_opts: RayOptions | None = None,
 ) -> None:  # fmt: skip
     from ..engine.config import EngineConfig, EngineStats
     from ..errors import UsageError
@@ -170,6 +177,8 @@ def _run(
         tl = read_trials(trials_path, extras.gen_dir)
     if extras.embeddings is not None and wav_scp is not None:
         raise UsageError("--embeddings and --wav-scp do not go together: trial items are keys")
+    if extras.embeddings is not None and ray_opts is not None:
+        raise UsageError("--embeddings and --ray do not go together: nothing is embedded")
     scp = read_wav_scp(wav_scp, allow_commands) if wav_scp else None
     if root is not None and not root.is_dir():
         raise UsageError(f"--root {root}: not a folder")
@@ -200,7 +209,7 @@ def _run(
             min_duration=min_duration, max_duration=max_duration,
         )  # fmt: skip
         source = ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache,
-                                model_config=extras.model_config)  # fmt: skip
+                                model_config=extras.model_config, ray=ray_opts)  # fmt: skip
     load_s = time.perf_counter() - t_load
     bar = EmbedProgress()
     try:
@@ -271,6 +280,7 @@ def _run(
             "metrics": c.metrics_block(metrics) if metrics is not None else None,
             "counts": counts,
             "model": source.describe(),
+            **(ex.engine_report() if ex is not None else {}),
             "extraction": {
                 "chunked_recordings": st.chunked,
                 "padding_overhead": round(st.padded_frames / st.frames - 1, 4)

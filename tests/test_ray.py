@@ -1,0 +1,328 @@
+"""``--ray``: embed and score on a Ray cluster (one local in-process cluster for the module).
+
+The cluster is ``ray.init(num_cpus=2)`` with a small object store, started once (10-25 s here)
+and shut down at the end. Every test compares with the local engine on the same files: scores
+within 1e-5, the same metrics, the same failures. The fault tests kill an actor process by its
+pid while a job runs, and send SIGTERM to a driver in a subprocess, then resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from speaker_sim_cli.cli.main import app
+from speaker_sim_cli.cli.ray_opt import split_ray_address
+
+ACTOR = "MapWorker(MapBatches(EmbedActor))"
+
+
+# -- fast: no cluster ---------------------------------------------------------------------------
+def test_ray_address_after_flag_is_read_positional_stays():
+    assert split_ray_address(["t.csv", "--ray"]) == ["t.csv", "--ray"]
+    assert split_ray_address(["--ray", "t.csv"]) == ["--ray", "t.csv"]
+    assert split_ray_address(["--ray", "auto", "t.csv"]) == ["--ray", "--ray-address", "auto",
+                                                             "t.csv"]  # fmt: skip
+    assert split_ray_address(["--ray=10.0.0.5:6379"]) == ["--ray", "--ray-address",
+                                                          "10.0.0.5:6379"]  # fmt: skip
+    assert split_ray_address(["--", "--ray", "auto"]) == ["--", "--ray", "auto"]
+
+
+def test_without_ray_installed_ray_is_a_usage_error(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+
+    def find_spec(name: str, *a: Any) -> Any:
+        return None if name.split(".")[0] == "ray" else real(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    res = CliRunner().invoke(app, ["embed", str(tmp_path / "a.wav"), "-o", str(tmp_path / "o"),
+                                   "--ray"])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "pip install 'speaker-sim[ray]'" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--ray", "--ray-actors", "2", "--no-cache"], "drop --no-cache"),
+        (["--ray-actors", "2"], "need --ray"),
+        (["--ray", "--device", "cuda:1"], "Ray assigns each actor its GPU"),
+        (["--ray=not an address"], "not a cluster address"),
+    ],
+)
+def test_bad_ray_options_are_usage_errors(shared, tmp_path, args, says):
+    wav = shared / "audio" / "speechbrain_samples"
+    files = sorted(str(p) for p in wav.glob("*.wav"))[:1]
+    res = CliRunner().invoke(app, ["embed", *files, "-o", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2, res.output
+    assert says in " ".join(res.output.split())
+
+
+def test_nothing_listening_fails_fast_with_a_hint(shared, real_ckpt, tmp_path):
+    """An address where nothing listens: exit 1 in seconds (Ray alone retries for minutes)."""
+    import ray
+
+    if ray.is_initialized():
+        pytest.skip("this process already holds a Ray connection")
+    wav = sorted(str(p) for p in (shared / "audio" / "speechbrain_samples").glob("*.wav"))[:1]
+    t0 = time.perf_counter()
+    res = CliRunner().invoke(app, ["embed", *wav, "-o", str(tmp_path / "o"), "--cache-dir",
+                                   str(tmp_path / "c"), "--ray", "127.0.0.1:9"])  # fmt: skip
+    assert res.exit_code == 1, res.output
+    assert "nothing answers at 127.0.0.1:9" in " ".join(res.output.split())
+    assert time.perf_counter() - t0 < 30
+
+
+def test_refusal_message_names_token_auth(monkeypatch):
+    from speaker_sim_cli.engine.ray_engine import _refused
+
+    exc = ConnectionError("Failed to connect to Ray cluster at 10.0.0.5:6379")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    msg = _refused("10.0.0.5:6379", exc)
+    assert "RAY_AUTH_MODE=token" in msg and "RAY_AUTH_TOKEN" in msg
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert "token was most likely refused" in _refused("10.0.0.5:6379", exc)
+
+
+# -- the cluster ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+
+    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # Ray's socket paths must stay short
+    os.environ["RAY_TMPDIR"] = tmp
+    # Token auth, which Ray turns on for a new cluster when RAY_AUTH_MODE is unset (it sets
+    # RAY_AUTH_MODE=token then), with a token of our own: nothing is written to ~/.ray, and the
+    # subprocess driver below inherits both.
+    os.environ.pop("RAY_AUTH_MODE", None)
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    ctx = ray.init(num_cpus=2, object_store_memory=250 * 2**20, include_dashboard=False,
+                   _temp_dir=tmp, logging_level="WARNING")  # fmt: skip
+    try:
+        yield ctx.address_info["gcs_address"]
+    finally:
+        ray.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _invoke(args: list[str]) -> Any:
+    return CliRunner().invoke(app, args)
+
+
+def _score_args(shared: Path, cache: Path, out: Path, *extra: str) -> list[str]:
+    """score dev_hard -> OUT/s.csv and OUT/r.json."""
+    return ["score", str(shared / "audio/dev_hard/trials.csv"), "--root", str(shared),
+            "--cache-dir", str(cache), "-o", str(out / "s.csv"), "--report",
+            str(out / "r.json"), "-q", *extra]  # fmt: skip
+
+
+def _scores(path: Path) -> dict[tuple[str, str], float]:
+    with path.open() as f:
+        return {(r["enrollment"], r["test"]): float(r["score"]) for r in csv.DictReader(f)}
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(cache.glob("emb/*/*/*.npy"))
+
+
+def _ancestors(pid: int) -> set[int]:
+    out = set()
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        out.add(pid)
+    return out
+
+
+def _actor_pids() -> list[int]:
+    """Our cluster's embedding actors (descendants of this test process), by their title."""
+    me, pids = os.getpid(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if ACTOR in cmd and me in _ancestors(int(d.name)):
+            pids.append(int(d.name))
+    return pids
+
+
+@pytest.fixture(scope="module")
+def local(shared, real_ckpt, tmp_path_factory):
+    """The local engine's scores and report on dev_hard: the reference for every case."""
+    d = tmp_path_factory.mktemp("local")
+    res = _invoke(_score_args(shared, d / "cache", d))
+    assert res.exit_code == 0, res.output
+    return _scores(d / "s.csv"), json.loads((d / "r.json").read_text())
+
+
+def _close(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(abs(a[k] - b[k]) for k in a)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.weights
+def test_score_on_ray_equals_the_local_engine(cluster, local, shared, tmp_path):
+    ref, ref_report = local
+    res = _invoke(_score_args(shared, tmp_path / "cache", tmp_path, "--ray", "--ray-actors", "2"))
+    assert res.exit_code == 0, res.output
+    got = _scores(tmp_path / "s.csv")
+    assert _close(got, ref) <= 1e-5
+    rep = json.loads((tmp_path / "r.json").read_text())
+    for k in ("eer", "min_dcf"):
+        assert rep["metrics"][k] == pytest.approx(ref_report["metrics"][k], abs=1e-9)
+    assert rep["engine"] == "ray" and ref_report["engine"] == "local"
+    ray = rep["ray"]
+    assert ray["actors"] == 2 and ray["address"] == cluster and not ray["started_here"]
+    assert sum(a["recordings"] for a in ray["per_actor"]) == 80
+    assert all(a["x_realtime"] > 0 for a in ray["per_actor"] if a["recordings"])
+    assert rep["counts"]["embedded"] == 80 and len(_entries(tmp_path / "cache")) == 80
+    # Warm: everything from the cache, no Ray job at all.
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    again = _invoke(_score_args(shared, tmp_path / "cache", warm, "--ray"))
+    assert again.exit_code == 0, again.output
+    rep2 = json.loads((warm / "r.json").read_text())
+    assert rep2["counts"]["from_cache"] == 80 and rep2["ray"]["started"] is False
+    assert _scores(warm / "s.csv") == got
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.weights
+def test_embed_on_ray_equals_embed_and_bad_files_fail_alike(cluster, shared, tmp_path):
+    """Same matrix, index and failures.csv as the local engine; bad files cost only themselves."""
+    audio = (p for p in sorted((shared / "audio" / "dev_hard").rglob("*")) if p.is_file())
+    good = [p for p in audio if p.suffix != ".csv"][:14]
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 4)
+    short = tmp_path / "short.wav"
+    import soundfile as sf
+
+    sf.write(short, np.full(800, 0.1, np.float32), 16000)  # 0.05 s < --min-duration
+    listing = tmp_path / "list.txt"
+    files = [str(p) for p in good[:7]] + [str(bad)] + [str(p) for p in good[7:]] + [str(short)]
+    listing.write_text("\n".join(files) + "\n")
+    outs = {}
+    for name, extra in (("local", []), ("ray", ["--ray", "--ray-actors", "1"])):
+        out = tmp_path / name
+        res = _invoke(["embed", str(listing), "-o", str(out), "--cache-dir",
+                       str(tmp_path / f"cache-{name}"), "-q", *extra])  # fmt: skip
+        assert res.exit_code == 3, res.output  # partial: two recordings failed
+        outs[name] = out
+    a, b = (np.load(outs[n] / "embeddings.npy") for n in ("local", "ray"))
+    assert a.shape == b.shape == (len(good), 192)
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
+    assert rel.max() <= 1e-5
+    for f in ("index.csv", "failures.csv"):
+        assert (outs["ray"] / f).read_text() == (outs["local"] / f).read_text()
+    fails = (outs["ray"] / "failures.csv").read_text()
+    assert "broken.wav" in fails and "too short" in fails
+    model = json.loads((outs["ray"] / "model.json").read_text())
+    assert model["engine"] == "ray" and model["ray"]["per_actor"][0]["failed"] >= 1
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.weights
+def test_a_killed_actor_costs_nothing(cluster, local, shared, tmp_path):
+    """SIGKILL one actor mid-run: Ray restarts it and retries its unit; the job finishes with
+    every recording embedded once in the cache and the scores of a clean run."""
+    ref, _ = local
+    cache = tmp_path / "cache"
+    args = _score_args(shared, cache, tmp_path, "--ray", "--ray-actors", "2", "--batch-size", "2")
+    box: dict[str, Any] = {}
+    job = threading.Thread(target=lambda: box.setdefault("res", _invoke(args)))
+    job.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while job.is_alive() and time.monotonic() < deadline:
+        n = len(_entries(cache))
+        pids = _actor_pids()
+        if 4 <= n < 60 and pids:
+            killed = pids[0]
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    job.join(300)
+    assert killed is not None, "the job ended before an actor could be killed"
+    res = box["res"]
+    assert res.exit_code == 0, res.output
+    assert _close(_scores(tmp_path / "s.csv"), ref) <= 1e-5
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["counts"]["embedded"] == 80 and rep["counts"]["failed_recordings"] == 0
+    assert len(_entries(cache)) == 80  # one entry per recording, each a whole vector
+    for p in _entries(cache):
+        assert np.load(p).shape == (192,)
+    assert not Path(f"/proc/{killed}").exists() or killed not in _actor_pids()
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.weights
+def test_sigterm_leaves_nothing_partial_and_a_rerun_resumes(cluster, local, shared, tmp_path):
+    """A driver in its own process, on the cluster by address (token auth): SIGTERM mid-run ->
+    exit 130, no score file, no report; the rerun embeds only what is missing."""
+    ref, _ = local
+    cache = tmp_path / "cache"
+    out, report = tmp_path / "s.csv", tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "speaker_sim_cli.cli.main", "score",
+           str(shared / "audio/dev_hard/trials.csv"), "--root", str(shared), "--ray", cluster,
+           "--ray-actors", "1", "--batch-size", "2", "--cache-dir", str(cache), "-o", str(out),
+           "--report", str(report), "-q"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if len(_entries(cache)) >= 3:
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.02)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    assert not out.exists() and not report.exists()
+    deadline = time.monotonic() + 60  # the driver's actors go with it
+    while _actor_pids() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    done = len(_entries(cache))
+    assert 3 <= done < 80
+    res = _invoke(_score_args(shared, cache, tmp_path, "--ray", "--ray-actors", "2"))
+    assert res.exit_code == 0, res.output
+    counts = json.loads(report.read_text())["counts"]
+    assert counts["from_cache"] == done and counts["embedded"] == 80 - done
+    assert _close(_scores(out), ref) <= 1e-5
