@@ -110,9 +110,17 @@ class Voiceprints:
         store = VoiceprintStore(self.path) if exists or not create else None
         try:
             wanted = model or (store.model.model if store else DEFAULT_MODEL)
-            self._extractor: Extractor | None = Extractor(
-                wanted, model_dir, engine, cache_dir, use_cache=use_cache
-            )
+            try:
+                self._extractor: Extractor | None = Extractor(
+                    wanted, model_dir, engine, cache_dir, use_cache=use_cache
+                )
+            except UsageError:
+                if model is None and store is not None:
+                    raise UsageError(
+                        f"{self.path}: built with {wanted}, a model speaker-sim cannot run; "
+                        "open it with Voiceprints.for_vectors to use its vectors"
+                    ) from None
+                raise
             info = ModelInfo.of(self._extractor.ingredients(), self._extractor.dim)
             if store is None:
                 store = VoiceprintStore(self.path, create=info, rule=rule)

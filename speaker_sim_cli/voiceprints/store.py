@@ -145,17 +145,34 @@ def voiceprint(embeddings: np.ndarray, rule: str = "unit-mean") -> np.ndarray:
     >>> voiceprint(np.array([[3.0, 0.0], [0.0, 1.0]]), "raw-mean").round(4)
     array([0.9487, 0.3162], dtype=float32)
     """
+    e = np.asarray(embeddings)
+    return voiceprints(e, np.zeros(len(e), dtype=np.int64), 1, rule)[0]
+
+
+def voiceprints(
+    embeddings: np.ndarray, group: np.ndarray, n_groups: int, rule: str = "unit-mean"
+) -> np.ndarray:
+    """:func:`voiceprint` of each group at once: rows ``embeddings[group == g]`` give row g of
+    the ``(n_groups, D)`` float32 result (the definition lives here)."""
     e = np.asarray(embeddings, dtype=np.float64)
     if rule == "unit-mean":
         e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
     elif rule != "raw-mean":
         raise ValueError(f"unknown voiceprint rule {rule!r}: use one of {', '.join(RULES)}")
-    m = e.mean(axis=0)
-    return (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
+    sums = np.zeros((n_groups, e.shape[1]), dtype=np.float64)
+    np.add.at(sums, group, e)
+    # The mean's direction is the sum's: unit length of the sum is unit length of the mean.
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _chunks(xs: list[Any], n: int) -> Iterator[list[Any]]:
+    for i in range(0, len(xs), n):
+        yield xs[i : i + n]
 
 
 def _blob(v: np.ndarray) -> bytes:
@@ -338,60 +355,79 @@ class VoiceprintStore:
         delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
         now = _now()
         with self._write() as con:
-            ids: dict[str, int] = {}
-            fresh: dict[str, list[np.ndarray]] = {}  # speakers created here: vectors in memory
-            for k, it in enumerate(items):
-                sid = ids.get(it.speaker)
-                if sid is None:
-                    row = con.execute(
-                        "SELECT id FROM speakers WHERE name = ?", (it.speaker,)
-                    ).fetchone()
-                    if row is None:
-                        cur = con.execute(
-                            "INSERT INTO speakers (name, created, n, voiceprint) "
-                            "VALUES (?, ?, 0, x'')",
-                            (it.speaker, now),
-                        )
-                        sid = int(cur.lastrowid or 0)
-                        fresh[it.speaker] = []
-                        rep.new_speakers.append(it.speaker)
-                    else:
-                        sid = int(row[0])
-                    ids[it.speaker] = sid
-                cur = con.execute(
-                    "INSERT OR IGNORE INTO recordings (speaker_id, sha256, path, embedding, added)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (sid, it.sha256, it.path, _blob(it.embedding), now),
+            names = list(dict.fromkeys(it.speaker for it in items))
+            ids = self._ids(con, names)
+            old = [ids[n] for n in names if n in ids]
+            new = [n for n in names if n not in ids]
+            con.executemany(
+                "INSERT INTO speakers (name, created, n, voiceprint) VALUES (?, ?, 0, x'')",
+                [(n, now) for n in new],
+            )
+            ids.update(self._ids(con, new))
+            rep.new_speakers = new
+            seen: dict[tuple[int, str], str] = {}
+            for chunk in _chunks(old, 900):
+                marks = ",".join("?" * len(chunk))
+                q = f"SELECT speaker_id, sha256, path FROM recordings WHERE speaker_id IN ({marks})"
+                for sid, sha, path in con.execute(q, chunk):
+                    seen[(int(sid), str(sha))] = str(path)
+            rows = []
+            for it in items:
+                key = (ids[it.speaker], it.sha256)
+                if key in seen:
+                    rep.duplicates.append((it, seen[key]))
+                    continue
+                seen[key] = it.path
+                rep.added.append(it)
+                rows.append((key[0], it.sha256, it.path, _blob(it.embedding), now))
+            step = 1 if delay else 10_000
+            for k in range(0, len(rows), step):
+                con.executemany(
+                    "INSERT INTO recordings (speaker_id, sha256, path, embedding, added) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    rows[k : k + step],
                 )
-                if cur.rowcount == 0:
-                    old = con.execute(
-                        "SELECT path FROM recordings WHERE speaker_id = ? AND sha256 = ?",
-                        (sid, it.sha256),
-                    ).fetchone()
-                    rep.duplicates.append((it, str(old[0])))
-                else:
-                    rep.added.append(it)
-                    if it.speaker in fresh:
-                        fresh[it.speaker].append(it.embedding)
-                if delay:
-                    print(f"voiceprints-test: inserted {k + 1}", file=sys.stderr, flush=True)
+                if delay:  # the test hook: a kill lands inside the transaction
+                    print(f"voiceprints-test: inserted {k + step}", file=sys.stderr, flush=True)
                     time.sleep(delay)
-            touched = {it.speaker for it in rep.added}
-            updates = []
-            for name in touched:
-                sid = ids[name]
-                if name in fresh:
-                    embs = np.stack(fresh[name])
-                else:
-                    rows = con.execute(
-                        "SELECT embedding FROM recordings WHERE speaker_id = ? ORDER BY id", (sid,)
-                    ).fetchall()
-                    embs = np.frombuffer(b"".join(r[0] for r in rows), "<f4").reshape(-1, dim)
-                updates.append((len(embs), _blob(voiceprint(embs, self.rule)), sid))
-            con.executemany("UPDATE speakers SET n = ?, voiceprint = ? WHERE id = ?", updates)
-            if touched:
+            self._update_voiceprints(con, rep.added, set(new), ids)
+            if rep.added:
                 self._bump(con)
         return rep
+
+    def _ids(self, con: sqlite3.Connection, names: Sequence[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for chunk in _chunks(list(names), 900):
+            marks = ",".join("?" * len(chunk))
+            q = f"SELECT name, id FROM speakers WHERE name IN ({marks})"
+            out.update((str(a), int(b)) for a, b in con.execute(q, chunk))
+        return out
+
+    def _update_voiceprints(
+        self, con: sqlite3.Connection, added: list[Enrolment], new: set[str], ids: dict[str, int]
+    ) -> None:
+        """Recompute the voiceprint of every speaker that got recordings: new speakers from
+        the vectors in hand (all at once), the others from all their stored recordings."""
+        dim = self.dim
+        fresh = [it for it in added if it.speaker in new]
+        names = list(dict.fromkeys(it.speaker for it in fresh))
+        updates: list[tuple[int, bytes, int]] = []
+        if fresh:
+            pos = {n: i for i, n in enumerate(names)}
+            group = np.fromiter((pos[it.speaker] for it in fresh), np.int64, len(fresh))
+            vps = voiceprints(
+                np.stack([it.embedding for it in fresh]), group, len(names), self.rule
+            )
+            counts = np.bincount(group, minlength=len(names))
+            updates += [(int(c), _blob(v), ids[n]) for n, c, v in zip(names, counts, vps)]
+        for name in dict.fromkeys(it.speaker for it in added if it.speaker not in new):
+            sid = ids[name]
+            got = con.execute(
+                "SELECT embedding FROM recordings WHERE speaker_id = ? ORDER BY id", (sid,)
+            ).fetchall()
+            embs = np.frombuffer(b"".join(r[0] for r in got), "<f4").reshape(-1, dim)
+            updates.append((len(embs), _blob(voiceprint(embs, self.rule)), sid))
+        con.executemany("UPDATE speakers SET n = ?, voiceprint = ? WHERE id = ?", updates)
 
     def remove(self, name: str) -> int:
         """Delete a speaker and its recordings; returns how many recordings went."""
