@@ -41,11 +41,11 @@ __all__ = [
     "create_dct",
     "kaldi_fbank",
     "melscale_fbanks",
+    "melspectrogram_features",
     "mfcc_features",
     "mvector_fbank_features",
     "power_spectrogram",
     "spectrogram_features",
-    "melspectrogram_features",
     "subtract_time_mean",
 ]
 
@@ -66,7 +66,9 @@ def _kaldi_mel(freq: torch.Tensor) -> torch.Tensor:
 
 
 @lru_cache(maxsize=16)
-def _kaldi_banks(num_bins: int, n_fft: int, sample_rate: float, low: float, high: float) -> torch.Tensor:
+def _kaldi_banks(
+    num_bins: int, n_fft: int, sample_rate: float, low: float, high: float
+) -> torch.Tensor:
     """Kaldi's triangular mel filters (num_bins, n_fft // 2 + 1), float32, no Nyquist weight."""
     nyquist = 0.5 * sample_rate
     if high <= 0.0:

@@ -42,6 +42,22 @@ def models(
         t.add_row(r["id"] + (" *" if r["default"] else ""), r["alias"], r["arch"], str(r["dim"]),
                   shown)  # fmt: skip
     Console(soft_wrap=False).print(t)
+    Console(soft_wrap=False).print(_families())
+
+
+def _families() -> Table:
+    """Families whose model is your own checkpoint (no zoo row): how to point at one."""
+    from importlib import import_module
+
+    from ..models.registry import FAMILIES
+
+    t = Table(title="model families from your own checkpoints (--model KEY --model-dir DIR)")
+    for col in ("model", "what", "usage"):
+        t.add_column(col, overflow="fold")
+    for key, builder in FAMILIES.items():
+        module = import_module(builder.partition(":")[0])
+        t.add_row(key, getattr(module, "FAMILY_WHAT", ""), getattr(module, "FAMILY_USAGE", ""))
+    return t
 
 
 def _short(path: str) -> str:

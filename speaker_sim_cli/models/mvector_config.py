@@ -54,6 +54,17 @@ SHIPPED_FBANK_ARGS: dict[str, Any] = {"sample_frequency": 16000, "num_mel_bins":
 
 FEATURE_METHODS = ("Fbank", "MelSpectrogram", "Spectrogram", "MFCC")
 
+#: What ``speaker-sim models`` says about the family.
+FAMILY_WHAT = (
+    "VoiceprintRecognition-Pytorch (mvector 1.1) checkpoints: EcapaTdnn, TDNN, Res2Net, "
+    "ResNetSE, ERes2Net, ERes2NetV2, CAMPPlus on Fbank, MelSpectrogram, Spectrogram or MFCC; "
+    "threshold from model.state"
+)
+FAMILY_USAGE = (
+    "--model mvector --model-dir models/<Model>_<Feature>/best_model/ --model-config "
+    "configs/<your training config>.yml (Fbank checkpoints: the yml may be left out)"
+)
+
 
 @dataclass(frozen=True)
 class MvectorConfig:
@@ -149,7 +160,9 @@ def shipped_config(model: str, feature_method: str, state_path: Path) -> Mvector
             f"inferred; {need}"
         )
     if model not in SHIPPED:
-        raise UsageError(f"{state_path} says model {model}, for which mvector ships no config; {need}")
+        raise UsageError(
+            f"{state_path} says model {model}, for which mvector ships no config; {need}"
+        )
     yml, args = SHIPPED[model]
     return MvectorConfig(model, dict(args), "Fbank", dict(SHIPPED_FBANK_ARGS), 16000, -20.0,
                          f"mvector's shipped {yml} (no --model-config)")  # fmt: skip
@@ -158,9 +171,11 @@ def shipped_config(model: str, feature_method: str, state_path: Path) -> Mvector
 # -- front ends --------------------------------------------------------------------------------
 # Kaldi fbank options (torchaudio.compliance.kaldi.fbank) -> MvectorFbankConfig field, and
 # those only supported at their default.
-_FBANK_MAP = {"num_mel_bins": "num_mel_bins", "frame_length": "frame_length_ms",
-              "frame_shift": "frame_shift_ms", "preemphasis_coefficient": "preemphasis",
-              "low_freq": "low_freq", "high_freq": "high_freq", "window_type": "window"}  # fmt: skip
+_FBANK_MAP = {
+    "num_mel_bins": "num_mel_bins", "frame_length": "frame_length_ms",
+    "frame_shift": "frame_shift_ms", "preemphasis_coefficient": "preemphasis",
+    "low_freq": "low_freq", "high_freq": "high_freq", "window_type": "window",
+}  # fmt: skip
 _FBANK_FIXED: dict[str, Any] = {
     "dither": 0.0, "snip_edges": True, "remove_dc_offset": True, "round_to_power_of_two": True,
     "use_energy": False, "use_log_fbank": True, "use_power": True, "subtract_mean": False,
@@ -207,8 +222,10 @@ def frontend_for(cfg: MvectorConfig) -> Frontend:
     """The front end of mvector's predictor for ``cfg``. Raises UsageError for arguments
     mvector would reject or speaker-sim does not reproduce."""
     where, args, rate = cfg.source, dict(cfg.method_args), cfg.sample_rate
-    common: dict[str, Any] = {"sample_rate": rate, "channel": "mean",
-                              "loudness_db": cfg.loudness_db, "resampler": "kaiser_best"}  # fmt: skip
+    common: dict[str, Any] = {
+        "sample_rate": rate, "channel": "mean", "loudness_db": cfg.loudness_db,
+        "resampler": "kaiser_best",
+    }  # fmt: skip
     try:
         if cfg.feature_method == "Fbank":
             _check_rate(args, "sample_frequency", rate, where)
@@ -243,7 +260,9 @@ def frontend_for(cfg: MvectorConfig) -> Frontend:
                     kw["dct_norm" if k == "norm" else k] = v
             return MFCCConfig(**common, **kw)
     except (TypeError, ValueError) as exc:
-        raise UsageError(f"{where}: {cfg.feature_method} method_args {cfg.method_args}: {exc}") from None
+        raise UsageError(
+            f"{where}: {cfg.feature_method} method_args {cfg.method_args}: {exc}"
+        ) from None
     raise UsageError(
         f"{where}: unknown feature_method {cfg.feature_method!r} "
         f"(mvector's are {', '.join(FEATURE_METHODS)})"
@@ -315,8 +334,7 @@ def mvector_spec(model_dir: str | Path | None, model_config: str | Path | None =
     frontend = frontend_for(cfg)
     if cfg.model not in DEFAULT_EMBD:
         raise UsageError(
-            f"{cfg.source}: unknown mvector model {cfg.model!r} "
-            f"(known: {', '.join(DEFAULT_EMBD)})"
+            f"{cfg.source}: unknown mvector model {cfg.model!r} (known: {', '.join(DEFAULT_EMBD)})"
         )
     dim = cfg.model_args.get("embd_dim", DEFAULT_EMBD[cfg.model])
     if not isinstance(dim, int) or dim < 1:
@@ -357,6 +375,8 @@ def load_checkpoint(model: Any, path: Path, spec: ModelSpec) -> None:
         raw = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointMismatchError(f"{path}: cannot read as a torch checkpoint ({first})") from None
+        raise CheckpointMismatchError(
+            f"{path}: cannot read as a torch checkpoint ({first})"
+        ) from None
     config = spec.trained_on.split("config: ", 1)[-1]
     load_backbone_state(model, raw, source=f"{path} (config: {config})")
