@@ -157,9 +157,16 @@ def test_tiny_padded_batch_gives_each_clips_lone_embedding(tiny, tiny_ref):
     assert rel_l2(a[0], refs[1]) <= TOL
 
 
-def test_short_rows_are_refused(tiny):
+def test_rows_shorter_than_a_frame_are_nan_and_leave_the_others_alone(tiny, tiny_ref):
+    """WavLM has no frame for < 400 samples: that row is NaN (the engine fails it with a
+    reason), the others are their lone embeddings."""
+    w = tiny_ref["wav_noise_1s"]
+    got = _embed(tiny, [w[:399], w, w[:200]])
+    assert np.isnan(got[0]).all() and np.isnan(got[2]).all()
+    assert rel_l2(got[1], tiny_ref["emb_noise_1s"]) <= TOL
+    assert np.isnan(_embed(tiny, [w[:300]])).all()
     with pytest.raises(ValueError, match="400 samples"):
-        tiny(torch.zeros(2, 1000), torch.tensor([1000, 399]))
+        tiny.features(torch.zeros(2, 1000), torch.tensor([1000, 399]))
 
 
 # -- front end and resampler ---------------------------------------------------------------
@@ -319,6 +326,26 @@ def test_score_pairs_counts_and_names_missing_files(tiny_registry, tiny_ref, tmp
     assert "over 4 of 5 pairs" in res.output and "1 of 5 pairs not scored" in res.output
     scores = out.read_text().splitlines()
     assert len(scores) == 6  # header + every pair, the failed one with its error
+
+
+def test_api_and_serve_use_the_entry(tiny_registry, tiny_ref, tmp_path):
+    from speaker_sim_cli import SpeakerSim
+
+    clips = _write_clips(tiny_ref, tmp_path / "wavs")
+    sim = SpeakerSim("wavlm-ecapa-sim", model_dir=tiny_registry, device="cpu", use_cache=False)
+    assert sim.dim == 256 and sim.sample_rate == 16000
+    got = sim.similarity(clips["v120_3s"], clips["stereo"])
+    assert abs(got - cos(tiny_ref["emb_v120_3s"], tiny_ref["emb_v210_2s"])) <= 1e-5
+    emb = sim.embed(tiny_ref["wav_noise_1s"])  # an in-memory waveform at the model's rate
+    assert rel_l2(emb, tiny_ref["emb_noise_1s"]) <= TOL
+    lines = f"r1->{clips['v120_quiet']},{clips['v160_short']}\nr2->{clips['v120_3s']},nope.wav\n"
+    res = CliRunner().invoke(app, ["serve", "--model", "wavlm-ecapa-sim", "--model-dir",
+                                   str(tiny_registry), "--no-cache"], input=lines)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    answers = dict(ln.split("->") for ln in res.stdout.splitlines() if "->" in ln)
+    want = cos(tiny_ref["emb_v120_quiet"], tiny_ref["emb_v160_short"])
+    assert abs(float(answers["r1"]) - want) <= 1e-5
+    assert any(ln.startswith("Error: r2 ") for ln in res.stdout.splitlines())
 
 
 def test_score_without_a_trial_list_is_a_usage_error(tmp_path):

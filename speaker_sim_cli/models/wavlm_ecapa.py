@@ -35,7 +35,10 @@ from torch import nn
 from .masking import apply_mask, masked_mean, time_mask
 from .wavlm import LARGE_CONV_LAYERS, WavLM
 
-__all__ = ["TINY", "WavLMECAPA"]
+__all__ = ["MIN_SAMPLES", "TINY", "WavLMECAPA"]
+
+#: The shortest input WavLM's conv feature extractor makes a frame of (25 ms at 16 kHz).
+MIN_SAMPLES = 400
 
 #: The fixtures' tiny geometry (fixtures/wavlm_sim/sim_tiny.npz): same code paths, 6 M params.
 TINY: dict[str, Any] = {
@@ -161,7 +164,7 @@ class WavLMECAPA(nn.Module):
 
     ``forward(wave, lengths)``: wave (B, N) normalised 16 kHz waveform (the ``waveform`` front
     end's output; (B, N, 1) also accepted), zero-padded; lengths (B,) int64 valid samples
-    (None: all N; each at least 400). Returns (B, emb_dim).
+    (None: all N). Returns (B, emb_dim); a row shorter than 400 samples (25 ms) is NaN.
     """
 
     #: In ``wavlm_large_finetune.pth`` beside the model: the training classifier (AAM-softmax
@@ -207,7 +210,7 @@ class WavLMECAPA(nn.Module):
         frames = None
         if lengths is not None:
             lengths = lengths.to(device=wave.device, dtype=torch.long)
-            if int(lengths.min()) < 400:
+            if int(lengths.min()) < MIN_SAMPLES:
                 raise ValueError("every row needs at least 400 samples (25 ms at 16 kHz)")
             frames = self.wavlm.frame_lengths(lengths)
         weights = torch.softmax(self.feature_weight, dim=-1)
@@ -228,5 +231,18 @@ class WavLMECAPA(nn.Module):
         return self.bn(self.pooling(out, frames))
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if lengths is not None:
+            lengths = lengths.to(device=wave.device, dtype=torch.long)
+            short = lengths < MIN_SAMPLES
+            if bool(short.any()):
+                # WavLM has no frame for them: NaN rows, which the engine reports as failed,
+                # while the other rows of the batch are embedded as usual.
+                out = wave.new_full((wave.shape[0], self.embedding_size), float("nan"))
+                keep = ~short
+                if bool(keep.any()):
+                    emb = self.forward(wave[keep], lengths[keep])
+                    out = out.to(emb.dtype)
+                    out[keep] = emb
+                return out
         x, frames = self.features(wave, lengths)
         return self.linear(self.pooled(x, frames))
