@@ -11,9 +11,11 @@ __all__ = ["check_inputs", "min_input_frames", "strided_lengths"]
 
 def check_inputs(
     feats: torch.Tensor, n_frames: torch.Tensor | None, input_size: int, min_frames: int
-) -> torch.Tensor | None:
-    """Validate (B, T, F) ``feats`` and (B,) ``n_frames``; return int64 lengths on feats' device.
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate (B, T, F) ``feats`` and (B,) ``n_frames``.
 
+    Returns ``feats`` with every frame past a row's length set to 0 (whatever the caller padded
+    with, NaN included) and the lengths as int64 on feats' device (None when ``n_frames`` is).
     Raises ValueError for a wrong shape, a length past T, or a row shorter than ``min_frames``.
     """
     if feats.dim() != 3 or feats.shape[-1] != input_size:
@@ -21,7 +23,7 @@ def check_inputs(
     if n_frames is None:
         if feats.shape[1] < min_frames:
             raise ValueError(f"{feats.shape[1]} frames; this model needs at least {min_frames}")
-        return None
+        return feats, None
     if n_frames.shape != feats.shape[:1]:
         raise ValueError(
             f"n_frames must have shape ({feats.shape[0]},), got {tuple(n_frames.shape)}"
@@ -32,7 +34,9 @@ def check_inputs(
         raise ValueError(f"a row has {lo} frames; this model needs at least {min_frames}")
     if hi > feats.shape[1]:
         raise ValueError(f"n_frames ({hi}) exceeds the padded length {feats.shape[1]}")
-    return lengths
+    valid = torch.arange(feats.shape[1], device=feats.device)[None, :] < lengths[:, None]
+    feats = torch.where(valid[..., None], feats, torch.zeros((), dtype=feats.dtype))
+    return feats, lengths
 
 
 def strided_lengths(lengths: torch.Tensor, kernel: int, stride: int, padding: int) -> torch.Tensor:

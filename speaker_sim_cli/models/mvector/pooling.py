@@ -5,7 +5,8 @@ returns (B, D). Frames past a row's length may hold anything finite; they never 
 output. mvector calls these without lengths (full-length single utterances), so with
 ``lengths=None`` each reduces exactly as mvector's does.
 
-* ASP: attentive mean and std with global context (3D-Speaker's block, same maths and keys).
+* ASP: attentive mean and std (variance clamped at 1e-12), the attention fed with the
+  utterance's mean and std (population statistics) when ``global_context``.
 * SAP: self-attentive weighted mean, ``Conv1d(C->128) -> tanh -> Conv1d(128->C) -> softmax``.
 * TAP: mean.
 * TSP: mean and *unbiased variance* (not std).
@@ -18,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ecapa import _AttentiveStatsPool
 from ..masking import masked_mean, masked_std, time_mask
+from .layers import SameConv1d, TDNNBlock
 
 __all__ = [
     "POOLING_TYPES",
@@ -35,6 +36,7 @@ __all__ = [
 
 POOLING_TYPES = ("ASP", "SAP", "TAP", "TSP")
 _TSTP_EPS = 1e-8
+_ASP_EPS = 1e-12
 
 
 def masked_var(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -56,8 +58,15 @@ def _zero_padding(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-class AttentiveStatisticsPooling(_AttentiveStatsPool):
-    """ASP with global context: (B, C, T) -> (B, 2C) = [attentive mean, attentive std].
+def _weighted_stats(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std over time of ``x`` (B, C, T) under weights ``w`` (B, 1|C, T) summing to 1."""
+    mean = (w * x).sum(dim=2)
+    var = (w * (x - mean.unsqueeze(2)).pow(2)).sum(dim=2)
+    return mean, var.clamp(min=_ASP_EPS).sqrt()
+
+
+class AttentiveStatisticsPooling(nn.Module):
+    """ASP: (B, C, T) -> (B, 2C) = [attentive mean, attentive std].
 
     Keys ``tdnn.conv.conv.*``, ``tdnn.norm.norm.*``, ``conv.conv.*`` (mvector's layout).
     """
@@ -65,10 +74,31 @@ class AttentiveStatisticsPooling(_AttentiveStatsPool):
     def __init__(
         self, channels: int, attention_channels: int = 128, global_context: bool = True
     ) -> None:
-        super().__init__(channels, attention_channels, global_context)
+        super().__init__()
+        self.global_context = global_context
+        self.tdnn = TDNNBlock(channels * 3 if global_context else channels, attention_channels, 1)
+        self.conv = SameConv1d(attention_channels, channels, 1)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x, lengths).squeeze(-1)
+        frames = x.shape[-1]
+        if lengths is None:
+            valid = torch.ones(x.shape[0], 1, frames, dtype=torch.bool, device=x.device)
+            n = torch.full((x.shape[0], 1, 1), float(frames), dtype=x.dtype, device=x.device)
+        else:
+            valid = time_mask(lengths, frames)[:, None, :]
+            n = lengths.to(x.dtype)[:, None, None]
+        x = torch.where(valid, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        context = x
+        if self.global_context:
+            mean, std = _weighted_stats(x, valid.to(x.dtype) / n)
+            context = torch.cat(
+                (x, mean[..., None].expand(-1, -1, frames), std[..., None].expand(-1, -1, frames)),
+                dim=1,
+            )
+        logits = self.conv(torch.tanh(self.tdnn(context)))  # 1x1 convs: no padding
+        logits = logits.masked_fill(~valid, float("-inf"))
+        mean, std = _weighted_stats(x, torch.softmax(logits, dim=2))
+        return torch.cat((mean, std), dim=1)
 
 
 class SelfAttentivePooling(nn.Module):

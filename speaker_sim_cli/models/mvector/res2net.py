@@ -165,8 +165,8 @@ class Res2Net(nn.Module):
 
     def forward(self, feats: torch.Tensor, n_frames: torch.Tensor | None = None) -> torch.Tensor:
         """feats (B, T, input_size) zero-padded, n_frames (B,) int64 or None -> (B, embd_dim)."""
-        lengths = check_inputs(feats, n_frames, self.input_size, self.min_frames)
-        x = apply_mask(feats.transpose(1, 2), lengths).unsqueeze(1)  # (B, 1, F, T)
+        feats, lengths = check_inputs(feats, n_frames, self.input_size, self.min_frames)
+        x = feats.transpose(1, 2).unsqueeze(1)  # (B, 1, F, T), zero past each row
         x = F.relu(self.bn1(self.conv1(x)))
         if lengths is not None:
             lengths = strided_lengths(lengths, kernel=7, stride=3, padding=1)

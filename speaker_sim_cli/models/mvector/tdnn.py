@@ -59,7 +59,7 @@ class TDNN(nn.Module):
 
     def forward(self, feats: torch.Tensor, n_frames: torch.Tensor | None = None) -> torch.Tensor:
         """feats (B, T, input_size) zero-padded, n_frames (B,) int64 or None -> (B, embd_dim)."""
-        lengths = check_inputs(feats, n_frames, self.input_size, self.min_frames)
+        feats, lengths = check_inputs(feats, n_frames, self.input_size, self.min_frames)
         x = feats.transpose(1, 2)
         x = self.bn1(F.relu(self.td_layer1(x)))
         x = self.bn2(F.relu(self.td_layer2(x)))
