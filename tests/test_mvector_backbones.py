@@ -113,6 +113,17 @@ def test_fixture_has_the_18_cases(shared: Path) -> None:
     assert {c.split("_")[0] for c in CASES} == set(BACKBONES)
 
 
+@pytest.mark.parametrize("tag", ["Fbank", "MFCC", "MelSpectrogram", "Spectrogram"])
+def test_fixture_features_are_mean_subtracted(shared: Path, tag: str) -> None:
+    """``feat_i`` (the backbone input used here) is ``feat_before_cmn_i`` minus its time mean,
+    as mvector's featurizer does (spec section 2); nothing else happens in between."""
+    front = np.load(_root() / f"frontend_{tag}.npz")
+    for i in range(len(front["inputs"])):
+        raw, feat = front[f"feat_before_cmn_{i}"], front[f"feat_{i}"]
+        scale = np.abs(raw).max()
+        np.testing.assert_allclose(feat, raw - raw.mean(axis=0), rtol=0, atol=1e-5 * scale)
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_strict_load(shared: Path, name: str) -> None:
     case = _case(name)
