@@ -30,6 +30,7 @@ from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.cli.ray_opt import split_ray_address
 
 ACTOR = "MapWorker(MapBatches(EmbedActor))"
+SUBSET = 24  # recordings of the fault tests
 
 
 # -- fast: no cluster ---------------------------------------------------------------------------
@@ -133,11 +134,26 @@ def _invoke(args: list[str]) -> Any:
     return CliRunner().invoke(app, args)
 
 
-def _score_args(shared: Path, cache: Path, out: Path, *extra: str) -> list[str]:
-    """score dev_hard -> OUT/s.csv and OUT/r.json."""
-    return ["score", str(shared / "audio/dev_hard/trials.csv"), "--root", str(shared),
+def _score_args(shared: Path, cache: Path, out: Path, *extra: str, trials: Path | None = None
+                ) -> list[str]:  # fmt: skip
+    """score dev_hard (or ``trials``) -> OUT/s.csv and OUT/r.json."""
+    return ["score", str(trials or shared / "audio/dev_hard/trials.csv"), "--root", str(shared),
             "--cache-dir", str(cache), "-o", str(out / "s.csv"), "--report",
             str(out / "r.json"), "-q", *extra]  # fmt: skip
+
+
+def _subset(shared: Path, tmp: Path, n: int = SUBSET) -> tuple[Path, set[tuple[str, str]]]:
+    """The dev_hard trials among its first ``n`` recordings (fault tests: a shorter job)."""
+    with (shared / "audio/dev_hard/trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    keep = sorted({r[k] for r in rows for k in ("enrollment", "test")})[:n]
+    rows = [r for r in rows if r["enrollment"] in keep and r["test"] in keep]
+    path = tmp / "trials.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, ["enrollment", "test", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    return path, {(r["enrollment"], r["test"]) for r in rows}
 
 
 def _scores(path: Path) -> dict[tuple[str, str], float]:
@@ -259,9 +275,11 @@ def test_embed_on_ray_equals_embed_and_bad_files_fail_alike(cluster, shared, tmp
 def test_a_killed_actor_costs_nothing(cluster, local, shared, tmp_path):
     """SIGKILL one actor mid-run: Ray restarts it and retries its unit; the job finishes with
     every recording embedded once in the cache and the scores of a clean run."""
-    ref, _ = local
+    trials, keys = _subset(shared, tmp_path)
+    ref = {k: v for k, v in local[0].items() if k in keys}
     cache = tmp_path / "cache"
-    args = _score_args(shared, cache, tmp_path, "--ray", "--ray-actors", "2", "--batch-size", "2")
+    args = _score_args(shared, cache, tmp_path, "--ray", "--ray-actors", "2", "--batch-size", "1",
+                       trials=trials)  # fmt: skip
     box: dict[str, Any] = {}
     job = threading.Thread(target=lambda: box.setdefault("res", _invoke(args)))
     job.start()
@@ -270,7 +288,7 @@ def test_a_killed_actor_costs_nothing(cluster, local, shared, tmp_path):
     while job.is_alive() and time.monotonic() < deadline:
         n = len(_entries(cache))
         pids = _actor_pids()
-        if 4 <= n < 60 and pids:
+        if 2 <= n < SUBSET - 6 and pids:
             killed = pids[0]
             os.kill(killed, signal.SIGKILL)
             break
@@ -281,8 +299,8 @@ def test_a_killed_actor_costs_nothing(cluster, local, shared, tmp_path):
     assert res.exit_code == 0, res.output
     assert _close(_scores(tmp_path / "s.csv"), ref) <= 1e-5
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["counts"]["embedded"] == 80 and rep["counts"]["failed_recordings"] == 0
-    assert len(_entries(cache)) == 80  # one entry per recording, each a whole vector
+    assert rep["counts"]["embedded"] == SUBSET and rep["counts"]["failed_recordings"] == 0
+    assert len(_entries(cache)) == SUBSET  # one entry per recording, each a whole vector
     for p in _entries(cache):
         assert np.load(p).shape == (192,)
     assert not Path(f"/proc/{killed}").exists() or killed not in _actor_pids()
@@ -294,18 +312,18 @@ def test_a_killed_actor_costs_nothing(cluster, local, shared, tmp_path):
 def test_sigterm_leaves_nothing_partial_and_a_rerun_resumes(cluster, local, shared, tmp_path):
     """A driver in its own process, on the cluster by address (token auth): SIGTERM mid-run ->
     exit 130, no score file, no report; the rerun embeds only what is missing."""
-    ref, _ = local
+    trials, keys = _subset(shared, tmp_path)
+    ref = {k: v for k, v in local[0].items() if k in keys}
     cache = tmp_path / "cache"
     out, report = tmp_path / "s.csv", tmp_path / "r.json"
-    cmd = [sys.executable, "-m", "speaker_sim_cli.cli.main", "score",
-           str(shared / "audio/dev_hard/trials.csv"), "--root", str(shared), "--ray", cluster,
-           "--ray-actors", "1", "--batch-size", "2", "--cache-dir", str(cache), "-o", str(out),
-           "--report", str(report), "-q"]  # fmt: skip
+    cmd = [sys.executable, "-m", "speaker_sim_cli.cli.main", "score", str(trials), "--root",
+           str(shared), "--ray", cluster, "--ray-actors", "1", "--batch-size", "1", "--cache-dir",
+           str(cache), "-o", str(out), "--report", str(report), "-q"]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline:
-            if len(_entries(cache)) >= 3:
+            if len(_entries(cache)) >= 2:
                 proc.send_signal(signal.SIGTERM)
                 break
             time.sleep(0.02)
@@ -320,9 +338,9 @@ def test_sigterm_leaves_nothing_partial_and_a_rerun_resumes(cluster, local, shar
     while _actor_pids() and time.monotonic() < deadline:
         time.sleep(0.1)
     done = len(_entries(cache))
-    assert 3 <= done < 80
-    res = _invoke(_score_args(shared, cache, tmp_path, "--ray", "--ray-actors", "2"))
+    assert 2 <= done < SUBSET
+    res = _invoke(_score_args(shared, cache, tmp_path, "--ray", "--ray-actors", "2", trials=trials))
     assert res.exit_code == 0, res.output
     counts = json.loads(report.read_text())["counts"]
-    assert counts["from_cache"] == done and counts["embedded"] == 80 - done
+    assert counts["from_cache"] == done and counts["embedded"] == SUBSET - done
     assert _close(_scores(out), ref) <= 1e-5

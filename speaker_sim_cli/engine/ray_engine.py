@@ -55,7 +55,7 @@ MAX_TASK_RETRIES = 4
 DECODE_CPUS = 0.5
 # A unit (one Ray task) holds at most this many seconds of audio (one longer recording is a
 # unit of its own), and at most --batch-size recordings (default below).
-UNIT_SECONDS = {"cpu": 120.0, "cuda": 2_000.0}
+UNIT_SECONDS = {"cpu": 30.0, "cuda": 2_000.0}
 UNIT_ROWS = {"cpu": 32, "cuda": 256}
 NON_FINITE = "the model produced a non-finite embedding"
 CACHE_HINT = (
@@ -397,7 +397,9 @@ class RayRun:
         import logging
         import warnings
 
-        # Our own progress bar reports; Ray Data's would draw over it (and says it is off).
+        # Our own progress bar reports; Ray Data's would draw over it (and says it is off), and
+        # its INFO lines (execution finished in ...) would land in the middle of it.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         actor_cfg = replace(self.cfg, device=device, workers=0, runners=1)
         ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))

@@ -1,0 +1,151 @@
+"""Local engine vs ``--ray`` with 1 and 2 actors on the same files: when does Ray pay?
+
+Usage: ``python benchmarks/bench_ray.py [--files LIST] [--actors 1 2] [--out FILE]``
+
+Default files: every recording under ../shared/audio (dev_hard, VCTK, the 3D-Speaker and
+SpeechBrain samples). Each engine embeds them from an empty cache folder (the same files, the
+same model, CPU):
+
+- ``local``: the in-process engine (:class:`Extractor` without Ray);
+- ``ray xN``: a local Ray cluster started in this process (``ray.init(num_cpus=cores)``, timed
+  on its own as ``cluster_start_s``), then one job per pool size.
+
+For each run: ``total_s`` (embed_paths, wall clock), ``startup_s`` (until the first recordings
+come back: model load, and for Ray the actors' start), ``steady_rec_per_s`` (recordings per
+second after the first result) and ``x_realtime``. Every Ray run must give the local engine's
+vectors (relative L2 <= 1e-5) or the benchmark fails. On one machine Ray only adds start-up;
+it pays when a cluster has more cores or GPUs than one host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+AUDIO = {".wav", ".flac", ".mp3", ".ogg"}
+
+
+def find_shared() -> Path:
+    return Path(os.environ.get("SPEAKER_SIM_SHARED", REPO.parent / "shared")).resolve()
+
+
+class Clock:
+    """Progress callback: when the first and the last recordings came back."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.first: float | None = None
+        self.first_n = 0
+        self.last = self.t0
+        self.n = 0
+
+    def __call__(self, n: int, _seconds: float) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first, self.first_n = now, n
+        self.last, self.n = now, self.n + n
+
+    def summary(self) -> dict[str, Any]:
+        first = self.first if self.first is not None else self.last
+        steady = self.last - first
+        return {
+            "startup_s": round(first - self.t0, 3),
+            "steady_rec_per_s": round((self.n - self.first_n) / steady, 2) if steady > 0 else None,
+        }
+
+
+def run(files: list[str], cache: Path, ray: Any = None) -> tuple[dict[str, Any], Any]:
+    from speaker_sim_cli.engine.config import EngineConfig
+    from speaker_sim_cli.models.registry import DEFAULT_MODEL
+    from speaker_sim_cli.pipeline import Extractor
+
+    ex = Extractor(DEFAULT_MODEL, None, EngineConfig(device="cpu"), cache, ray=ray)
+    clock = Clock()
+    t0 = time.perf_counter()
+    res = ex.embed_paths(files, progress=clock)
+    total = time.perf_counter() - t0
+    if res.failures:
+        sys.exit(f"failures: {res.failures}")
+    st = ex.stats
+    row = {
+        "total_s": round(total, 3),
+        **clock.summary(),
+        "recordings": res.embedded,
+        "audio_s": round(st.audio_seconds, 1),
+        "x_realtime": round(st.audio_seconds / total, 1) if total > 0 else None,
+    }
+    if ray is not None:
+        info = ex.engine_report()["ray"]
+        row["per_actor"] = [
+            {k: a[k] for k in ("recordings", "x_realtime", "recordings_per_s")}
+            for a in info["per_actor"]
+        ]
+        row["cpus_per_actor"] = info["cpus_per_actor"]
+    return row, res.embeddings
+
+
+def main() -> None:
+    shared = find_shared()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--files", type=Path, default=None, help="a list file, one path a line")
+    ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.files:
+        files = [ln.strip() for ln in args.files.read_text().splitlines() if ln.strip()]
+    else:
+        files = sorted(str(p) for p in (shared / "audio").rglob("*") if p.suffix in AUDIO)
+    os.environ.setdefault("SPEAKER_SIM_PRETRAINED", str(shared / "pretrained"))
+    import ray
+
+    from speaker_sim_cli.engine.ray_engine import RayOptions
+
+    cores = os.cpu_count() or 1
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-ray-", dir="/tmp") as tmp:
+        local, ref = run(files, Path(tmp) / "local")
+        results["local"] = local
+        print(f"local: {json.dumps(local)}", file=sys.stderr)
+        os.environ.setdefault("RAY_TMPDIR", tmp)
+        t0 = time.perf_counter()
+        ray.init(num_cpus=cores, include_dashboard=False, logging_level="WARNING")
+        results["cluster_start_s"] = round(time.perf_counter() - t0, 2)
+        try:
+            for n in args.actors:
+                row, got = run(files, Path(tmp) / f"ray{n}", RayOptions(actors=n, device="cpu"))
+                worst = max(
+                    float(np.linalg.norm(got[f] - ref[f]) / np.linalg.norm(ref[f])) for f in ref
+                )
+                if worst > 1e-5:
+                    sys.exit(f"ray x{n}: vectors differ from the local engine's (rel L2 {worst})")
+                row["max_rel_l2_vs_local"] = worst
+                results[f"ray_x{n}"] = row
+                print(f"ray x{n}: {json.dumps(row)}", file=sys.stderr)
+        finally:
+            ray.shutdown()
+    doc = {
+        "what": "embed the same files from an empty cache: local engine vs --ray (CPU)",
+        "files": len(files),
+        "machine": {"cores": cores, "platform": platform.platform()},
+        "ray": ray.__version__,
+        **results,
+    }
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
