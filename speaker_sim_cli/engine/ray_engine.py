@@ -71,6 +71,7 @@ class RayOptions:
     """``--ray [ADDRESS]``, ``--ray-actors``, ``--ray-gpus-per-actor`` (checked, Ray-free).
 
     address: None for ``--ray`` alone (``$RAY_ADDRESS`` if set, else a local in-process Ray),
+        ``"local"`` (a local in-process Ray even when ``$RAY_ADDRESS`` is set),
         ``"auto"`` (the cluster this machine belongs to), ``HOST:PORT`` or ``ray://HOST:PORT``.
     actors: 0 for the default: one per GPU (at ``gpus_per_actor``), else the cluster's CPUs
         but one (one CPU is left to decoding).
@@ -90,9 +91,11 @@ class RayOptions:
         """Check the options before any work; raises UsageError with what to do."""
         if address is not None:
             address = address.strip()
-            if address in ("", "local"):
+            if address == "":
                 address = None
-            elif address != "auto" and not _HOSTPORT.fullmatch(address.removeprefix("ray://")):
+            elif address not in ("auto", "local") and not _HOSTPORT.fullmatch(
+                address.removeprefix("ray://")
+            ):
                 raise UsageError(
                     f"--ray {address}: not a cluster address (use --ray alone, --ray auto or "
                     "--ray HOST:PORT; write --ray=ADDRESS, or put --ray after the positional "
@@ -157,23 +160,22 @@ def _connect(opts: RayOptions) -> _Connection:
     target = opts.address or os.environ.get("RAY_ADDRESS") or None
     if ray.is_initialized():  # e.g. a library caller or a test that owns the connection
         conn = _describe(ray, started_here=False)
-        if opts.address not in (None, "auto") and opts.address.removeprefix("ray://") != (
-            conn.address
-        ):
+        wanted = opts.address or "auto"
+        if wanted not in ("auto", "local") and wanted.removeprefix("ray://") != conn.address:
             raise SpeakerSimError(f"--ray {opts.address}: this process is already connected "
                                   f"to the Ray cluster at {conn.address}")  # fmt: skip
         return conn
-    if target is not None and target != "auto":
+    if target is not None and target not in ("auto", "local"):
         _check_reachable(target)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
     try:
-        if target is None:
+        if target in (None, "local"):
             # One command's private cluster: Ray's notice that it turned token auth on is noise.
             import logging
 
             logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)
-            ray.init(include_dashboard=False, logging_level="WARNING")
+            ray.init(address=target, include_dashboard=False, logging_level="WARNING")
         else:
             ray.init(address=target, logging_level="WARNING")
     except ConnectionError as exc:
