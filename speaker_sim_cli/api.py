@@ -131,7 +131,7 @@ class SpeakerSim:
         use_cache: bool = True,
         memory_cache: int = 50_000,
         workers: int = 0,
-        batch_size: int = 32,
+        batch_size: int = 0,
         batch_frames: int = 0,
         chunk_seconds: float | None = None,
         min_duration: float = 0.3,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -13,7 +14,7 @@ import numpy as np
 
 from .audio.decode import AudioInfo, is_command, probe
 from .engine.cache import EmbeddingCache
-from .engine.config import EngineConfig, EngineStats, fp32_submodules
+from .engine.config import EngineConfig, EngineStats, choose_backend, fp32_submodules
 from .engine.shard import embed_sharded, split_devices
 from .errors import AudioError, UsageError
 from .models.registry import ModelSpec, resolve_model
@@ -60,6 +61,10 @@ class Extractor:
         self.checkpoint_sha256 = checkpoint_hash(self.found.path)
         self._embedder: Embedder | None = None
         self.load_seconds = 0.0
+        # Set when the model loads: "torch" or "onnxruntime", and why (--backend).
+        self.backend = "not loaded"
+        self.backend_reason = ""
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else None
         root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.cache = EmbeddingCache(root if use_cache else None, self.ingredients(), self.spec.dim)
         # --ray: the misses are embedded on a Ray cluster (engine/ray_engine.py), lazily too.
@@ -79,8 +84,12 @@ class Extractor:
     def dim(self) -> int:
         return self.spec.dim
 
-    def load(self) -> Embedder:
-        """Build the model, load the checkpoint (strict) and place it on the device, once."""
+    def load(self, audio_seconds: float = 0.0) -> Embedder:
+        """Build the model, load the checkpoint (strict) and place it on the device, once.
+
+        ``audio_seconds``: how much audio this run will embed (``--backend auto`` weighs the
+        one-time ONNX export against it: :func:`engine.config.choose_backend`).
+        """
         if self._embedder is None:
             t0 = time.perf_counter()
             from .engine.embedder import Embedder
@@ -91,7 +100,8 @@ class Extractor:
             # the CPU for in-process use (arrays, small requests).
             cfg = self.engine_cfg
             local = replace(cfg, device="cpu") if len(self.devices) > 1 else cfg
-            embedder = Embedder(self.spec, module, local)
+            embedder = Embedder(self.spec, self._backend_model(module, local, audio_seconds),
+                                local)  # fmt: skip
             if embedder.fp32_modules != self.fp32_modules:  # a renamed submodule: key would lie
                 raise RuntimeError(
                     f"{self.spec.id}: fp32 submodules {embedder.fp32_modules} found, "
@@ -100,6 +110,26 @@ class Extractor:
             self._embedder = embedder
             self.load_seconds = time.perf_counter() - t0
         return self._embedder
+
+    def _backend_model(self, module: Any, cfg: EngineConfig, audio_seconds: float) -> Any:
+        """``module`` itself (torch), or its exported graph in ONNX Runtime; sets
+        :attr:`backend` and :attr:`backend_reason`."""
+        from .engine.embedder import resolve_device
+        from .engine.export import cached_export, export_path
+        from .engine.onnx_backend import available
+
+        root = self.cache_root or default_cache_dir()
+        name, why = choose_backend(
+            cfg, resolve_device(cfg.device).type, available(),
+            export_path(self.spec, self.checkpoint_sha256, "onnx", root).is_file(), audio_seconds,
+        )  # fmt: skip
+        self.backend, self.backend_reason = name, why
+        if name == "torch":
+            return module
+        from .engine.onnx_backend import OnnxModel
+
+        path = cached_export(self.spec, "onnx", root, self.checkpoint_sha256, module)
+        return OnnxModel(path)
 
     @property
     def embedder(self) -> Embedder:
@@ -157,6 +187,8 @@ class Extractor:
             "loaded": self.loaded,
             "precision": self.engine_cfg.precision,
             "mode": self.engine_cfg.mode(),
+            "backend": self.backend,
+            "backend_reason": self.backend_reason,
         }
 
     def embed_paths(
@@ -232,27 +264,35 @@ class Extractor:
                 stream = self._ray_run.embed(files, todo, est, progress)
             elif len(self.devices) > 1:
                 stream = embed_sharded(
-                    self.spec.id, self.found.path, self.engine_cfg, files, est, progress
+                    self.spec, self.found.path, self.engine_cfg, files, est, progress
                 )
             else:
                 loading = not self.loaded
-                embedder = self.load()
+                embedder = self.load(sum(est) / self.spec.sample_rate)
                 if loading:  # the model load is reported on its own, not as embedding time
                     t0 += self.load_seconds
                 stream = embedder.embed_files(files, est, progress)
-            for i, emb, err in stream:
-                ps = by_digest[todo[i]]
-                if emb is None:
-                    for p in ps:
-                        failures[p] = err or "unknown error"
-                    if stop_on_error:
-                        break
-                    continue
-                if not remote:
-                    self.cache.put(todo[i], emb)
-                embedded += 1
-                for p in ps:
-                    embeddings[p] = emb
+            # Cache writes (~255 us each) run in a writer thread, off the thread that feeds
+            # the device; every write is done before this returns, also after an error.
+            with ThreadPoolExecutor(1, thread_name_prefix="speaker-sim-cache") as writer:
+                try:
+                    for i, emb, err in stream:
+                        ps = by_digest[todo[i]]
+                        if emb is None:
+                            for p in ps:
+                                failures[p] = err or "unknown error"
+                            if stop_on_error:
+                                break
+                            continue
+                        if not remote:
+                            writer.submit(self.cache.put, todo[i], emb)
+                        embedded += 1
+                        for p in ps:
+                            embeddings[p] = emb
+                finally:
+                    close = getattr(stream, "close", None)
+                    if close is not None:  # stops shard processes when the run stops early
+                        close()
         return EmbedResult(embeddings, failures, embedded, cached, time.perf_counter() - t0)
 
 

@@ -77,7 +77,7 @@ def test_batch_size_does_not_change_embeddings(shared, extractor, device):
     many = extractor.embedder
     e1, e32 = one.embed_waves(waves), many.embed_waves(waves)
     assert one.stats.batches == len(paths)
-    assert many.cfg.batch_size == 32 and many.stats.batches < len(paths) // 4
+    assert many.batch_size == 32 and many.stats.batches < len(paths) // 4
     rel = np.linalg.norm(e1 - e32, axis=1) / np.linalg.norm(e1, axis=1)
     worst = int(np.argmax(rel))
     assert rel.max() <= 1e-4, f"{paths[worst].name}: relative L2 {rel.max():.2e}"

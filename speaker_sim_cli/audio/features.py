@@ -75,6 +75,15 @@ def _window(cfg: FbankConfig) -> torch.Tensor:
     raise ValueError(f"unknown window {cfg.window!r}")
 
 
+@lru_cache(maxsize=64)
+def _constant(
+    make: Any, cfg: FbankConfig, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``make(cfg)`` (window, filterbank) on ``device`` in ``dtype``, uploaded once per device and
+    dtype instead of every batch (each upload from pageable memory is a host/device sync)."""
+    return make(cfg).to(device=device, dtype=dtype)
+
+
 def fbank(
     waves: torch.Tensor,
     lengths: torch.Tensor | None = None,
@@ -103,7 +112,8 @@ def fbank(
     device, dtype = waves.device, waves.dtype
     if lengths is None:
         lengths = torch.full((batch,), n_samples, dtype=torch.long, device=device)
-    lengths = lengths.to(device=device, dtype=torch.long)
+    if lengths.device != device or lengths.dtype != torch.long:
+        lengths = lengths.to(device=device, dtype=torch.long)
     frames_per_row = num_frames(lengths, cfg)
     assert isinstance(frames_per_row, torch.Tensor)
     t_max = int(num_frames(n_samples, cfg))
@@ -116,10 +126,10 @@ def fbank(
     if cfg.preemphasis:
         prev = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
         frames = frames - cfg.preemphasis * prev
-    frames = frames * _window(cfg).to(device=device, dtype=dtype)
+    frames = frames * _constant(_window, cfg, device, dtype)
     spec = torch.fft.rfft(frames, n=cfg.n_fft, dim=-1)
     power = spec.real.square() + spec.imag.square()
-    mel = torch.matmul(power, _mel_banks(cfg).to(device=device, dtype=dtype).T)
+    mel = torch.matmul(power, _constant(_mel_banks, cfg, device, dtype).T)
     eps = torch.finfo(torch.float32).eps
     feats = torch.log(torch.clamp(mel, min=eps))
     valid = torch.arange(t_max, device=device)[None, :] < frames_per_row[:, None]

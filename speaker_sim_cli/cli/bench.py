@@ -30,7 +30,7 @@ def bench(
     model_dir: c.ModelDirOpt = None,
     device: c.DeviceOpt = "auto",
     precision: Annotated[c.Precision, typer.Option(help="Model precision.")] = c.Precision.fp32,
-    batch_size: c.BatchSizeOpt = 32,
+    batch_size: c.BatchSizeOpt = 0,
     batch_frames: c.BatchFramesOpt = 0,
     workers: c.WorkersOpt = -1,
     repeat_corpus: Annotated[
@@ -83,6 +83,8 @@ def bench(
             )  # fmt: skip
         if not quiet:
             err_console.print(result_table(result))
+            if "stages" in result:
+                err_console.print(stage_table(result))
         if out is not None:
             c.write_json(out, result)
             say(f"wrote {out}")
@@ -122,6 +124,10 @@ def result_table(r: dict[str, Any]) -> Any:
     t.add_column("(a) infer_sv.py loop", justify="right")
     t.add_column("(b) engine, cold", justify="right")
     a, b = r["baseline"], r["engine"]
+    o = r.get("ort", {})
+    has_c = "wall_s" in o
+    if has_c:
+        t.add_column("(c) ONNX Runtime engine, cold", justify="right")
     rows = [
         ("wall s", "wall_s", "{:.2f}"),
         ("recordings/s", "recordings_per_s", "{:.1f}"),
@@ -130,8 +136,29 @@ def result_table(r: dict[str, Any]) -> Any:
         ("padding overhead", "padding_overhead", "{:.1%}"),
     ]
     for label, key, fmt in rows:
-        t.add_row(label, fmt.format(a[key]), fmt.format(b[key]))
-    t.add_row("recordings embedded", str(a["recordings"]), str(b["recordings"]))
+        t.add_row(label, fmt.format(a[key]), fmt.format(b[key]),
+                  *([fmt.format(o[key])] if has_c else []))  # fmt: skip
+    t.add_row("recordings embedded", str(a["recordings"]), str(b["recordings"]),
+              *([str(o["recordings"])] if has_c else []))  # fmt: skip
+    if has_c:
+        op, ob = r["ort_parity"], r["ort_vs_engine_parity"]
+        t.add_row(
+            "[bold](c)/(a), (c)/(b)[/bold]", "", "",
+            f"[bold]{r['ort_speedup']:.2f}x[/bold], {r['ort_over_engine']:.2f}x "
+            f"(target 3.5x, 110x realtime)",
+        )  # fmt: skip
+        t.add_row(
+            "(c) scores vs (a), (b)", "", "",
+            f"max |Δscore| {op['max_score_diff'] or 0:.1e}, {ob['max_score_diff'] or 0:.1e}",
+        )  # fmt: skip
+        prof = o["profile"]
+        t.add_row(
+            "(c) x-realtime per core", "", "",
+            ", ".join(f"{k.replace('_and_', '+')} {prof[k]['x_realtime_per_core']:.0f}"
+                      for k in ("decode", "fbank_and_python", "model")),
+        )  # fmt: skip
+    elif o.get("skipped"):
+        t.add_row("(c) ONNX Runtime", "", f"skipped: {o['skipped']}")
     t.add_row(
         "[bold]speedup (b)/(a)[/bold]",
         "",
@@ -162,7 +189,32 @@ def result_table(r: dict[str, Any]) -> Any:
         f"(b): {b['runners']} runner(s), {b['workers']} decode worker(s), batch "
         f"{b['batch_size']} / {b['batch_frames']} frames, {b['batches']} batches, "
         f"{b['precision']}, rounds {r['rounds']}"
+        + (f", (c): batch {o['batch_frames']} frames" if has_c else "")
         + (f", load average {start[0]:.1f} at start" if start else "")
         + (f", {load[0]:.1f} at end" if load else "")
     )
+    return t
+
+
+def stage_table(r: dict[str, Any]) -> Any:
+    """Per stage, the x-realtime it allows a GPU run, from this machine's measurements."""
+    from rich.table import Table
+
+    st = r["stages"]
+    t = Table(title="what bounds a GPU run (per stage, measured here)", header_style="bold")
+    t.add_column("stage")
+    t.add_column("measured", justify="right")
+    t.add_column("x realtime", justify="right")
+    d, h, m = st["decode"], st["host"], st["model"]
+    rows = [
+        ("decode + resample", f"{d['x_realtime_per_core']:.0f}x per core x {d['workers']} "
+         "worker(s)", d["x_realtime"]),
+        ("host work per batch", f"{h['seconds_per_batch'] * 1e3:.1f} ms, {h['ops_per_batch']} "
+         f"ops for {h['rows_per_batch']} rows x {h['frames_per_row']} frames", h["x_realtime"]),
+        ("model", f"on {m['device']}", m["x_realtime"]),
+    ]  # fmt: skip
+    for name, what, x in rows:
+        mark = "[bold]" if name.startswith(st["bound_by"][:4]) else ""
+        t.add_row(f"{mark}{name}", what, f"{mark}{x:,.0f}")
+    t.caption = f"bound by {st['bound_by']}: {st['x_realtime_bound']:,.0f}x realtime"
     return t

@@ -67,7 +67,7 @@ def identify(
     cache_dir: c.CacheDirOpt = None,
     no_cache: c.NoCacheOpt = False,
     device: c.DeviceOpt = "auto",
-    batch_size: c.BatchSizeOpt = 32,
+    batch_size: c.BatchSizeOpt = 0,
     workers: c.WorkersOpt = -1,
     quiet: c.QuietOpt = False,
 ) -> None:

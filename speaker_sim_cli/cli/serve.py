@@ -45,7 +45,7 @@ def serve(
     ] = 50_000,
     cache_dir: c.CacheDirOpt = None,
     no_cache: c.NoCacheOpt = False,
-    batch_size: c.BatchSizeOpt = 32,
+    batch_size: c.BatchSizeOpt = 0,
     batch_frames: c.BatchFramesOpt = 0,
     workers: Annotated[
         int,

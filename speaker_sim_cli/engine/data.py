@@ -1,14 +1,18 @@
 """Dataset, length-bucketing batch planner and collation for the DataLoader.
 
-Worker processes decode and resample; the main process computes fbank on the device. Batches
-are planned up front from header lengths: recordings sorted by length and packed greedily so
-that ``rows x longest <= batch_frames`` and ``rows <= batch_size``, which keeps padding small.
+Worker processes decode, resample, cut long recordings into windows and pad the rows into
+model-sized batches (:class:`Collator`); the DataLoader pins them (its pin thread, off the
+feeding thread) and the main process only uploads them and computes fbank on the device.
+Batches are planned up front from header lengths: recordings sorted by length and packed
+greedily so that ``rows x longest <= batch_frames`` and ``rows <= batch_size``, which keeps
+padding small.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -119,3 +123,153 @@ def pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     for i, r in enumerate(rows):
         out[i, : r.shape[0]] = r
     return out, lengths
+
+
+# -- requests, windows and padded batches (the DataLoader's unit of work) ------------------------
+class FileDataset(torch.utils.data.Dataset[Loaded]):
+    """Like :class:`AudioDataset`, but indexed by ``(index, path)`` requests, so that one set of
+    persistent worker processes serves every ``embed_files`` call whatever its paths."""
+
+    def __init__(
+        self, sample_rate: int, min_samples: int = 0, max_samples: int = 0, channel: int | str = 0,
+        loudness_db: float | None = None, resampler: str = "soxr",
+    ) -> None:  # fmt: skip
+        self.sample_rate, self.channel = sample_rate, channel
+        self.min_samples, self.max_samples = min_samples, max_samples
+        self.loudness_db, self.resampler = loudness_db, resampler
+
+    def __len__(self) -> int:  # requests come from the sampler; the length is not used
+        return 0
+
+    def __getitem__(self, request: tuple[int, str]) -> Loaded:  # type: ignore[override]
+        index, path = request
+        one = AudioDataset([path], self.sample_rate, self.min_samples, self.max_samples,
+                           self.channel, self.loudness_db, self.resampler)  # fmt: skip
+        got = one[0]
+        return Loaded(index, got.wave, got.error)
+
+
+class PlanSampler(torch.utils.data.Sampler[list[Any]]):
+    """The batch sampler of a persistent DataLoader: each ``iter(loader)`` walks the plan set
+    last (lists of ``(index, path)`` requests)."""
+
+    def __init__(self) -> None:
+        self.plan: list[list[tuple[int, str]]] = []
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return iter(list(self.plan))
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+def windows(
+    wave: torch.Tensor, sample_rate: int, chunk_seconds: float | None, max_full_seconds: float,
+    default_chunk: float = 10.0,
+) -> list[torch.Tensor]:  # fmt: skip
+    """``wave`` whole when it is at most ``max_full_seconds`` long and no ``chunk_seconds`` is
+    set, else cut into windows of ``chunk_seconds`` (a tail shorter than half a window is merged
+    into the previous one)."""
+    seconds = wave.shape[0] / sample_rate
+    if chunk_seconds is None and seconds <= max_full_seconds:
+        return [wave]
+    step = int((chunk_seconds or default_chunk) * sample_rate)
+    wins = [wave[s : s + step] for s in range(0, wave.shape[0], step)]
+    if len(wins) > 1 and wins[-1].shape[0] < step // 2:
+        tail = wins.pop()
+        wins[-1] = torch.cat([wins[-1], tail])
+    return wins
+
+
+@dataclass
+class Rows:
+    """One model batch on the host: ``waves`` (B, N) float32 zero-padded, ``lengths`` (B,)
+    int64 samples, ``frames`` (B,) int64 valid frames (counted on the host, so the device is
+    never asked), ``owner`` (B,) position in :attr:`HostBatch.items` of each row's recording."""
+
+    waves: torch.Tensor
+    lengths: torch.Tensor
+    frames: torch.Tensor
+    owner: list[int]
+    padded_frames: int
+    valid_frames: int = 0  # frames.sum(), as a Python int
+
+    def split(self) -> tuple[Rows, Rows]:
+        """Two halves (rows are sorted longest first, so each half is trimmed to its longest)."""
+        h = max(1, len(self.owner) // 2)
+        return self._part(0, h), self._part(h, len(self.owner))
+
+    def _part(self, a: int, b: int) -> Rows:
+        n = int(self.lengths[a:b].max())
+        t = int(self.frames[a:b].max()) if b > a else 0
+        frames = self.frames[a:b]
+        return Rows(self.waves[a:b, :n], self.lengths[a:b], frames, self.owner[a:b],
+                    t * (b - a), int(frames.sum()))  # fmt: skip
+
+    def pin_memory(self) -> Rows:
+        self.waves, self.lengths = self.waves.pin_memory(), self.lengths.pin_memory()
+        return self
+
+
+@dataclass
+class Item:
+    """A recording of a :class:`HostBatch`: its request index, the failure reason (None when
+    decoded), its duration in seconds and its number of windows."""
+
+    index: int
+    error: str | None
+    seconds: float = 0.0
+    windows: int = 0
+
+
+@dataclass
+class HostBatch:
+    """A DataLoader batch, ready for the device: the recordings and their padded model batches."""
+
+    items: list[Item]
+    rows: list[Rows] = field(default_factory=list)
+
+    def pin_memory(self) -> HostBatch:  # called by the DataLoader's pin-memory thread
+        for r in self.rows:
+            r.pin_memory()
+        return self
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Collate function (runs in the workers): windows, model-batch plan and padding.
+
+    ``num_frames`` is the front end's ``num_frames(samples)``; rows within each model batch are
+    sorted longest first.
+    """
+
+    sample_rate: int
+    num_frames: Any
+    chunk_seconds: float | None
+    max_full_seconds: float
+    batch_frames: int
+    batch_size: int
+    default_chunk: float = 10.0
+
+    def __call__(self, batch: Sequence[Loaded]) -> HostBatch:
+        items: list[Item] = []
+        rows: list[torch.Tensor] = []
+        owner: list[int] = []
+        for b in batch:
+            if b.wave is None:
+                items.append(Item(b.index, b.error))
+                continue
+            wins = windows(b.wave, self.sample_rate, self.chunk_seconds, self.max_full_seconds,
+                           self.default_chunk)  # fmt: skip
+            owner.extend([len(items)] * len(wins))
+            items.append(Item(b.index, None, b.wave.shape[0] / self.sample_rate, len(wins)))
+            rows.extend(wins)
+        out = HostBatch(items)
+        frames = [max(int(self.num_frames(r.shape[0])), 1) for r in rows]
+        for part in plan_batches(frames, self.batch_frames, self.batch_size):
+            waves, lengths = pad_rows([rows[j] for j in part])
+            n = torch.tensor([int(self.num_frames(rows[j].shape[0])) for j in part])
+            t_max = max(int(self.num_frames(waves.shape[1])), 0)
+            own = [owner[j] for j in part]
+            out.rows.append(Rows(waves, lengths, n, own, t_max * len(part), int(n.sum())))
+        return out

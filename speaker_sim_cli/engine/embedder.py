@@ -8,12 +8,16 @@ infer_sv_batch.py does; the report says so.
 
 from __future__ import annotations
 
+import gc
+import logging
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,6 +28,7 @@ from ..errors import UsageError
 from ..models.registry import ModelSpec
 from .config import (
     DEFAULT_BATCH_FRAMES,
+    DEFAULT_BATCH_ROWS,
     DEFAULT_CHUNK_SECONDS,
     DEFAULT_MAX_FULL_SECONDS,
     FP32_SUBMODULES,
@@ -31,8 +36,18 @@ from .config import (
     EngineStats,
     default_workers,
     fp32_submodules,
+    gpu_batch_frames,
 )
-from .data import AudioDataset, Loaded, collate, pad_rows, plan_batches
+from .data import (
+    Collator,
+    FileDataset,
+    HostBatch,
+    Loaded,
+    PlanSampler,
+    Rows,
+    plan_batches,
+    windows,
+)
 
 __all__ = [
     "DEFAULT_BATCH_FRAMES",
@@ -45,7 +60,10 @@ __all__ = [
     "EngineStats",
     "cpu_runners",
     "default_workers",
+    "is_oom",
     "resolve_device",
+    "shm_plan",
+    "tf32_off",
 ]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -88,210 +106,451 @@ def cpu_runners() -> int:
 
 
 Progress = Callable[[int, float], None]
+Result = tuple[int, np.ndarray | None, str | None]
+
+# Frame budgets learned from out-of-memory errors, by (arch, device, precision), for the rest of
+# the process: a later Embedder of the same model on the same device starts from it.
+_LEARNED_FRAMES: dict[tuple[str, str, str], int] = {}
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator's out-of-memory error (CUDA, MPS or the CPU's)."""
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    if isinstance(exc, oom):
+        return True
+    msg = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in msg or "can't allocate memory" in msg  # MPS, DefaultCPUAllocator
+    )
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
+
+
+@dataclass
+class _Launched:
+    """One model batch sent to the device: the embeddings' host copy (ready after ``event``),
+    or why it failed."""
+
+    rows: Rows
+    host: torch.Tensor | None = None
+    event: Any = None
+    error: str | None = None
 
 
 class Embedder:
     """A loaded model on a device, embedding waveforms in exact batches."""
 
-    def __init__(self, spec: ModelSpec, model: torch.nn.Module, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        model: torch.nn.Module | Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        config: EngineConfig,
+    ) -> None:
+        """``model``: a torch module, or any callable with its signature ``(feats, n_frames) ->
+        (B, D)`` (e.g. engine/onnx_backend.py's OnnxModel, which may name its own CPU
+        ``batch_frames``)."""
         self.spec = spec
         self.cfg = config
         self.device = resolve_device(config.device)
         if config.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         self.dtype = PRECISIONS[config.precision]
-        if self.device.type == "cuda" and config.precision == "fp32":
-            # fp32 means fp32: TF32 convolutions would move scores off the reference pipeline's.
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cuda.matmul.allow_tf32 = False
-        self.model = model.to(self.device).eval()
+        if isinstance(model, torch.nn.Module):
+            model = model.to(self.device).eval()
+        self.model = model
         # Submodules kept in fp32 at this precision (FP32_SUBMODULES), by name.
         kept = _keep_fp32(self.model, spec.arch, config.precision)
         self.fp32_modules: tuple[str, ...] = tuple(kept)
         self._fp32_ids = frozenset(kept.values())
         self.frontend = spec.frontend
         self.stats = EngineStats()
-        frames = config.batch_frames or DEFAULT_BATCH_FRAMES.get(self.device.type, 2_400)
+        kind = self.device.type
+        self._budget_key = (spec.arch, str(self.device), config.precision)
+        if config.batch_frames:
+            frames = config.batch_frames
+        elif kind == "cuda":
+            frames = gpu_batch_frames(spec.arch, _free_bytes(self.device))
+        else:
+            frames = getattr(model, "batch_frames", 0) or DEFAULT_BATCH_FRAMES.get(kind, 2_400)
         # The budget is written in 10 ms fbank frames; a waveform front end counts samples.
         frames = self.frontend.budget_frames(frames)
-        self.batch_frames = frames
+        self.batch_frames = min(frames, _LEARNED_FRAMES.get(self._budget_key, frames))
+        self.batch_size = config.batch_size or DEFAULT_BATCH_ROWS.get(kind, 32)
         self._lock = threading.Lock()  # stats, when CPU runners embed batches side by side
+        self._loader: torch.utils.data.DataLoader[Any] | None = None
+        self._loader_key: tuple[Any, ...] = ()
+        self._loader_lock = threading.Lock()
 
     # -- waveforms -> embeddings ----------------------------------------------------------
     def _windows(self, wave: torch.Tensor) -> list[torch.Tensor]:
-        sr = self.frontend.sample_rate
-        seconds = wave.shape[0] / sr
-        chunk = self.cfg.chunk_seconds
-        if chunk is None and seconds <= self.cfg.max_full_seconds:
-            return [wave]
-        step = int((chunk or DEFAULT_CHUNK_SECONDS) * sr)
-        wins = [wave[s : s + step] for s in range(0, wave.shape[0], step)]
-        # A short tail is merged into the previous window rather than embedded alone.
-        if len(wins) > 1 and wins[-1].shape[0] < step // 2:
-            tail = wins.pop()
-            wins[-1] = torch.cat([wins[-1], tail])
-        return wins
+        return windows(wave, self.frontend.sample_rate, self.cfg.chunk_seconds,
+                       self.cfg.max_full_seconds, DEFAULT_CHUNK_SECONDS)  # fmt: skip
+
+    def _collator(self) -> Collator:
+        return Collator(
+            self.frontend.sample_rate, self.frontend.num_frames, self.cfg.chunk_seconds,
+            self.cfg.max_full_seconds, self.batch_frames, self.batch_size, DEFAULT_CHUNK_SECONDS,
+        )  # fmt: skip
+
+    def _autocast(self) -> Any:
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
     @torch.inference_mode()
-    def _forward_rows(self, rows: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Embed 1-D waveforms (one batch, already within the budget). Returns (B, D) fp32."""
-        waves, lengths = pad_rows(rows)
-        if self.device.type == "cuda":
-            waves = waves.pin_memory().to(self.device, non_blocking=True)
-        else:
-            waves = waves.to(self.device)
-        lengths = lengths.to(self.device)
+    def _launch(self, rows: Rows) -> _Launched:
+        """Upload one padded batch, compute its features and embeddings on the device.
+
+        No host/device sync: the uploads come from pinned memory without blocking, frame counts
+        come from the host's copy, and the embeddings are copied back into pinned memory without
+        blocking; :meth:`_finish` waits for them (one batch stays in flight meanwhile).
+        """
+        cuda = self.device.type == "cuda"
+        waves = rows.waves.to(self.device, non_blocking=cuda)
+        lengths = rows.lengths.to(self.device, non_blocking=cuda)
         feats, n_frames = compute_features(waves, lengths, self.frontend)
-        with self._lock:
-            self.stats.frames += int(n_frames.sum())
-            self.stats.padded_frames += int(feats.shape[0] * feats.shape[1])
-        if self.dtype == torch.float32:
-            ctx: Any = nullcontext()
-        else:
-            ctx = torch.autocast(device_type=self.device.type, dtype=self.dtype)
-        with ctx, _fp32_scope(self._fp32_ids):
+        with self._autocast(), tf32_off(), _fp32_scope(self._fp32_ids):
             emb = self.model(feats, n_frames)
+        emb = emb.float()
         with self._lock:
+            self.stats.frames += rows.valid_frames  # counted on the host, no device read
+            self.stats.padded_frames += rows.padded_frames
             self.stats.batches += 1
-        return emb.float()
+        if not cuda:
+            return _Launched(rows, emb)
+        host = torch.empty(emb.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(emb, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return _Launched(rows, host, event)
+
+    def _launch_fitting(self, rows: Rows) -> list[_Launched]:
+        """:meth:`_launch` within the current budget; on out-of-memory, free the cache, halve the
+        frame budget (remembered for this arch and device), split the batch and retry. A single
+        row that does not fit alone fails with the reason."""
+        n = len(rows.owner)
+        if n > 1 and (n > self.batch_size or rows.padded_frames > self.batch_frames):
+            a, b = rows.split()
+            return self._launch_fitting(a) + self._launch_fitting(b)
+        try:
+            return [self._launch(rows)]
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+        # Out of the except block: the traceback (and the tensors its frames hold) is gone.
+        _free_memory(self.device)
+        with self._lock:
+            self.stats.extra["oom_splits"] = self.stats.extra.get("oom_splits", 0) + 1
+            if rows.padded_frames // 2 < self.batch_frames:
+                self.batch_frames = max(1, rows.padded_frames // 2)
+                _LEARNED_FRAMES[self._budget_key] = self.batch_frames
+            self.stats.extra["batch_frames_after_oom"] = self.batch_frames
+        if n == 1:
+            frames = int(rows.frames[0])
+            return [_Launched(rows, error=(
+                f"out of memory on {self.device} even alone ({frames} frames); embed it in "
+                "windows (--chunk-seconds) or on another device"))]  # fmt: skip
+        a, b = rows.split()
+        return self._launch_fitting(a) + self._launch_fitting(b)
+
+    def _launch_batch(self, hb: HostBatch, on_error: str) -> list[_Launched]:
+        try:
+            return [x for rows in hb.rows for x in self._launch_fitting(rows)]
+        except Exception as exc:
+            if on_error == "raise":
+                raise
+            return [_Launched(r, error=_engine_error(self.device, exc)) for r in hb.rows]
+
+    def _finish(
+        self, hb: HostBatch, launched: list[_Launched], on_error: str = "raise"
+    ) -> tuple[HostBatch, np.ndarray, list[str | None]]:
+        """Wait for a batch's embeddings; average each recording's windows. Returns the batch,
+        (items, D) float32 and each item's failure reason (None when embedded)."""
+        sums = np.zeros((len(hb.items), self.spec.dim), dtype=np.float64)
+        counts = np.zeros(len(hb.items), dtype=np.float64)
+        errors = [it.error for it in hb.items]
+        for x in launched:
+            if x.error is None:
+                try:
+                    if x.event is not None:
+                        x.event.synchronize()
+                    assert x.host is not None
+                    emb = x.host.numpy().astype(np.float64)
+                except Exception as exc:
+                    if on_error == "raise":
+                        raise
+                    x.error = _engine_error(self.device, exc)
+                else:
+                    np.add.at(sums, x.rows.owner, emb)
+                    np.add.at(counts, x.rows.owner, 1.0)
+                    continue
+            for o in x.rows.owner:
+                errors[o] = errors[o] or x.error
+        out = (sums / np.maximum(counts, 1.0)[:, None]).astype(np.float32)
+        return hb, out, errors
+
+    def _compute(self, hb: HostBatch, on_error: str = "raise") -> tuple[Any, ...]:
+        t0 = time.perf_counter()
+        try:
+            return self._finish(hb, self._launch_batch(hb, on_error), on_error)
+        finally:
+            with self._lock:  # summed over CPU runners, so it can exceed the wall time
+                self.stats.model_seconds += time.perf_counter() - t0
 
     def embed_waves(self, waves: Sequence[torch.Tensor]) -> np.ndarray:
         """Embed in-memory waveforms (at the model's rate). Returns (N, D) float32."""
         if not waves:
             return np.zeros((0, self.spec.dim), dtype=np.float32)
-        rows: list[torch.Tensor] = []
-        owner: list[int] = []
-        for i, w in enumerate(waves):
-            wins = self._windows(w)
-            if len(wins) > 1:
-                with self._lock:
-                    self.stats.chunked += 1
-            rows.extend(wins)
-            owner.extend([i] * len(wins))
-        frames = [max(int(num_frames(r.shape[0], self.frontend)), 1) for r in rows]
-        out = torch.zeros(len(waves), self.spec.dim, dtype=torch.float64)
-        counts = torch.zeros(len(waves), dtype=torch.float64)
-        t0 = time.perf_counter()
-        for batch in plan_batches(frames, self.batch_frames, self.cfg.batch_size):
-            emb = self._forward_rows([rows[j] for j in batch]).double().cpu()
-            idx = torch.tensor([owner[j] for j in batch])
-            out.index_add_(0, idx, emb)
-            counts.index_add_(0, idx, torch.ones(len(batch), dtype=torch.float64))
+        hb = self._collator()([Loaded(i, w, None) for i, w in enumerate(waves)])
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        with self._lock:  # summed over CPU runners, so it can exceed the wall time
-            self.stats.model_seconds += time.perf_counter() - t0
-        return (out / counts[:, None]).numpy().astype(np.float32)
+            hb.pin_memory()
+        _, out, errors = self._compute(hb)
+        with self._lock:
+            self.stats.chunked += sum(1 for it in hb.items if it.windows > 1)
+        bad = next((e for e in errors if e is not None), None)
+        if bad is not None:
+            raise RuntimeError(bad)
+        return out
 
     # -- files -> embeddings --------------------------------------------------------------
+    def workers_for(self, runners: int) -> int:
+        """Decode worker processes: ``cfg.workers``, or (-1) one per core but the feeding one
+        (:func:`default_workers`), none when CPU runners already keep every core busy."""
+        if self.cfg.workers >= 0:
+            return self.cfg.workers
+        # CPU runners keep every core busy and decoding is ~2 % of their work: decode in this
+        # thread, between batches (2 cores: 6.1-6.4 s instead of 7.1-9.1 s with one worker
+        # process for ../shared/audio).
+        return 0 if runners > 1 else default_workers()
+
+    def _get_loader(self, workers: int) -> tuple[torch.utils.data.DataLoader[Any], PlanSampler]:
+        """The DataLoader, built once and kept with its worker processes (persistent) for every
+        later ``embed_files`` call with the same settings; start-up is paid once."""
+        workers, prefetch, note = shm_plan(workers, 4, self._batch_bytes())
+        if note:
+            self.stats.extra.setdefault("notes", []).append(note)
+            logging.getLogger("speaker_sim").warning(note)
+        key = (workers, prefetch, self.batch_frames, self.batch_size)
+        if self._loader is not None and key == self._loader_key:
+            return self._loader, self._loader.batch_sampler  # type: ignore[return-value]
+        self.close()
+        self._loader, sampler = self._new_loader(workers, prefetch, persistent=workers > 0)
+        self._loader_key = key
+        self.stats.extra["workers"] = workers
+        return self._loader, sampler
+
+    def _new_loader(
+        self, workers: int, prefetch: int, persistent: bool
+    ) -> tuple[torch.utils.data.DataLoader[Any], PlanSampler]:
+        sr = self.frontend.sample_rate
+        cuda = self.device.type == "cuda"
+        sampler = PlanSampler()
+        dataset = FileDataset(sr, int(self.cfg.min_duration * sr), int(self.cfg.max_duration * sr),
+                              self.frontend.channel, self.frontend.loudness_db,
+                              self.frontend.resampler)  # fmt: skip
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            num_workers=workers,
+            collate_fn=self._collator(),
+            pin_memory=cuda,
+            worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=prefetch if workers else None,
+            persistent_workers=persistent and workers > 0,
+            multiprocessing_context="spawn" if workers and cuda else None,
+        )
+        return loader, sampler
+
+    def _batch_bytes(self) -> int:
+        """Bytes of one padded batch of waveforms at the frame budget (float32)."""
+        sr = self.frontend.sample_rate
+        per_frame = 10 * sr / max(1, int(self.frontend.num_frames(10 * sr)))
+        return int(self.batch_frames * per_frame * 4)
+
+    def close(self) -> None:
+        """Stop the persistent decode workers (they also stop with the Embedder)."""
+        loader, self._loader = self._loader, None
+        it = getattr(loader, "_iterator", None)
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
     def embed_files(
         self,
         paths: Sequence[str],
         est_samples: Sequence[int] | None = None,
         progress: Progress | None = None,
-    ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+        on_error: str = "raise",
+    ) -> Iterator[Result]:
         """Yield ``(index, embedding, None)`` or ``(index, None, reason)`` for every path.
 
-        Order follows the batch plan, not the input. Decoding runs in DataLoader workers. On a
-        CPU, :func:`cpu_runners` batches are embedded at once by as many threads, each with one
-        intra-op thread: torch's thread count is set to ``threads // runners`` while this runs
-        and restored after.
+        Order follows the batch plan, not the input. Decoding, windows and padding run in
+        persistent DataLoader workers. On a GPU one batch stays in flight while the next is
+        launched. On a CPU, :func:`cpu_runners` batches are embedded at once by as many threads,
+        each with one intra-op thread: torch's thread count is set to ``threads // runners``
+        while this runs and restored after. ``on_error="fail"``: an error in a batch (other than
+        out-of-memory, which is split and retried) fails that batch's recordings with the reason
+        and the run goes on (shards use it); ``"raise"``: it propagates.
         """
         t_start = time.perf_counter()
         sr = self.frontend.sample_rate
         if est_samples is None:
             est_samples = [sr] * len(paths)
         est_frames = [max(int(num_frames(int(n), self.frontend)), 1) for n in est_samples]
-        plan = plan_batches(est_frames, self.batch_frames, self.cfg.batch_size)
-        dataset = AudioDataset(
-            paths,
-            sr,
-            int(self.cfg.min_duration * sr),
-            int(self.cfg.max_duration * sr),
-            self.frontend.channel,
-            self.frontend.loudness_db,
-            self.frontend.resampler,
-        )
+        plan = plan_batches(est_frames, self.batch_frames, self.batch_size)
         runners = 1
         if self.device.type == "cpu":
             runners = self.cfg.runners if self.cfg.runners > 0 else cpu_runners()
             runners = min(runners, len(plan))
-        workers = self.cfg.workers
-        if workers < 0:
-            # CPU runners keep every core busy and decoding is ~2 % of their work: decode in
-            # this thread, between batches (2 cores: 6.1-6.4 s instead of 7.1-9.1 s with one
-            # worker process for ../shared/audio).
-            workers = 0 if runners > 1 else default_workers()
-        workers = min(workers, len(plan))
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=plan,
-            num_workers=workers,
-            collate_fn=collate,
-            worker_init_fn=_worker_init if workers else None,
-            prefetch_factor=4 if workers else None,
-            multiprocessing_context="spawn" if workers and self.device.type == "cuda" else None,
-        )
+        workers = min(self.workers_for(runners), len(plan))
+        if not plan:
+            return
+        # The persistent loader serves one call at a time; a concurrent call (threads sharing
+        # this Embedder) gets a loader of its own, whose workers end with it.
+        own = self._loader_lock.acquire(blocking=False)
         try:
-            if runners <= 1:
-                for batch in loader:
-                    yield from self._embed_loaded(batch, progress)
+            started = own and self._loader is not None
+            if own:
+                loader, sampler = self._get_loader(workers)
             else:
-                yield from self._embed_side_by_side(loader, runners, progress)
+                loader, sampler = self._new_loader(workers, 2, persistent=False)
+            sampler.plan = [[(i, str(paths[i])) for i in b] for b in plan]
+            batches = self._timed(loader, t_start, started)
+            if runners <= 1:
+                yield from self._embed_in_flight(batches, progress, on_error)
+            else:
+                yield from self._embed_side_by_side(batches, runners, progress, on_error)
         finally:
+            if own:
+                self._loader_lock.release()
             self.stats.wall_seconds += time.perf_counter() - t_start
 
+    def _timed(self, loader: Iterable[HostBatch], t0: float, warm: bool) -> Iterator[HostBatch]:
+        """The loader's batches; the wait for the first is recorded apart (``first_batch_s``,
+        with ``workers_warm``): worker start-up is no part of the throughput."""
+        first = True
+        for hb in loader:
+            if first:
+                self.stats.extra["first_batch_s"] = time.perf_counter() - t0
+                self.stats.extra["workers_warm"] = warm
+                first = False
+            yield hb
+
+    def _embed_in_flight(
+        self, batches: Iterable[HostBatch], progress: Progress | None, on_error: str
+    ) -> Iterator[Result]:
+        """Launch batch k+1 before waiting for batch k's embeddings (a no-op on a CPU, where
+        launching computes). ``model_seconds`` counts this thread's time in launching and in
+        waiting for results (not its waits for decoded batches), without overlap."""
+        pending: deque[tuple[HostBatch, list[_Launched]]] = deque()
+        for hb in batches:
+            t0 = time.perf_counter()
+            pending.append((hb, self._launch_batch(hb, on_error)))
+            self.stats.model_seconds += time.perf_counter() - t0
+            while len(pending) > 1:
+                yield from self._emit(*self._finish_timed(*pending.popleft(), on_error), progress)
+        while pending:
+            yield from self._emit(*self._finish_timed(*pending.popleft(), on_error), progress)
+
+    def _finish_timed(
+        self, hb: HostBatch, launched: list[_Launched], on_error: str
+    ) -> tuple[HostBatch, np.ndarray, list[str | None]]:
+        t0 = time.perf_counter()
+        try:
+            return self._finish(hb, launched, on_error)
+        finally:
+            self.stats.model_seconds += time.perf_counter() - t0
+
     def _embed_side_by_side(
-        self, loader: Iterable[list[Loaded]], runners: int, progress: Progress | None
-    ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
+        self, batches: Iterable[HostBatch], runners: int, progress: Progress | None,
+        on_error: str,
+    ) -> Iterator[Result]:  # fmt: skip
         """Embed loader batches ``runners`` at a time in threads; results in plan order."""
         threads = torch.get_num_threads()
         torch.set_num_threads(max(1, threads // runners))
         try:
             with ThreadPoolExecutor(runners, thread_name_prefix="speaker-sim-runner") as pool:
-                pending: deque[Future[tuple[list[Loaded], np.ndarray | None]]] = deque()
-                for batch in loader:
-                    pending.append(pool.submit(self._compute_loaded, batch))
+                pending: deque[Future[Any]] = deque()
+                for hb in batches:
+                    pending.append(pool.submit(self._compute, hb, on_error))
                     while pending and (len(pending) > runners or pending[0].done()):
-                        yield from self._emit_loaded(*pending.popleft().result(), progress)
+                        yield from self._emit(*pending.popleft().result(), progress)
                 while pending:
-                    yield from self._emit_loaded(*pending.popleft().result(), progress)
+                    yield from self._emit(*pending.popleft().result(), progress)
         finally:
             torch.set_num_threads(threads)
 
-    def _embed_loaded(
-        self, batch: list[Loaded], progress: Progress | None
-    ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
-        yield from self._emit_loaded(*self._compute_loaded(batch), progress)
-
-    def _compute_loaded(self, batch: list[Loaded]) -> tuple[list[Loaded], np.ndarray | None]:
-        """The embeddings (N_good, D) of the batch's decoded recordings, or None if none."""
-        waves = [b.wave for b in batch if b.wave is not None]
-        return batch, self.embed_waves(waves) if waves else None
-
-    def _emit_loaded(
-        self, batch: list[Loaded], embs: np.ndarray | None, progress: Progress | None
-    ) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
-        good = [b for b in batch if b.wave is not None]
-        for b in batch:
-            if b.wave is None:
-                self.stats.failed += 1
-                yield b.index, None, b.error
-        if not good or embs is None:
-            return
+    def _emit(
+        self, hb: HostBatch, embs: np.ndarray, errors: list[str | None], progress: Progress | None
+    ) -> Iterator[Result]:
         seconds = 0.0
-        for b, e in zip(good, embs):
-            assert b.wave is not None
-            seconds += b.wave.shape[0] / self.frontend.sample_rate
-            self.stats.recordings += 1
-            if not np.isfinite(e).all():
+        for it, e, err in zip(hb.items, embs, errors):
+            if it.error is None:  # decoded: its audio counts, embedded or not
+                seconds += it.seconds
+                self.stats.recordings += 1
+                self.stats.chunked += it.windows > 1
+            if err is not None:
                 self.stats.failed += 1
-                yield b.index, None, "the model produced a non-finite embedding"
+                yield it.index, None, err
+            elif not np.isfinite(e).all():
+                self.stats.failed += 1
+                yield it.index, None, "the model produced a non-finite embedding"
             else:
-                yield b.index, e, None
+                yield it.index, e, None
         self.stats.audio_seconds += seconds
         if progress is not None:
-            progress(len(batch), seconds)
+            progress(len(hb.items), seconds)
+
+
+def _engine_error(device: torch.device, exc: BaseException) -> str:
+    return f"engine error on {device}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    try:
+        return int(torch.cuda.mem_get_info(device)[0])
+    except Exception:
+        return None
+
+
+def shm_plan(
+    workers: int, prefetch: int, batch_bytes: int, shm: str = "/dev/shm"
+) -> tuple[int, int, str]:
+    """Workers and prefetch depth whose batches fit in half of ``/dev/shm`` (where worker
+    processes hand tensors over; Docker's 64 MB default would end in a bus error).
+
+    Returns ``(workers, prefetch, note)``: fewer batches in flight when they do not fit, and
+    decoding in the main process (note says why and how to fix it) when not even one batch
+    per worker fits.
+    """
+    if workers <= 0:
+        return workers, prefetch, ""
+    try:
+        st = os.statvfs(shm)
+    except (OSError, AttributeError):  # no /dev/shm (macOS, Windows): nothing to size
+        return workers, prefetch, ""
+    free = st.f_bavail * st.f_frsize
+    room = free // 2
+    if workers * prefetch * batch_bytes <= room:
+        return workers, prefetch, ""
+    fit = room // max(1, workers * batch_bytes)
+    if fit >= 1:
+        return workers, int(min(prefetch, fit)), ""
+    return (
+        0,
+        prefetch,
+        (
+            f"{shm} has {free / 2**20:.0f} MB free, too little for {workers} decode worker(s) "
+            f"handing over batches of {batch_bytes / 2**20:.0f} MB: decoding in the main process "
+            "instead (slower). Give the container more shared memory (docker run --shm-size=8g or "
+            "--ipc=host) or lower --batch-frames."
+        ),
+    )
 
 
 def _worker_init(_: int) -> None:
@@ -317,6 +576,51 @@ def _keep_fp32(model: torch.nn.Module, arch: str, precision: str) -> dict[str, i
             sub._speaker_sim_fp32_hooks = True  # type: ignore[assignment]
         out[name] = id(sub)
     return out
+
+
+_TF32_LOCK = threading.Lock()
+_TF32_DEPTH = 0
+_TF32_SAVED: list[tuple[Any, str, Any]] = []
+
+
+def _tf32_switches() -> list[tuple[Any, str, Any]]:
+    """(object, attribute, value meaning "no TF32") of every TF32 switch this torch has."""
+    b = torch.backends
+    out: list[tuple[Any, str, Any]] = [(b.cudnn, "allow_tf32", False),
+                                       (b.cuda.matmul, "allow_tf32", False)]  # fmt: skip
+    # torch >= 2.9's per-backend precision; "none" defers to the switches above, and setting it
+    # while an application uses the old ones is refused, so only touch it when it is in use.
+    for obj in (getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None),
+                getattr(b.cuda.matmul, "fp32_precision", None) and b.cuda.matmul):  # fmt: skip
+        if obj is not None and getattr(obj, "fp32_precision", "none") not in ("none", "ieee"):
+            out.append((obj, "fp32_precision", "ieee"))
+    return out
+
+
+@contextmanager
+def tf32_off() -> Iterator[None]:
+    """Within: no TF32 anywhere (convolutions and matmuls run in true fp32), so fp32 means fp32
+    and the submodules bf16 keeps in fp32 (:data:`FP32_SUBMODULES`) are not TF32 in disguise.
+
+    The switches are process-global: they are saved on entry and restored on exit (the
+    outermost of nested or concurrent entries, by CPU runner threads, restores them), so an
+    application embedding speaker-sim keeps its own setting outside our forwards.
+    """
+    global _TF32_DEPTH, _TF32_SAVED
+    with _TF32_LOCK:
+        if _TF32_DEPTH == 0:
+            _TF32_SAVED = [(o, a, getattr(o, a)) for o, a, _ in _tf32_switches()]
+            for o, a, off in _tf32_switches():
+                setattr(o, a, off)
+        _TF32_DEPTH += 1
+    try:
+        yield
+    finally:
+        with _TF32_LOCK:
+            _TF32_DEPTH -= 1
+            if _TF32_DEPTH == 0:
+                for o, a, v in _TF32_SAVED:
+                    setattr(o, a, v)
 
 
 _FP32 = threading.local()  # .active: ids of submodules to run in fp32; .stacks: entered contexts

@@ -5,6 +5,10 @@ number of valid frames of each row. Rows are zero-padded to T. To give exactly t
 row would get alone, each layer's output is re-zeroed past the row's valid length (so that the
 next convolution sees the same zeros its own padding would give) and every pooling over time
 only counts valid frames.
+
+Frame counts never take the activations' dtype: bf16 holds integers exactly only up to 256
+(1499 frames would count as 1496), so the divisions by a count run in float32 and only the
+result is cast back (:func:`count_divide`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,13 @@ def apply_mask(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
     return x * mask.view(shape)
 
 
+def count_divide(total: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """``total / counts`` in float32 (counts (B,) of frames, broadcast over ``total``'s trailing
+    dimensions), returned in ``total``'s dtype. Exact counts whatever the activations' dtype."""
+    n = counts.to(torch.float32).view([total.shape[0]] + [1] * (total.dim() - 1))
+    return (total.float() / n).to(total.dtype)
+
+
 def masked_mean(
     x: torch.Tensor, lengths: torch.Tensor | None, keepdim: bool = False
 ) -> torch.Tensor:
@@ -45,8 +56,8 @@ def masked_mean(
     if lengths is None:
         return x.mean(dim=-1, keepdim=keepdim)
     xm = apply_mask(x, lengths)
-    denom = lengths.to(x.dtype).view([x.shape[0]] + [1] * (x.dim() - 1))
-    out = xm.sum(dim=-1, keepdim=True) / denom
+    total = xm.sum(dim=-1, keepdim=True, dtype=torch.float32)  # accumulated and kept in fp32
+    out = count_divide(total, lengths).to(x.dtype)
     return out if keepdim else out.squeeze(-1)
 
 
@@ -57,8 +68,7 @@ def masked_std(
     if lengths is None:
         return x.std(dim=-1, unbiased=unbiased, keepdim=keepdim)
     mean = masked_mean(x, lengths, keepdim=True)
-    sq = apply_mask((x - mean) ** 2, lengths).sum(dim=-1, keepdim=True)
-    n = lengths.to(x.dtype).view([x.shape[0]] + [1] * (x.dim() - 1))
-    var = sq / (n - 1 if unbiased else n).clamp_min(1)
+    sq = apply_mask((x - mean) ** 2, lengths).sum(dim=-1, keepdim=True, dtype=torch.float32)
+    var = count_divide(sq, (lengths - 1 if unbiased else lengths).clamp_min(1)).to(x.dtype)
     out = var.sqrt()
     return out if keepdim else out.squeeze(-1)
