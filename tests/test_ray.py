@@ -103,6 +103,35 @@ def test_refusal_message_names_token_auth(monkeypatch):
     assert "token was most likely refused" in _refused("10.0.0.5:6379", exc)
 
 
+def _actor(real_ckpt: Path, cache_root: Path, **change: Any) -> Any:
+    """An EmbedActor built in this process (no Ray), as a worker node would build it."""
+    from speaker_sim_cli.engine.config import EngineConfig
+    from speaker_sim_cli.engine.ray_engine import EmbedActor
+    from speaker_sim_cli.models.registry import DEFAULT_MODEL
+    from speaker_sim_cli.pipeline import Extractor
+
+    ex = Extractor(DEFAULT_MODEL, real_ckpt.parent, EngineConfig(device="cpu"), cache_root)
+    ingredients = {**ex.cache.ingredients, **change}
+    return EmbedActor(ex.spec, str(ex.found.path), EngineConfig(device="cpu"),
+                      str(cache_root), ingredients)  # fmt: skip
+
+
+@pytest.mark.shared
+@pytest.mark.weights
+def test_a_worker_refuses_an_unwritable_cache_or_another_checkpoint(real_ckpt, tmp_path):
+    """What a worker on another node says when it cannot serve: the job stops with it."""
+    import pyarrow as pa
+
+    not_a_dir = tmp_path / "cache-is-a-file"
+    not_a_dir.write_text("")
+    actor = _actor(real_ckpt, not_a_dir)
+    assert "cannot write the cache" in actor.fatal and "every node" in actor.fatal
+    unit = pa.table({"idx": [[0]], "digest": [["0" * 64]], "wave": [[b""]], "reason": [[""]]})
+    assert [r["fatal"] for r in actor(unit).to_pylist()] == [actor.fatal]
+    other = _actor(real_ckpt, tmp_path / "cache", checkpoint_sha256="f" * 64)
+    assert "differs from the driver's" in other.fatal and other.embedder is None
+
+
 # -- the cluster ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster():
