@@ -31,7 +31,6 @@ def embed(
     no_cache: c.NoCacheOpt = False,
     device: c.DeviceOpt = "auto",
     precision: Annotated[c.Precision, typer.Option(help="Model precision.")] = c.Precision.fp32,
-    backend: c.BackendOpt = c.Backend.auto,
     batch_size: c.BatchSizeOpt = 0,
     batch_frames: c.BatchFramesOpt = 0,
     workers: c.WorkersOpt = -1,
@@ -75,7 +74,7 @@ def embed(
         engine = EngineConfig(
             device=device, precision=precision.value, batch_size=batch_size,
             batch_frames=batch_frames, workers=workers, chunk_seconds=chunk_seconds,
-            min_duration=min_duration, backend=backend.value,
+            min_duration=min_duration,
         )  # fmt: skip
         ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache,
                        model_config=model_config, ray=ray_opts)  # fmt: skip
@@ -109,7 +108,7 @@ def embed(
             atomic_write_bytes(failures, _csv(["key", "path", "error"], rows))
         else:  # an earlier run's list must not outlive it
             failures.unlink(missing_ok=True)
-        c.write_json(out / "model.json", c.with_invocation({**ex.describe(), **ex.engine_report()}))
+        c.write_json(out / "model.json", {**ex.describe(), **ex.engine_report()})
         say(
             f"{len(good)} embeddings ({ex.spec.dim}-dim, {ex.spec.alias}) -> {written}; "
             f"{res.embedded} embedded, {res.cached} from cache"

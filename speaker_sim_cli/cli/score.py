@@ -75,7 +75,6 @@ def score(
     no_cache: c.NoCacheOpt = False,
     device: c.DeviceOpt = "auto",
     precision: Annotated[c.Precision, typer.Option(help="Model precision.")] = c.Precision.fp32,
-    backend: c.BackendOpt = c.Backend.auto,
     batch_size: c.BatchSizeOpt = 0,
     batch_frames: c.BatchFramesOpt = 0,
     workers: c.WorkersOpt = -1,
@@ -149,7 +148,7 @@ def score(
             _Extras(enroll_map, norm.value if norm else None, cohort, cohort_utt2spk, top_n,
                     mean_from, embeddings, score_scale.value if score_scale else None,
                     gen_dir=gen_dir, model_config=model_config,
-                    mvector_lists=mvector_lists, backend=backend.value),
+                    mvector_lists=mvector_lists),
             ray_opts=ray_options(ray, ray_address, ray_actors, ray_gpus_per_actor, device),
         )  # fmt: skip
 
@@ -207,10 +206,10 @@ def _run(
         engine = EngineConfig(
             device=device, precision=precision, batch_size=batch_size,
             batch_frames=batch_frames, workers=workers, chunk_seconds=chunk_seconds,
-            min_duration=min_duration, max_duration=max_duration, backend=extras.backend,
+            min_duration=min_duration, max_duration=max_duration,
         )  # fmt: skip
         source = ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache,
-                                ray=ray_opts, model_config=extras.model_config)  # fmt: skip
+                                model_config=extras.model_config, ray=ray_opts)  # fmt: skip
     load_s = time.perf_counter() - t_load
     bar = EmbedProgress()
     try:
@@ -300,7 +299,7 @@ def _run(
             "scores": str(out) if out else "stdout",
             "score_format": fmt,
         }
-        c.write_json(report, c.with_invocation(doc))
+        c.write_json(report, doc)
     _summary(res, counts, timing, metrics, ex, extras.embeddings)
     if mv is not None and not STATE["quiet"]:
         say(f"mvector eval.py: threshold:{mv.threshold:.5f}, EER:{mv.eer:.5f}, "
@@ -330,7 +329,6 @@ class _Extras(NamedTuple):
     gen_dir: Path | None = None  # --gen-dir: generated wavs of a seed-tts-eval meta.lst
     model_config: Path | None = None  # --model-config: mvector's training config.yml
     mvector_lists: tuple[Path, Path] | None = None  # --mvector-lists ENROLL TRIALS
-    backend: str = "auto"  # --backend: torch, onnxruntime or auto (engine/config.py)
 
 
 def _keys_as_paths(opt: ScoringOptions) -> None:
