@@ -10,8 +10,9 @@ output. mvector calls these without lengths (full-length single utterances), so 
 * SAP: self-attentive weighted mean, ``Conv1d(C->128) -> tanh -> Conv1d(128->C) -> softmax``.
 * TAP: mean.
 * TSP: mean and *unbiased variance* (not std).
-* :func:`mean_std` (CAM++: mean + unbiased std) and :func:`tstp` (ERes2Net: mean +
-  ``sqrt(unbiased var + 1e-8)`` over time of a 4-D map, flattened channel-major).
+
+CAM++'s fixed pooling (mean + unbiased std) and ERes2Net's TSTP (mean + ``sqrt(unbiased var +
+1e-8)`` of the 4-D map, flattened channel-major) are the 3D-Speaker classes' own, masked there.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..masking import masked_mean, masked_std, time_mask
+from ..masking import masked_mean, time_mask
 from .layers import SameConv1d, TDNNBlock
 
 __all__ = [
@@ -30,12 +31,9 @@ __all__ = [
     "TemporalStatisticsPooling",
     "make_pooling",
     "masked_var",
-    "mean_std",
-    "tstp",
 ]
 
 POOLING_TYPES = ("ASP", "SAP", "TAP", "TSP")
-_TSTP_EPS = 1e-8
 _ASP_EPS = 1e-12
 
 
@@ -154,18 +152,3 @@ def make_pooling(
     if pooling_type == "TSP":
         return TemporalStatisticsPooling(), 2 * channels
     raise ValueError(f"pooling_type must be one of {', '.join(POOLING_TYPES)}: {pooling_type!r}")
-
-
-def mean_std(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """CAM++ statistics: (B, C, T) -> (B, 2C) = [mean, unbiased std] (no eps)."""
-    return torch.cat((masked_mean(x, lengths), masked_std(x, lengths, unbiased=True)), dim=-1)
-
-
-def tstp(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-    """ERes2Net TSTP: (B, C, F, T) -> (B, 2*C*F) = [mean, sqrt(unbiased var + 1e-8)].
-
-    Each statistic is flattened channel-major (C outer, F inner) before concatenation.
-    """
-    mean = masked_mean(x, lengths)
-    std = torch.sqrt(masked_var(x, lengths) + _TSTP_EPS)
-    return torch.cat((mean.flatten(start_dim=1), std.flatten(start_dim=1)), dim=1)
