@@ -266,6 +266,44 @@ def test_defaults_are_mvectors() -> None:
     assert build_backbone("CAMPPlus", 80).embd_dim == 512  # mvector's CAMPPlus default
 
 
+def test_non_default_shapes_follow_mvectors_formulas() -> None:
+    """Shapes worked out by hand from mvector's constructors for non-default arguments."""
+    cases = {
+        # width = floor(planes * base_width / 64); downsample convs m*2*mul -> m*4*mul;
+        # seg_1 in = int(F/8) * m * 8 * expansion * 2
+        ("ERes2Net", 40, "expansion=4,mul=2,bw=24,scale=3"): (
+            {"m_channels": 4, "num_blocks": [1, 1, 1, 1], "expansion": 4, "mul_channel": 2,
+             "base_width": 24, "scale": 3, "embd_dim": 8},
+            {"layer1.0.conv1.weight": (3, 4, 1, 1), "layer1.0.conv3.weight": (16, 3, 1, 1),
+             "layer4.0.conv1.weight": (36, 64, 1, 1), "layer1_downsample.weight": (32, 16, 3, 3),
+             "fuse_mode1234.local_att.0.weight": (32, 256, 1, 1), "seg_1.weight": (8, 1280)},
+        ),
+        ("ERes2NetV2", 40, "scale=3,two_emb_layer"): (
+            {"m_channels": 4, "num_blocks": [1, 1, 1, 1], "scale": 3, "two_emb_layer": True,
+             "embd_dim": 8},
+            {"layer1.0.conv1.weight": (3, 4, 1, 1), "layer3_ds.weight": (64, 32, 3, 3),
+             "seg_1.weight": (8, 640), "seg_2.weight": (8, 8)},
+        ),
+        # FCM width 32 * ceil(41 / 8) = 192; dense in 2 * ((((8+48)//2+96)//2+64)//2) = 126
+        ("CAMPPlus", 41, "F=41"): (
+            {"embd_dim": 8, "growth_rate": 4, "bn_size": 2, "init_channels": 8},
+            {"xvector.tdnn.linear.weight": (8, 192, 5), "xvector.dense.linear.weight": (8, 126, 1)},
+        ),
+        # Res2Net F >= 96: bands = F // 32 - int(sqrt(F / 64)) = 6 - 1; channels m * 32
+        ("Res2Net", 201, "F=201,TSP"): (
+            {"m_channels": 2, "layers": [1, 1, 1, 1], "pooling_type": "TSP", "embd_dim": 8},
+            {"bn2.weight": (640,), "linear.weight": (8, 640)},
+        ),
+    }  # fmt: skip
+    for (name, size, label), (args, shapes) in cases.items():
+        model = build_backbone(name, size, args).eval()
+        got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert {k: got.get(k) for k in shapes} == shapes, label
+        with torch.inference_mode():
+            out = model(torch.randn(2, 60, size), torch.tensor([60, 55]))
+        assert out.shape == (2, 8) and torch.isfinite(out).all(), label
+
+
 @pytest.mark.parametrize(
     ("name", "size", "args", "match"),
     [
