@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -63,8 +64,25 @@ GARBAGE_BYTES = st.one_of(st.binary(max_size=400), GARBAGE_TEXT.map(lambda s: s.
 TRIED: dict[str, int] = {}
 
 
-def _write(data: bytes | str, name: str) -> Path:
+_WORK: list[Path] = []  # this module's temp folder, removed when the module is done
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _workdir():
     folder = Path(tempfile.mkdtemp(prefix="hostile-"))
+    _WORK.append(folder)
+    yield
+    shutil.rmtree(folder, ignore_errors=True)
+    _WORK.clear()
+
+
+def _fresh() -> Path:
+    """A new empty folder inside the module's temp folder."""
+    return Path(tempfile.mkdtemp(dir=_WORK[0]))
+
+
+def _write(data: bytes | str, name: str) -> Path:
+    folder = _fresh()
     p = folder / name
     p.write_bytes(data.encode() if isinstance(data, str) else data)
     return p
@@ -264,7 +282,7 @@ def test_score_files_near_valid(rows, at, bad, fmt):
 def test_kaldi_vectors_corrupt_ark(noise, cut, splice):
     """A real ark/scp pair, then the ark truncated / spliced / replaced: UsageError or vectors."""
     TRIED["kaldi ark/scp (corrupt)"] = TRIED.get("kaldi ark/scp (corrupt)", 0) + 1
-    folder = Path(tempfile.mkdtemp(prefix="hostile-ark-"))
+    folder = _fresh()
     ark = folder / "xvector.ark"
     mat = np.arange(12, dtype=np.float32).reshape(3, 4)
     ark_bytes, scp_bytes = kaldi_vectors(["a", "b", "c"], mat, str(ark))
