@@ -633,9 +633,11 @@ def test_ann_index_recall_and_staleness(tmp_path):
         vp.enroll_vectors([Enrolment(f"s{i}", f"h{i}", "p", c) for i, c in enumerate(centres)])
         queries = centres[:200] + 0.5 * rng.standard_normal((200, 16)) / 4
         exact = vp.search(queries, 5)[1]
+        index = vp.build_ann(nlist=50, nprobe=10)  # 1/5 of the lists: approximate
+        assert index.params == {"nlist": 50, "nprobe": 10, "rows": 2000}
         approx = vp.search(queries, 5, ann=True)[1]
-        assert search.recall_at_k(approx, exact) >= 0.9
-        assert (approx[:, 0] == exact[:, 0]).mean() >= 0.95
+        assert (approx[:, 0] == exact[:, 0]).mean() >= 0.95  # the true speaker is near
+        assert 0.3 <= search.recall_at_k(approx, exact) < 1.0  # the rest is a guess
         assert vp.info()["ann"][0]["current"]
         vp.enroll_vectors([Enrolment("late", "hl", "p", queries[0] * 10)])
         assert not vp.info()["ann"][0]["current"]

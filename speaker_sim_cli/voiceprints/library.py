@@ -271,7 +271,7 @@ class Voiceprints:
         """Load (or refresh) the voiceprint matrix now; returns the speaker count."""
         return len(self._matrix()[1])
 
-    def build_ann(self, nlist: int | None = None, nprobe: int = 32, save: bool = True) -> AnnIndex:
+    def build_ann(self, nlist: int | None = None, nprobe: int = 128, save: bool = True) -> AnnIndex:
         """Build the optional ANN index (faiss-cpu) and keep it in the library file."""
         gen, _, mat = self._matrix()
         idx = AnnIndex.build(mat, nlist, nprobe)
