@@ -45,8 +45,14 @@ def apply_mask(x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
 def count_divide(total: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``total / counts`` in float32 (counts (B,) of frames, broadcast over ``total``'s trailing
     dimensions), returned in ``total``'s dtype. Exact counts whatever the activations' dtype."""
-    n = counts.to(torch.float32).view([total.shape[0]] + [1] * (total.dim() - 1))
-    return (total.float() / n).to(total.dtype)
+    acc = _acc_dtype(total.dtype)
+    n = counts.to(acc).view([total.shape[0]] + [1] * (total.dim() - 1))
+    return (total.to(acc) / n).to(total.dtype)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for the low-precision floats (and float32), float64 kept as it is."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def masked_mean(
@@ -56,7 +62,7 @@ def masked_mean(
     if lengths is None:
         return x.mean(dim=-1, keepdim=keepdim)
     xm = apply_mask(x, lengths)
-    total = xm.sum(dim=-1, keepdim=True, dtype=torch.float32)  # accumulated and kept in fp32
+    total = xm.sum(dim=-1, keepdim=True, dtype=_acc_dtype(x.dtype))  # accumulated in >= fp32
     out = count_divide(total, lengths).to(x.dtype)
     return out if keepdim else out.squeeze(-1)
 
@@ -68,7 +74,7 @@ def masked_std(
     if lengths is None:
         return x.std(dim=-1, unbiased=unbiased, keepdim=keepdim)
     mean = masked_mean(x, lengths, keepdim=True)
-    sq = apply_mask((x - mean) ** 2, lengths).sum(dim=-1, keepdim=True, dtype=torch.float32)
+    sq = apply_mask((x - mean) ** 2, lengths).sum(dim=-1, keepdim=True, dtype=_acc_dtype(x.dtype))
     var = count_divide(sq, (lengths - 1 if unbiased else lengths).clamp_min(1)).to(x.dtype)
     out = var.sqrt()
     return out if keepdim else out.squeeze(-1)
