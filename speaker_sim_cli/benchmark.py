@@ -417,6 +417,84 @@ def stage_bounds(
     return {**stages, "bound_by": bound, "x_realtime_bound": stages[bound]["x_realtime"]}
 
 
+# -- (c) the engine on ONNX Runtime -----------------------------------------------------------
+def ort_extractor(
+    model: str, model_dir: Path | str | None, cfg: Any, log: Log
+) -> tuple[Any, float] | tuple[None, str]:
+    """An :class:`Extractor` whose engine runs the exported graph in ONNX Runtime, and the
+    seconds its load took (export included when the graph was not cached yet: it is built
+    once, under the user's cache folder, and never timed as part of (c)); or ``(None, why)``
+    when (c) cannot run here."""
+    from dataclasses import replace
+
+    from .engine.onnx_backend import available
+    from .pipeline import Extractor
+
+    if cfg.precision != "fp32":
+        return None, f"(c) runs fp32 only, not {cfg.precision}"
+    if not available():
+        return None, "onnxruntime is not installed (pip install 'speaker-sim[onnx]')"
+    t0 = time.perf_counter()
+    try:
+        ex = Extractor(model, model_dir, replace(cfg, backend="onnxruntime", device="cpu"),
+                       use_cache=False)  # fmt: skip
+        log("(c): loading the ONNX graph (exported once, then cached)")
+        ex.load()
+    except Exception as exc:  # reported in the result, (a) and (b) still run
+        return None, f"{type(exc).__name__}: {exc}"
+    return ex, time.perf_counter() - t0
+
+
+def _ort_side(
+    best: dict[str, Any], walls: dict[str, list[float]], flops: tuple[float, float],
+    n_files: int, c_load: Any, ex_c: Any, rounds: list[tuple[dict[str, Any], dict[str, Any]]],
+) -> dict[str, Any]:
+    """The result's (c) entries: ``ort`` (its side, with batch budget and profile),
+    ``ort_speedup`` (c)/(a), ``ort_over_engine`` (c)/(b), per-round ratios and parity."""
+    if ex_c is None:
+        return {"ort": {"skipped": str(c_load)}}
+    side = _side(best["ort"][1], flops, n_files)
+    side["round_walls_s"] = walls["ort"]
+    side["load_s"] = c_load
+    side["batch_frames"] = ex_c.embedder.batch_frames
+    side["backend_reason"] = ex_c.backend_reason
+    ta, tc = min(rounds, key=lambda r: r[1]["wall_s"])
+    side["profile"] = ort_profile(tc, ta, tc["ort_run_s"])
+    paired_a = [a / max(c, 1e-9) for a, c in zip(walls["baseline"], walls["ort"], strict=True)]
+    paired_b = [b / max(c, 1e-9) for b, c in zip(walls["engine"], walls["ort"], strict=True)]
+    return {
+        "ort": side,
+        "ort_speedup": best["baseline"][1]["wall_s"] / max(side["wall_s"], 1e-9),
+        "ort_over_engine": best["engine"][1]["wall_s"] / max(side["wall_s"], 1e-9),
+        "ort_paired_speedups": paired_a,
+        "ort_paired_over_engine": paired_b,
+        "ort_parity": compare_embeddings(best["baseline"][0], best["ort"][0]),
+        "ort_vs_engine_parity": compare_embeddings(best["engine"][0], best["ort"][0]),
+        "ort_targets": {"x_realtime_campplus": 110.0, "speedup": 3.5},
+    }
+
+
+def ort_profile(tc: dict[str, Any], ta: dict[str, Any], run_s: float) -> dict[str, Any]:
+    """Where (c)'s time goes, as CPU seconds per hour of audio and x-realtime per core:
+    decode (from (a)'s per-recording figure: the same files), fbank + Python glue (the
+    runners' compute time less ONNX Runtime's), the model (``session.run``), and the wall."""
+    hours = max(tc["audio_s"], 1e-9) / 3600.0
+
+    def stage(seconds: float) -> dict[str, float]:
+        return {"cpu_s_per_audio_h": seconds / hours,
+                "x_realtime_per_core": tc["audio_s"] / max(seconds, 1e-9)}  # fmt: skip
+
+    decode = ta["decode_s"] * tc["audio_s"] / max(ta["audio_s"], 1e-9)
+    return {
+        "decode": stage(decode),
+        "fbank_and_python": stage(max(tc["compute_s"] - run_s, 0.0)),
+        "model": stage(run_s),
+        "wall": stage(tc["wall_s"]),
+        "note": "model = ONNX Runtime session.run summed over the runner threads; "
+        "fbank_and_python = the runners' compute time less that; decode scaled from (a)",
+    }
+
+
 # -- the whole benchmark ---------------------------------------------------------------------
 def run_benchmark(
     paths: Sequence[Path | str],
@@ -437,6 +515,8 @@ def run_benchmark(
     now full cache: recordings embedded, which should be 0, and the speedup over cold),
     ``parity`` and ``targets``.
     """
+    from dataclasses import replace
+
     import torch
 
     from .engine.embedder import EngineConfig, cpu_runners, default_workers
@@ -449,8 +529,13 @@ def run_benchmark(
     load_start = _load_average()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="speaker-sim-bench-") as tmp:
-        ex = Extractor(model or DEFAULT_MODEL, model_dir, cfg, cache_dir=Path(tmp) / "warmup")
+        # (b) is the torch engine whatever --backend auto would pick; (c) the ONNX Runtime one.
+        ex = Extractor(model or DEFAULT_MODEL, model_dir, replace(cfg, backend="torch"),
+                       cache_dir=Path(tmp) / "warmup")  # fmt: skip
         load_s = time.perf_counter() - t0
+        ex_c, c_load = ort_extractor(model or DEFAULT_MODEL, model_dir, cfg, say)
+        if ex_c is not None:
+            ex_c.embedder.embed_waves([torch.zeros(ex.spec.frontend.sample_rate)] * 2)
         net, device, fe = ex.embedder.model, ex.embedder.device, ex.spec.frontend
         flops = flop_model(net, getattr(fe, "num_mel_bins", 80), device)
         # Warm both paths (page cache, allocator, kernels) so neither pays first-call costs.
@@ -459,6 +544,7 @@ def run_benchmark(
         run_baseline(net, fe, files[:2], device)
         ex.embedder.embed_waves([torch.zeros(fe.sample_rate).uniform_(-0.1, 0.1)] * 2)
         walls: dict[str, list[float]] = {"baseline": [], "engine": []}
+        ort_rounds: list[tuple[dict[str, Any], dict[str, Any]]] = []
         best: dict[str, tuple[dict[str, np.ndarray], dict[str, Any]]] = {}
         warm: list[dict[str, Any]] = []
         for r in range(rounds):
@@ -471,7 +557,16 @@ def run_benchmark(
             warm.append(tw)
             walls["baseline"].append(ta["wall_s"])
             walls["engine"].append(tb["wall_s"])
-            for name, res in (("baseline", (ea, ta)), ("engine", (eb, tb))):
+            sides = [("baseline", (ea, ta)), ("engine", (eb, tb))]
+            if ex_c is not None:
+                run0 = ex_c.embedder.model.run_seconds
+                ec, tc = run_engine(ex_c, files, Path(tmp) / f"ort{r}")
+                tc["ort_run_s"] = ex_c.embedder.model.run_seconds - run0
+                say(f"  (c) ONNX Runtime engine, cold cache: {tc['wall_s']:.2f} s")
+                walls.setdefault("ort", []).append(tc["wall_s"])
+                sides.append(("ort", (ec, tc)))
+                ort_rounds.append((ta, tc))
+            for name, res in sides:
                 if name not in best or res[1]["wall_s"] < best[name][1]["wall_s"]:
                     best[name] = res
     base = _side(best["baseline"][1], flops, len(files))
@@ -515,8 +610,10 @@ def run_benchmark(
     audio_s = base["audio_s"]
     dev = device_info(device)
     dev["load_average_start"] = load_start
+    ort_doc = _ort_side(best, walls, flops, len(files), c_load, ex_c, ort_rounds)
     return {
         "benchmark": "engine (b) vs 3D-Speaker infer_sv.py loop (a), both cold",
+        **ort_doc,
         "device": dev,
         "model": {
             "id": ex.spec.id,

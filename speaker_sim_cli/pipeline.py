@@ -14,7 +14,7 @@ import numpy as np
 
 from .audio.decode import AudioInfo, is_command, probe
 from .engine.cache import EmbeddingCache
-from .engine.config import EngineConfig, EngineStats, fp32_submodules
+from .engine.config import EngineConfig, EngineStats, choose_backend, fp32_submodules
 from .engine.shard import embed_sharded, split_devices
 from .errors import AudioError, UsageError
 from .models.registry import ModelSpec, resolve_model
@@ -61,6 +61,10 @@ class Extractor:
         self.checkpoint_sha256 = checkpoint_hash(self.found.path)
         self._embedder: Embedder | None = None
         self.load_seconds = 0.0
+        # Set when the model loads: "torch" or "onnxruntime", and why (--backend).
+        self.backend = "not loaded"
+        self.backend_reason = ""
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else None
         root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.cache = EmbeddingCache(root if use_cache else None, self.ingredients(), self.spec.dim)
         # --ray: the misses are embedded on a Ray cluster (engine/ray_engine.py), lazily too.
@@ -80,8 +84,12 @@ class Extractor:
     def dim(self) -> int:
         return self.spec.dim
 
-    def load(self) -> Embedder:
-        """Build the model, load the checkpoint (strict) and place it on the device, once."""
+    def load(self, audio_seconds: float = 0.0) -> Embedder:
+        """Build the model, load the checkpoint (strict) and place it on the device, once.
+
+        ``audio_seconds``: how much audio this run will embed (``--backend auto`` weighs the
+        one-time ONNX export against it: :func:`engine.config.choose_backend`).
+        """
         if self._embedder is None:
             t0 = time.perf_counter()
             from .engine.embedder import Embedder
@@ -92,7 +100,8 @@ class Extractor:
             # the CPU for in-process use (arrays, small requests).
             cfg = self.engine_cfg
             local = replace(cfg, device="cpu") if len(self.devices) > 1 else cfg
-            embedder = Embedder(self.spec, module, local)
+            embedder = Embedder(self.spec, self._backend_model(module, local, audio_seconds),
+                                local)  # fmt: skip
             if embedder.fp32_modules != self.fp32_modules:  # a renamed submodule: key would lie
                 raise RuntimeError(
                     f"{self.spec.id}: fp32 submodules {embedder.fp32_modules} found, "
@@ -101,6 +110,26 @@ class Extractor:
             self._embedder = embedder
             self.load_seconds = time.perf_counter() - t0
         return self._embedder
+
+    def _backend_model(self, module: Any, cfg: EngineConfig, audio_seconds: float) -> Any:
+        """``module`` itself (torch), or its exported graph in ONNX Runtime; sets
+        :attr:`backend` and :attr:`backend_reason`."""
+        from .engine.embedder import resolve_device
+        from .engine.export import cached_export, export_path
+        from .engine.onnx_backend import available
+
+        root = self.cache_root or default_cache_dir()
+        name, why = choose_backend(
+            cfg, resolve_device(cfg.device).type, available(),
+            export_path(self.spec, self.checkpoint_sha256, "onnx", root).is_file(), audio_seconds,
+        )  # fmt: skip
+        self.backend, self.backend_reason = name, why
+        if name == "torch":
+            return module
+        from .engine.onnx_backend import OnnxModel
+
+        path = cached_export(self.spec, "onnx", root, self.checkpoint_sha256, module)
+        return OnnxModel(path)
 
     @property
     def embedder(self) -> Embedder:
@@ -158,6 +187,8 @@ class Extractor:
             "loaded": self.loaded,
             "precision": self.engine_cfg.precision,
             "mode": self.engine_cfg.mode(),
+            "backend": self.backend,
+            "backend_reason": self.backend_reason,
         }
 
     def embed_paths(
@@ -237,7 +268,7 @@ class Extractor:
                 )
             else:
                 loading = not self.loaded
-                embedder = self.load()
+                embedder = self.load(sum(est) / self.spec.sample_rate)
                 if loading:  # the model load is reported on its own, not as embedding time
                     t0 += self.load_seconds
                 stream = embedder.embed_files(files, est, progress)

@@ -124,6 +124,10 @@ def result_table(r: dict[str, Any]) -> Any:
     t.add_column("(a) infer_sv.py loop", justify="right")
     t.add_column("(b) engine, cold", justify="right")
     a, b = r["baseline"], r["engine"]
+    o = r.get("ort", {})
+    has_c = "wall_s" in o
+    if has_c:
+        t.add_column("(c) ONNX Runtime engine, cold", justify="right")
     rows = [
         ("wall s", "wall_s", "{:.2f}"),
         ("recordings/s", "recordings_per_s", "{:.1f}"),
@@ -132,8 +136,29 @@ def result_table(r: dict[str, Any]) -> Any:
         ("padding overhead", "padding_overhead", "{:.1%}"),
     ]
     for label, key, fmt in rows:
-        t.add_row(label, fmt.format(a[key]), fmt.format(b[key]))
-    t.add_row("recordings embedded", str(a["recordings"]), str(b["recordings"]))
+        t.add_row(label, fmt.format(a[key]), fmt.format(b[key]),
+                  *([fmt.format(o[key])] if has_c else []))  # fmt: skip
+    t.add_row("recordings embedded", str(a["recordings"]), str(b["recordings"]),
+              *([str(o["recordings"])] if has_c else []))  # fmt: skip
+    if has_c:
+        op, ob = r["ort_parity"], r["ort_vs_engine_parity"]
+        t.add_row(
+            "[bold](c)/(a), (c)/(b)[/bold]", "", "",
+            f"[bold]{r['ort_speedup']:.2f}x[/bold], {r['ort_over_engine']:.2f}x "
+            f"(target 3.5x, 110x realtime)",
+        )  # fmt: skip
+        t.add_row(
+            "(c) scores vs (a), (b)", "", "",
+            f"max |Δscore| {op['max_score_diff'] or 0:.1e}, {ob['max_score_diff'] or 0:.1e}",
+        )  # fmt: skip
+        prof = o["profile"]
+        t.add_row(
+            "(c) x-realtime per core", "", "",
+            ", ".join(f"{k.replace('_and_', '+')} {prof[k]['x_realtime_per_core']:.0f}"
+                      for k in ("decode", "fbank_and_python", "model")),
+        )  # fmt: skip
+    elif o.get("skipped"):
+        t.add_row("(c) ONNX Runtime", "", f"skipped: {o['skipped']}")
     t.add_row(
         "[bold]speedup (b)/(a)[/bold]",
         "",
@@ -164,6 +189,7 @@ def result_table(r: dict[str, Any]) -> Any:
         f"(b): {b['runners']} runner(s), {b['workers']} decode worker(s), batch "
         f"{b['batch_size']} / {b['batch_frames']} frames, {b['batches']} batches, "
         f"{b['precision']}, rounds {r['rounds']}"
+        + (f", (c): batch {o['batch_frames']} frames" if has_c else "")
         + (f", load average {start[0]:.1f} at start" if start else "")
         + (f", {load[0]:.1f} at end" if load else "")
     )

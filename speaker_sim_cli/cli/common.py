@@ -70,6 +70,20 @@ MaxDurOpt = Annotated[
     float,
     typer.Option(min=0.0, help="Recordings longer than this many seconds fail (0: no limit)."),
 ]
+class Backend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnxruntime = "onnxruntime"
+
+
+BackendOpt = Annotated[
+    Backend,
+    typer.Option(
+        help="What runs the model: torch, onnxruntime (its exported ONNX graph, built once and "
+        "cached; CPU, fp32), or auto: onnxruntime on a CPU at fp32 when it is installed and the "
+        "graph is cached or the run has >= 30 min of audio, else torch.",
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]
 
 

@@ -31,6 +31,7 @@ def embed(
     no_cache: c.NoCacheOpt = False,
     device: c.DeviceOpt = "auto",
     precision: Annotated[c.Precision, typer.Option(help="Model precision.")] = c.Precision.fp32,
+    backend: c.BackendOpt = c.Backend.auto,
     batch_size: c.BatchSizeOpt = 0,
     batch_frames: c.BatchFramesOpt = 0,
     workers: c.WorkersOpt = -1,
@@ -74,7 +75,7 @@ def embed(
         engine = EngineConfig(
             device=device, precision=precision.value, batch_size=batch_size,
             batch_frames=batch_frames, workers=workers, chunk_seconds=chunk_seconds,
-            min_duration=min_duration,
+            min_duration=min_duration, backend=backend.value,
         )  # fmt: skip
         ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache,
                        model_config=model_config, ray=ray_opts)  # fmt: skip

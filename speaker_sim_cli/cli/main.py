@@ -12,6 +12,7 @@ from . import (
     cache_cmd,
     calibrate,
     eval_cmd,
+    export_cmd,
     identify_cmd,
     serve,
     speakers_cmd,
@@ -55,6 +56,7 @@ for _module in (
     cache_cmd,
     voiceprints_cmd,
     identify_cmd,
+    export_cmd,
     speakers_cmd,
 ):
     _module.register(app)

@@ -75,6 +75,7 @@ def score(
     no_cache: c.NoCacheOpt = False,
     device: c.DeviceOpt = "auto",
     precision: Annotated[c.Precision, typer.Option(help="Model precision.")] = c.Precision.fp32,
+    backend: c.BackendOpt = c.Backend.auto,
     batch_size: c.BatchSizeOpt = 0,
     batch_frames: c.BatchFramesOpt = 0,
     workers: c.WorkersOpt = -1,
@@ -148,7 +149,7 @@ def score(
             _Extras(enroll_map, norm.value if norm else None, cohort, cohort_utt2spk, top_n,
                     mean_from, embeddings, score_scale.value if score_scale else None,
                     gen_dir=gen_dir, model_config=model_config,
-                    mvector_lists=mvector_lists),
+                    mvector_lists=mvector_lists, backend=backend.value),
             ray_opts=ray_options(ray, ray_address, ray_actors, ray_gpus_per_actor, device),
         )  # fmt: skip
 
@@ -206,7 +207,7 @@ def _run(
         engine = EngineConfig(
             device=device, precision=precision, batch_size=batch_size,
             batch_frames=batch_frames, workers=workers, chunk_seconds=chunk_seconds,
-            min_duration=min_duration, max_duration=max_duration,
+            min_duration=min_duration, max_duration=max_duration, backend=extras.backend,
         )  # fmt: skip
         source = ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache,
                                 model_config=extras.model_config, ray=ray_opts)  # fmt: skip
@@ -329,6 +330,7 @@ class _Extras(NamedTuple):
     gen_dir: Path | None = None  # --gen-dir: generated wavs of a seed-tts-eval meta.lst
     model_config: Path | None = None  # --model-config: mvector's training config.yml
     mvector_lists: tuple[Path, Path] | None = None  # --mvector-lists ENROLL TRIALS
+    backend: str = "auto"  # --backend: torch, onnxruntime or auto (engine/config.py)
 
 
 def _keys_as_paths(opt: ScoringOptions) -> None:

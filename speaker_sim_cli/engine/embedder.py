@@ -165,7 +165,11 @@ class Embedder:
             model = model.to(self.device).eval()
         self.model = model
         # Submodules kept in fp32 at this precision (FP32_SUBMODULES), by name.
-        kept = _keep_fp32(self.model, spec.arch, config.precision)
+        kept = (
+            _keep_fp32(model, spec.arch, config.precision)
+            if isinstance(model, torch.nn.Module)
+            else {}
+        )
         self.fp32_modules: tuple[str, ...] = tuple(kept)
         self._fp32_ids = frozenset(kept.values())
         self.frontend = spec.frontend

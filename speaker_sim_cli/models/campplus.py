@@ -19,16 +19,24 @@ in padded frames cannot reach valid ones. Before every operation that mixes time
 with a kernel longer than 1, segment/global pooling) the padded frames are zeroed again, which is
 exactly what the convolution's own zero padding gives on the unpadded row, and poolings only
 count valid frames. A row's embedding is then the same whatever batch it sits in.
+
+The frame masks and the segment bookkeeping are built once per batch (:class:`_Frames`, one
+at the input resolution and one after the stride-2 TDNN) and shared by every layer; frame counts
+stay int64 / float32 whatever the activations' dtype. Shapes are derived with tensor ops only
+(no Python branch on a size, no host read), so ``torch.export`` / ``torch.jit.trace`` keep the
+batch and time axes dynamic and the graph exports to ONNX.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as activation_checkpoint
 from torch import nn
 
-from .masking import apply_mask, conv_out_lengths, masked_mean, masked_std
+from .masking import conv_out_lengths, masked_mean, masked_std
 
 __all__ = ["CAMPPlus"]
 
@@ -56,24 +64,66 @@ def _nonlinear(config_str: str, channels: int) -> nn.Sequential:
     return stack
 
 
+class _Frames(NamedTuple):
+    """Per-batch time bookkeeping at one resolution, built once and shared by every layer.
+
+    ``lengths``: (B,) int64 valid frames, None when every row fills the T frames.
+    ``pad``: (B, 1, T) bool, True on padded frames (None without lengths).
+    ``counts``: (B, 1, 1) float32 valid frames (the utterance-mean divisor).
+    ``seg_counts``: (B, 1, S) float32 valid frames per segment of ``seg_len``, at least 1.
+    ``seg_index``: (T,) int64 segment of each frame (expands per-segment values to frames).
+    """
+
+    lengths: torch.Tensor | None
+    pad: torch.Tensor | None
+    counts: torch.Tensor
+    seg_counts: torch.Tensor
+    seg_index: torch.Tensor
+
+
+def _frames(x: torch.Tensor, lengths: torch.Tensor | None, seg_len: int) -> _Frames:
+    """:class:`_Frames` for ``x`` (B, ..., T) whose rows hold ``lengths`` valid frames."""
+    t = torch.arange(x.shape[-1], device=x.device)
+    seg_index = torch.div(t, seg_len, rounding_mode="floor")
+    starts = torch.arange(0, x.shape[-1], seg_len, device=x.device)  # (S,) first frame
+    if lengths is None:
+        valid = torch.full(x.shape[:1], x.shape[-1], dtype=torch.long, device=x.device)
+        pad = None
+    else:
+        valid = lengths
+        pad = (t[None, :] >= lengths[:, None])[:, None, :]
+    seg_counts = (valid[:, None] - starts[None, :]).clamp(1, seg_len)
+    counts = valid.to(torch.float32)[:, None, None]
+    return _Frames(lengths, pad, counts, seg_counts.to(torch.float32)[:, None, :], seg_index)
+
+
+def _zero_pad(x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (B, ..., T) with the frames where ``pad`` (B, 1, T) is True set to 0."""
+    if pad is None:
+        return x
+    if x.dim() == 4:
+        pad = pad[:, :, None, :]
+    return x.masked_fill(pad, 0.0)
+
+
+def _segment_sums(x: torch.Tensor, seg_len: int) -> torch.Tensor:
+    """Sums of ``x`` (B, C, T) over consecutive segments of ``seg_len`` frames -> (B, C, S),
+    S = ceil(T / seg_len) (the last segment zero-filled)."""
+    frames = x.shape[-1]
+    x = F.pad(x, (0, (seg_len - frames % seg_len) % seg_len))
+    return x.reshape(x.shape[0], x.shape[1], -1, seg_len).sum(dim=-1)
+
+
 def _segment_means(x: torch.Tensor, lengths: torch.Tensor | None, seg_len: int) -> torch.Tensor:
     """Average of ``x`` (B, C, T) over consecutive segments of ``seg_len`` frames -> (B, C, S).
 
     S = ceil(T / seg_len). Each segment is divided by the number of valid frames it holds, as
     ``avg_pool1d(kernel=stride=seg_len, ceil_mode=True)`` does for the last partial segment of an
     unpadded row. ``x`` must already be zero past each row's length. Segments that hold no valid
-    frame come out as 0.
+    frame come out as 0. Counts divide in float32 (exact), the result takes ``x``'s dtype.
     """
-    batch, channels, frames = x.shape
-    n_seg = -(-frames // seg_len)
-    if n_seg * seg_len != frames:
-        x = F.pad(x, (0, n_seg * seg_len - frames))
-    sums = x.reshape(batch, channels, n_seg, seg_len).sum(dim=-1)
-    starts = torch.arange(n_seg, device=x.device) * seg_len
-    valid = frames if lengths is None else lengths[:, None]
-    counts = (torch.as_tensor(valid, device=x.device) - starts).clamp(0, seg_len)
-    counts = counts.expand(batch, n_seg).clamp_min(1).to(x.dtype)
-    return sums / counts[:, None, :]
+    seg_counts = _frames(x, lengths, seg_len).seg_counts
+    return (_segment_sums(x, seg_len) / seg_counts).to(x.dtype)
 
 
 class _ResBlock2d(nn.Module):
@@ -94,11 +144,11 @@ class _ResBlock2d(nn.Module):
                 nn.BatchNorm2d(planes),
             )
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        """(B, C, F, T) zero past ``lengths`` -> (B, C', F', T), zero past ``lengths``."""
-        h = apply_mask(F.relu(self.bn1(self.conv1(x))), lengths)
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """(B, C, F, T) zero where ``pad`` (B, 1, T) -> (B, C', F', T), zero there too."""
+        h = _zero_pad(F.relu(self.bn1(self.conv1(x))), pad)
         h = self.bn2(self.conv2(h)) + self.shortcut(x)
-        return apply_mask(F.relu(h), lengths)
+        return _zero_pad(F.relu(h), pad)
 
 
 class _FrontEnd2d(nn.Module):
@@ -120,11 +170,11 @@ class _FrontEnd2d(nn.Module):
         self.bn2 = nn.BatchNorm2d(m_channels)
         self.out_channels = m_channels * (feat_dim // 8)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        """(B, F, T) zero past ``lengths`` -> (B, C, T); padded frames are NOT re-zeroed."""
-        h = apply_mask(F.relu(self.bn1(self.conv1(x.unsqueeze(1)))), lengths)
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """(B, F, T) zero where ``pad`` (B, 1, T) -> (B, C, T); padded frames NOT re-zeroed."""
+        h = _zero_pad(F.relu(self.bn1(self.conv1(x.unsqueeze(1)))), pad)
         for block in (*self.layer1, *self.layer2):
-            h = block(h, lengths)
+            h = block(h, pad)
         h = F.relu(self.bn2(self.conv2(h)))
         return h.flatten(1, 2)
 
@@ -162,9 +212,9 @@ class _TDNN(nn.Module):
     def out_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         return conv_out_lengths(lengths, self.kernel_size, self.stride, self.padding, self.dilation)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        """(B, C, T) -> (B, C', T'); input frames past ``lengths`` are zeroed first."""
-        return self.nonlinear(self.linear(apply_mask(x, lengths)))
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """(B, C, T) -> (B, C', T'); input frames where ``pad`` (B, 1, T) are zeroed first."""
+        return self.nonlinear(self.linear(_zero_pad(x, pad)))
 
 
 class _ContextMask(nn.Module):
@@ -192,20 +242,16 @@ class _ContextMask(nn.Module):
         self.linear1 = nn.Conv1d(bn_channels, bn_channels // reduction, 1)
         self.linear2 = nn.Conv1d(bn_channels // reduction, out_channels, 1)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        """(B, C, T) zero past ``lengths`` -> (B, C_out, T)."""
-        frames = x.shape[-1]
+    def forward(self, x: torch.Tensor, frames: _Frames) -> torch.Tensor:
+        """(B, C, T) zero on padded frames -> (B, C_out, T); ``frames`` built for seg_len."""
         local = self.linear_local(x)
-        seg = _segment_means(x, lengths, self.seg_len)  # (B, C, S)
+        # Sums and counts meet in float32: counts are exact whatever the activations' dtype.
+        seg = (_segment_sums(x, self.seg_len) / frames.seg_counts).to(x.dtype)  # (B, C, S)
+        utt = (x.sum(dim=-1, keepdim=True, dtype=torch.float32) / frames.counts).to(x.dtype)
         # The gate is constant within a segment, so it is computed once per segment (the
         # reference computes it per frame from the expanded context: same values, more work).
-        if lengths is None:
-            utt = x.mean(dim=-1, keepdim=True)
-        else:
-            utt = masked_mean(x, lengths, keepdim=True)
         gate = torch.sigmoid(self.linear2(F.relu(self.linear1(utt + seg))))
-        gate = gate.repeat_interleave(self.seg_len, dim=-1)[..., :frames]
-        return local * gate
+        return local * gate.index_select(-1, frames.seg_index)
 
 
 class _DenseTDNNLayer(nn.Module):
@@ -233,12 +279,12 @@ class _DenseTDNNLayer(nn.Module):
     def _bottleneck(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear1(self.nonlinear1(x))
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: _Frames) -> torch.Tensor:
         if self.training and self.memory_efficient and x.requires_grad:
             h = activation_checkpoint.checkpoint(self._bottleneck, x, use_reentrant=False)
         else:
             h = self._bottleneck(x)
-        return self.cam_layer(apply_mask(self.nonlinear2(h), lengths), lengths)
+        return self.cam_layer(_zero_pad(self.nonlinear2(h), frames.pad), frames)
 
 
 class _DenseBlock(nn.Module):
@@ -270,9 +316,9 @@ class _DenseBlock(nn.Module):
                 ),
             )
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, frames: _Frames) -> torch.Tensor:
         for layer in self.children():
-            x = torch.cat([x, layer(x, lengths)], dim=1)
+            x = torch.cat([x, layer(x, frames)], dim=1)
         return x
 
 
@@ -341,13 +387,20 @@ class _XVector(nn.Module):
         self.out_nonlinear = _nonlinear(config_str, channels)
         self.dense = _Projection(channels * 2, embedding_size, "batchnorm_")
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        """(B, C, T) from the head -> (B, E)."""
-        h = self.tdnn(x, lengths)
+    def forward(
+        self, x: torch.Tensor, lengths: torch.Tensor | None, pad: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, C, T) from the head -> (B, E); ``pad`` (B, 1, T): True on the head's padded
+        frames (built from ``lengths`` when None)."""
+        if pad is None and lengths is not None:
+            pad = (torch.arange(x.shape[-1], device=x.device) >= lengths[:, None])[:, None, :]
+        h = self.tdnn(x, pad)
         if lengths is not None:
             lengths = self.tdnn.out_lengths(lengths)
+        # One set of masks and segment counts for every layer after the stride-2 TDNN.
+        frames = _frames(h, lengths, SEGMENT_FRAMES)
         for i in range(1, self.n_stages + 1):
-            h = self.get_submodule(f"transit{i}")(self.get_submodule(f"block{i}")(h, lengths))
+            h = self.get_submodule(f"transit{i}")(self.get_submodule(f"block{i}")(h, frames))
         h = self.out_nonlinear(h)
         stats = torch.cat([masked_mean(h, lengths), masked_std(h, lengths, unbiased=True)], dim=-1)
         return self.dense(stats)
@@ -404,11 +457,13 @@ class CAMPPlus(nn.Module):
         """(B, T, feat_dim) fbank [+ (B,) valid frames] -> (B, embedding_size)."""
         if feats.dim() != 3 or feats.shape[-1] != self.feat_dim:
             raise ValueError(f"expected feats (B, T, {self.feat_dim}), got {tuple(feats.shape)}")
+        pad = None
         if lengths is not None:
             if lengths.shape != feats.shape[:1]:
                 raise ValueError(
                     f"lengths must have shape ({feats.shape[0]},), got {tuple(lengths.shape)}"
                 )
             lengths = lengths.to(device=feats.device, dtype=torch.long)
-        x = apply_mask(feats.transpose(1, 2), lengths)  # (B, F, T)
-        return self.xvector(self.head(x, lengths), lengths)
+            pad = (torch.arange(feats.shape[1], device=feats.device) >= lengths[:, None])[:, None]
+        x = _zero_pad(feats.transpose(1, 2), pad)  # (B, F, T)
+        return self.xvector(self.head(x, pad), lengths, pad)
