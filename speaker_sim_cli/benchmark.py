@@ -56,7 +56,7 @@ def default_corpus_dir() -> Path:
     if env:
         candidates.append(Path(env).expanduser() / "audio")
     candidates.append(Path.cwd().parent / "shared" / "audio")
-    candidates.append(Path(__file__).resolve().parents[4] / "shared" / "audio")
+    candidates.append(Path(__file__).resolve().parents[2] / "shared" / "audio")
     for c in candidates:
         if c.is_dir():
             return c.resolve()
