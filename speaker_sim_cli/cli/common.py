@@ -81,7 +81,7 @@ BackendOpt = Annotated[
     typer.Option(
         help="What runs the model: torch, onnxruntime (its exported ONNX graph, built once and "
         "cached; CPU, fp32), or auto: onnxruntime on a CPU at fp32 when it is installed and the "
-        "graph is cached or the run has >= 30 min of audio, else torch.",
+        "graph is cached or the run has >= 2 h of audio, else torch.",
     ),
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or summary on stderr.")]

@@ -20,8 +20,11 @@ PRECISION_NAMES = ("fp32", "bf16", "fp16")
 # model's exported graph is cached or the run has at least AUTO_ORT_MIN_AUDIO_S of audio to
 # embed (the one-time export then pays for itself), else torch (pipeline.Extractor.load). The
 # two give the same scores within 1e-5, so the embedding cache does not record which ran.
+# Break-even, CAM++ on the 2-core machine: the export costs ~30 CPU-s idle (~100 s wall at load
+# 10); ONNX Runtime saves ~0.016 s per second of audio at load 10 (engine 39.7 s -> 31.9 s on
+# 494 s of audio), so it pays after ~1.75 h of audio: 2 h.
 BACKENDS = ("auto", "torch", "onnxruntime")
-AUTO_ORT_MIN_AUDIO_S = 1800.0
+AUTO_ORT_MIN_AUDIO_S = 7200.0
 
 # Submodules that still run in fp32 under low-precision autocast, by (architecture family,
 # precision). bf16 keeps 8 mantissa bits, and CAM++ rounds every op's output to it: on
