@@ -419,6 +419,9 @@ def test_every_arch_runs_on_meta_and_under_low_precision_autocast(arch):
                 with torch.autocast("cpu", dtype=dtype), emb_mod._fp32_scope(ids):
                     emb = torch.func.functional_call(net, params, (feats, n))
             assert emb.shape[0] == 3 and emb.dtype in (torch.float32, dtype), (precision, emb)
+    # Nothing fake was cached on the way (the front end's window and filterbank cache).
+    feats, _ = compute_features(torch.zeros(1, sr).uniform_(-0.1, 0.1), None, frontend)
+    assert type(feats) is torch.Tensor
 
 
 # -- shared memory and persistent workers -------------------------------------------------------

@@ -75,12 +75,19 @@ def _window(cfg: FbankConfig) -> torch.Tensor:
     raise ValueError(f"unknown window {cfg.window!r}")
 
 
-@lru_cache(maxsize=64)
-def _constant(
-    make: Any, cfg: FbankConfig, device: torch.device, dtype: torch.dtype
-) -> torch.Tensor:
+def _constant(make: Any, cfg: FbankConfig, device: torch.device, dtype: torch.dtype) -> Any:
     """``make(cfg)`` (window, filterbank) on ``device`` in ``dtype``, uploaded once per device and
-    dtype instead of every batch (each upload from pageable memory is a host/device sync)."""
+    dtype instead of every batch (each upload from pageable memory is a host/device sync). Under
+    a dispatch mode (fake tensors, tracing) nothing is cached: its tensors are not real ones."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if _get_current_dispatch_mode() is not None:
+        return make(cfg).to(device=device, dtype=dtype)
+    return _placed(make, cfg, device, dtype)
+
+
+@lru_cache(maxsize=64)
+def _placed(make: Any, cfg: FbankConfig, device: torch.device, dtype: torch.dtype) -> Any:
     return make(cfg).to(device=device, dtype=dtype)
 
 
