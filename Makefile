@@ -8,7 +8,7 @@ SHARED ?= $(abspath ../shared)
 TORCH_SPEC ?= torch==2.13.0
 DEFAULT_MODEL := speech_campplus_sv_zh_en_16k-common_advanced
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install pretrained demo test test-fast lint format bench clean
 
 $(BIN)/speaker-sim: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,12 +19,16 @@ $(BIN)/speaker-sim: pyproject.toml
 
 install: $(BIN)/speaker-sim pretrained
 
-# Make the shared real weights visible as ./pretrained/<model>/ (links, never copies).
-pretrained:
+# Make the shared real weights visible as ./pretrained/<model>/ and in the user's pretrained
+# folder (found from any working folder; `speaker-sim models` shows where): links, never copies.
+pretrained: $(BIN)/speaker-sim
 	@mkdir -p pretrained
 	@if [ -d "$(SHARED)/pretrained" ]; then \
+	  user=$$($(BIN)/python -c "from speaker_sim_cli.models.weights import user_pretrained_dir as u; print(u())"); \
+	  mkdir -p "$$user"; \
 	  for d in "$(SHARED)"/pretrained/*/; do \
 	    n=$$(basename "$$d"); [ -e "pretrained/$$n" ] || ln -s "$$d" "pretrained/$$n"; \
+	    if [ -L "$$user/$$n" ] || [ ! -e "$$user/$$n" ]; then ln -sfn "$$d" "$$user/$$n"; fi; \
 	  done; \
 	else echo "note: $(SHARED)/pretrained not found; put checkpoints under pretrained/<model>/"; fi
 
@@ -52,8 +56,8 @@ bench: install
 	$(BIN)/python benchmarks/bench_serve.py --out bench-results/serve.json
 	$(BIN)/python benchmarks/bench_warm.py --out bench-results/warm.json
 	$(BIN)/python benchmarks/bench_ray.py --out bench-results/ray.json
-	$(BIN)/python benchmarks/bench_voiceprints.py --out bench-results/voiceprints.json
 	$(BIN)/python benchmarks/bench_wavlm.py --seconds 30 --out bench-results/wavlm.json
+	$(BIN)/python benchmarks/bench_voiceprints.py --out bench-results/voiceprints.json
 
 clean:
 	rm -rf $(VENV) pretrained .pytest_cache .mypy_cache .ruff_cache build *.egg-info

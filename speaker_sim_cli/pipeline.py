@@ -264,7 +264,7 @@ class Extractor:
                 stream = self._ray_run.embed(files, todo, est, progress)
             elif len(self.devices) > 1:
                 stream = embed_sharded(
-                    self.spec.id, self.found.path, self.engine_cfg, files, est, progress
+                    self.spec, self.found.path, self.engine_cfg, files, est, progress
                 )
             else:
                 loading = not self.loaded

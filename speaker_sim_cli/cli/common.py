@@ -132,6 +132,14 @@ class OnError(str, Enum):
 DEFAULT = DEFAULT_MODEL
 
 
+def with_invocation(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` plus ``invocation``: the config file used (if any) and the resolved options."""
+    from .config_opt import config_record
+
+    record = config_record()
+    return doc if record is None else {**doc, "invocation": record}
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     from ..engine.cache import atomic_write_bytes
 
@@ -151,22 +159,10 @@ def _clean(x: Any) -> Any:
 
 
 def metrics_block(m: Any) -> dict[str, Any]:
-    """The report's ``metrics``: fractions, thresholds, one entry per p_target."""
-    out: dict[str, Any] = {
-        "eer": m.eer,
-        "eer_threshold": m.eer_threshold,
-        "min_dcf": {f"{p:g}": v for p, v in m.min_dcf.items()},
-        "min_dcf_threshold": {f"{p:g}": v for p, v in m.min_dcf_threshold.items()},
-        "c_miss": m.c_miss,
-        "c_fa": m.c_fa,
-    }
-    if m.threshold is not None:
-        out["threshold"] = m.threshold
-        out["far"] = m.far
-        out["frr"] = m.frr
-        out["actual_dcf"] = {f"{p:g}": v for p, v in (m.actual_dcf or {}).items()}
-    out["definition"] = m.definition
-    return out
+    """The report's ``metrics`` (see :func:`speaker_sim_cli.scoring.evaluation.metrics_block`)."""
+    from ..scoring.evaluation import metrics_block as block
+
+    return block(m)
 
 
 def metrics_table(rows: list[tuple[str, Any]], title: str) -> Any:

@@ -109,7 +109,7 @@ def embed(
             atomic_write_bytes(failures, _csv(["key", "path", "error"], rows))
         else:  # an earlier run's list must not outlive it
             failures.unlink(missing_ok=True)
-        c.write_json(out / "model.json", {**ex.describe(), **ex.engine_report()})
+        c.write_json(out / "model.json", c.with_invocation({**ex.describe(), **ex.engine_report()}))
         say(
             f"{len(good)} embeddings ({ex.spec.dim}-dim, {ex.spec.alias}) -> {written}; "
             f"{res.embedded} embedded, {res.cached} from cache"

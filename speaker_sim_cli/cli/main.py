@@ -19,6 +19,7 @@ from . import (
     voiceprints_cmd,
 )
 from .compare import compare
+from .config_opt import ConfigGroup
 from .embed import embed
 from .models_cmd import models
 from .ray_opt import RayCommand
@@ -27,6 +28,7 @@ from .ui import STATE
 
 app = typer.Typer(
     name="speaker-sim",
+    cls=ConfigGroup,
     help="Same speaker or not? Batch speaker-verification scoring with the 3D-Speaker zoo.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -54,9 +56,9 @@ for _module in (
     serve,
     bench,
     cache_cmd,
+    export_cmd,
     voiceprints_cmd,
     identify_cmd,
-    export_cmd,
     speakers_cmd,
 ):
     _module.register(app)

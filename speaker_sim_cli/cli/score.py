@@ -210,7 +210,7 @@ def _run(
             min_duration=min_duration, max_duration=max_duration, backend=extras.backend,
         )  # fmt: skip
         source = ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache,
-                                model_config=extras.model_config, ray=ray_opts)  # fmt: skip
+                                ray=ray_opts, model_config=extras.model_config)  # fmt: skip
     load_s = time.perf_counter() - t_load
     bar = EmbedProgress()
     try:
@@ -300,7 +300,7 @@ def _run(
             "scores": str(out) if out else "stdout",
             "score_format": fmt,
         }
-        c.write_json(report, doc)
+        c.write_json(report, c.with_invocation(doc))
     _summary(res, counts, timing, metrics, ex, extras.embeddings)
     if mv is not None and not STATE["quiet"]:
         say(f"mvector eval.py: threshold:{mv.threshold:.5f}, EER:{mv.eer:.5f}, "
