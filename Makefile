@@ -7,6 +7,9 @@ SHARED ?= $(abspath ../shared)
 # The CPU build of torch: a plain `torch` requirement would pull several GB of CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
 DEFAULT_MODEL := speech_campplus_sv_zh_en_16k-common_advanced
+# Two pytest workers (pytest-xdist), one test file each at a time: module-scoped models and the
+# Ray cluster stay in one process. PYTEST_XDIST= runs everything in one process.
+PYTEST_XDIST ?= -n 2 --dist loadfile
 
 .PHONY: install pretrained demo test test-fast lint format bench clean
 
@@ -36,10 +39,10 @@ demo: install
 	$(BIN)/speaker-sim compare pretrained/$(DEFAULT_MODEL)/examples/
 
 test: install
-	SPEAKER_SIM_SHARED=$(SHARED) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	SPEAKER_SIM_SHARED=$(SHARED) $(BIN)/python -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	SPEAKER_SIM_SHARED=$(SHARED) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	SPEAKER_SIM_SHARED=$(SHARED) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check speaker_sim_cli tests benchmarks

@@ -231,10 +231,14 @@ def test_models_lists_the_zoo(runner, real_ckpt):
     res = runner.invoke(app, ["models", "--json"])
     assert res.exit_code == 0
     rows = json.loads(res.stdout)
-    assert len(rows) == 13
+    from speaker_sim_cli.models.registry import MODELS
+
+    # the 13 ids 3D-Speaker's infer_sv.py serves, plus FunASR's x-vector and the WavLM SIM model
+    assert len(rows) == len(MODELS) == 15
+    assert sum(r["id"].startswith("iic/speech_") and "xvector" not in r["id"] for r in rows) == 13
     default = next(r for r in rows if r["default"])
     assert default["weights"].endswith("campplus_cn_en_common.pt")
-    assert sum(r["weights"] == "missing" for r in rows) == 12
+    assert sum(r["weights"] == "missing" for r in rows) == len(rows) - 1
 
 
 def test_missing_weights_is_one_clear_message(runner, shared, tmp_path, monkeypatch):

@@ -177,19 +177,20 @@ def test_every_parity_pattern_batches_like_lone_rows(model, monkeypatch) -> None
 
 @pytest.mark.slow
 def test_dev_hard_batch_of_32_equals_one_by_one(model, shared: Path) -> None:
-    """All 80 dev_hard recordings (8 to 48 kHz, stereo, lossy codecs, 1-2.5 s) through the
-    engine one at a time and 32 to a batch."""
+    """32 dev_hard recordings (every other file: 8 to 48 kHz, stereo, lossy codecs, 1-2.5 s)
+    through the engine one at a time and as one padded batch of 32."""
     from speaker_sim_cli.audio.decode import load
 
     files = sorted(p for p in (shared / "audio" / "dev_hard").rglob("*")
                    if p.is_file() and p.suffix != ".csv")  # fmt: skip
     assert len(files) == 80
+    files = files[::2][:32]
     waves = [torch.from_numpy(load(p, 16000)) for p in files]
     spec = get_model(ID)
     one = Embedder(spec, model, EngineConfig(device="cpu", batch_size=1, batch_frames=10**9))
     many = Embedder(spec, model, EngineConfig(device="cpu", batch_size=32, batch_frames=10**9))
     a, b = one.embed_waves(waves), many.embed_waves(waves)
-    assert one.stats.batches == 80 and many.stats.batches == 3
+    assert one.stats.batches == 32 and many.stats.batches == 1
     rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
     assert rel.max() <= TOL, f"max relative L2 {rel.max():.2e} ({files[int(rel.argmax())].name})"
 
