@@ -142,8 +142,8 @@ def score(
     STATE["quiet"] = quiet
     with errors_to_exit():
         _run(
-            _trial_source(trials, pairs, mvector_lists), wav_scp, root, model, model_dir, out, fmt.value, report,
-            cache_dir, no_cache,
+            _trial_source(trials, pairs, mvector_lists), wav_scp, root, model, model_dir, out,
+            fmt.value, report, cache_dir, no_cache,
             device, precision.value, batch_size, batch_frames, workers, chunk_seconds,
             min_duration, max_duration, p_target or [0.01, 0.05], on_error.value, allow_commands,
             _Extras(enroll_map, norm.value if norm else None, cohort, cohort_utt2spk, top_n,
