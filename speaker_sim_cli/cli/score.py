@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
 
 from . import common as c
 
 if TYPE_CHECKING:
     from ..engine.ray_engine import RayOptions
-    from ..pipeline import Extractor, ScoreResult, ScoringOptions
+    from ..pipeline import Extractor
 from .ray_opt import RayActorsOpt, RayAddressOpt, RayGpusOpt, RayOpt, ray_options
-from .ui import EXIT_PARTIAL, STATE, EmbedProgress, err_console, errors_to_exit, fail, say, warn
+from .score_parts import (
+    Extras,
+    keys_as_paths,
+    say_sim,
+    scoring_options,
+    summary,
+    trial_source,
+)
+from .ui import EXIT_PARTIAL, STATE, EmbedProgress, errors_to_exit, fail, say, warn
 
 
 def score(
@@ -142,11 +149,11 @@ def score(
     STATE["quiet"] = quiet
     with errors_to_exit():
         _run(
-            _trial_source(trials, pairs, mvector_lists), wav_scp, root, model, model_dir, out,
+            trial_source(trials, pairs, mvector_lists), wav_scp, root, model, model_dir, out,
             fmt.value, report, cache_dir, no_cache,
             device, precision.value, batch_size, batch_frames, workers, chunk_seconds,
             min_duration, max_duration, p_target or [0.01, 0.05], on_error.value, allow_commands,
-            _Extras(enroll_map, norm.value if norm else None, cohort, cohort_utt2spk, top_n,
+            Extras(enroll_map, norm.value if norm else None, cohort, cohort_utt2spk, top_n,
                     mean_from, embeddings, score_scale.value if score_scale else None,
                     gen_dir=gen_dir, model_config=model_config,
                     mvector_lists=mvector_lists, backend=backend.value),
@@ -160,7 +167,7 @@ def _run(
     cache_dir: Path | None, no_cache: bool, device: str, precision: str, batch_size: int,
     batch_frames: int, workers: int, chunk_seconds: float | None, min_duration: float,
     max_duration: float, p_targets: list[float], on_error: str, allow_commands: bool,
-    extras: _Extras, ray_opts: RayOptions | None = None,
+    extras: Extras, ray_opts: RayOptions | None = None,
 ) -> None:  # fmt: skip
     from ..engine.config import EngineConfig, EngineStats
     from ..errors import UsageError
@@ -187,7 +194,7 @@ def _run(
     if extras.score_scale and fmt != "csv":
         raise UsageError(f"--score-scale adds a column, which the {fmt} format has no place "
                          "for: use --format csv")  # fmt: skip
-    options = _scoring_options(extras, root or Path(tl.source).resolve().parent, scp,
+    options = scoring_options(extras, root or Path(tl.source).resolve().parent, scp,
                                wav_scp.resolve().parent if wav_scp else None)  # fmt: skip
     t_load = time.perf_counter()
     source: EmbeddingSource
@@ -199,7 +206,7 @@ def _run(
         # Items are the source's keys: no path resolution anywhere.
         recs = {k: Recording(k, Path(k)) for k in tl.items()}
         missing: dict[str, str] = {}
-        _keys_as_paths(options)
+        keys_as_paths(options)
     else:
         recs, missing = resolve_trial_items(
             tl, root, scp, wav_scp.resolve().parent if wav_scp else None
@@ -301,12 +308,12 @@ def _run(
             "score_format": fmt,
         }
         c.write_json(report, c.with_invocation(doc))
-    _summary(res, counts, timing, metrics, ex, extras.embeddings)
+    summary(res, counts, timing, metrics, ex, extras.embeddings)
     if mv is not None and not STATE["quiet"]:
         say(f"mvector eval.py: threshold:{mv.threshold:.5f}, EER:{mv.eer:.5f}, "
             f"MinDCF:{mv.min_dcf:.5f}")  # fmt: skip
     if sim is not None:
-        _say_sim(sim)
+        say_sim(sim)
     if ex is not None and ex.cache.write_error:
         warn(f"the cache could not be written ({ex.cache.write_error}); ran without it")
     if counts["duplicate_trials"]:
@@ -316,140 +323,3 @@ def _run(
         fail(f"stopped at the first bad recording (--on-error fail): {f.path}: {f.reason}")
     if res.failures:
         raise typer.Exit(EXIT_PARTIAL)
-
-
-class _Extras(NamedTuple):
-    enroll_map: Path | None
-    norm: str | None
-    cohort: Path | None
-    cohort_utt2spk: Path | None
-    top_n: int
-    mean_from: Path | None
-    embeddings: Path | None = None
-    score_scale: str | None = None  # --score-scale: an extra rescaled column (scoring/scales.py)
-    gen_dir: Path | None = None  # --gen-dir: generated wavs of a seed-tts-eval meta.lst
-    model_config: Path | None = None  # --model-config: mvector's training config.yml
-    mvector_lists: tuple[Path, Path] | None = None  # --mvector-lists ENROLL TRIALS
-    backend: str = "auto"  # --backend: torch, onnxruntime or auto (engine/config.py)
-
-
-def _keys_as_paths(opt: ScoringOptions) -> None:
-    """With --embeddings, every recording of the options is looked up by its key as written."""
-    from ..records import Recording
-
-    def keyed(rs: list[Recording]) -> list[Recording]:
-        return [Recording(r.key, Path(r.key)) for r in rs]
-
-    if opt.enroll_map is not None:
-        opt.enroll_map = {spk: keyed(rs) for spk, rs in opt.enroll_map.items()}
-    if opt.cohort is not None:
-        opt.cohort = keyed(opt.cohort)
-    if opt.mean_from is not None:
-        opt.mean_from = keyed(opt.mean_from)
-
-
-def _scoring_options(
-    x: _Extras, root: Path, scp: dict[str, str] | None, scp_dir: Path | None
-) -> ScoringOptions:
-    from ..errors import UsageError
-    from ..io.trials import read_inputs, read_spk2utt, read_utt2spk, resolve_path
-    from ..pipeline import ScoringOptions
-    from ..records import Recording
-
-    def rec(item: str) -> Recording:
-        if scp is not None:
-            if item not in scp:
-                raise UsageError(f"{x.enroll_map}: utterance id {item!r} is not in wav.scp")
-            return Recording(item, resolve_path(scp[item], scp_dir or Path.cwd()))
-        return Recording(item, resolve_path(item, root))
-
-    if x.norm and x.cohort is None:
-        raise UsageError(f"--norm {x.norm} needs --cohort (a list of cohort recordings)")
-    if x.cohort_utt2spk is not None and x.cohort is None:
-        raise UsageError("--cohort-utt2spk needs --cohort")
-    opt = ScoringOptions(norm=x.norm, top_n=x.top_n)
-    if x.enroll_map is not None:
-        opt.enroll_map = {
-            spk: [rec(u) for u in utts] for spk, utts in read_spk2utt(x.enroll_map).items()
-        }
-    if x.cohort is not None:
-        opt.cohort = read_inputs([str(x.cohort)])
-        if x.cohort_utt2spk is not None:
-            u2s = read_utt2spk(x.cohort_utt2spk)
-            lost = [r.key for r in opt.cohort if r.key not in u2s]
-            if lost:
-                raise UsageError(f"{x.cohort_utt2spk}: no speaker for cohort item {lost[0]!r}")
-            opt.cohort_speakers = [u2s[r.key] for r in opt.cohort]
-    if x.mean_from is not None:
-        opt.mean_from = read_inputs([str(x.mean_from)])
-    return opt
-
-
-def _summary(
-    res: ScoreResult,
-    counts: dict[str, Any],
-    timing: dict[str, Any],
-    metrics: Any,
-    ex: Extractor | None,
-    embeddings: Path | None,
-) -> None:
-    if STATE["quiet"]:
-        return
-    if ex is None:
-        say(
-            f"{counts['scored']}/{counts['trials']} trials scored from the embeddings in "
-            f"{escape(str(embeddings))}; {counts['recordings']} items, "
-            f"{counts['failed_recordings']} without a vector; {timing['total_s']:.1f} s"
-        )
-    else:
-        say(
-            f"{counts['scored']}/{counts['trials']} trials scored with {ex.spec.alias} "
-            f"({ex.device_label}, {ex.engine_cfg.precision}); {counts['recordings']} recordings: "
-            f"{counts['embedded']} embedded, {counts['from_cache']} from cache; "
-            f"{timing['total_s']:.1f} s"
-        )
-    if metrics is not None:
-        err_console.print(c.metrics_table([("scores", metrics)], "Metrics (NIST SRE16 scorer)"))
-    if res.failures:
-        from rich.table import Table
-
-        t = Table(title=f"{len(res.failures)} recordings failed "
-                  f"({counts['failed']} trials not scored)", title_style="red")  # fmt: skip
-        t.add_column("recording")
-        t.add_column("reason")
-        for f in res.failures:
-            t.add_row(escape(f.path), escape(f.reason))
-        err_console.print(t)
-    if ex is not None and ex.stats.chunked:
-        say(f"{ex.stats.chunked} long recordings were embedded as averages of windows")
-
-
-def _trial_source(
-    trials: Path | None, pairs: Path | None, mvector_lists: tuple[Path, Path] | None = None
-) -> Path:
-    """TRIALS, --pairs or --mvector-lists (exactly one); the trial file's path."""
-    from ..errors import UsageError
-
-    if mvector_lists is not None:
-        if trials is not None or pairs is not None:
-            raise UsageError("--mvector-lists replaces the trial list: give one or the other")
-        return mvector_lists[1]
-    if trials is not None and pairs is not None:
-        raise UsageError("give a trial list or --pairs, not both")
-    src = trials if trials is not None else pairs
-    if src is None:
-        raise UsageError("give a trial list (or --pairs meta.lst for TTS speaker similarity)")
-    return src
-
-
-def _say_sim(sim: dict[str, Any]) -> None:
-    """The TTS SIM line: mean over the scored pairs, always with how many of how many."""
-    if STATE["quiet"]:
-        return
-    if sim["count_scored"]:
-        say(f"SIM {sim['mean']:.4f} (std {sim['std']:.4f}) over {sim['count_scored']} of "
-            f"{sim['count_total']} pairs")  # fmt: skip
-    if sim["count_failed"]:
-        reasons = ", ".join(f"{n} x {why}" for why, n in list(sim["failed_by_reason"].items())[:3])
-        warn(f"{sim['count_failed']} of {sim['count_total']} pairs not scored (not in the "
-             f"mean): {escape(reasons)}")  # fmt: skip
