@@ -29,7 +29,7 @@ def bench(
     model: c.ModelOpt = c.DEFAULT,
     model_dir: c.ModelDirOpt = None,
     device: c.DeviceOpt = "auto",
-    precision: Annotated[c.Precision, typer.Option(help="Model precision.")] = c.Precision.fp32,
+    precision: c.PrecisionOpt = c.Precision.fp32,
     batch_size: c.BatchSizeOpt = 0,
     batch_frames: c.BatchFramesOpt = 0,
     workers: c.WorkersOpt = -1,

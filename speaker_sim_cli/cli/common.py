@@ -70,6 +70,8 @@ MaxDurOpt = Annotated[
     float,
     typer.Option(min=0.0, help="Recordings longer than this many seconds fail (0: no limit)."),
 ]
+
+
 class Backend(str, Enum):
     auto = "auto"
     torch = "torch"
@@ -91,6 +93,9 @@ class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+PrecisionOpt = Annotated[Precision, typer.Option(help="Model precision.")]
 
 
 class ScoreFormat(str, Enum):

@@ -81,7 +81,7 @@ def score(
     cache_dir: c.CacheDirOpt = None,
     no_cache: c.NoCacheOpt = False,
     device: c.DeviceOpt = "auto",
-    precision: Annotated[c.Precision, typer.Option(help="Model precision.")] = c.Precision.fp32,
+    precision: c.PrecisionOpt = c.Precision.fp32,
     backend: c.BackendOpt = c.Backend.auto,
     batch_size: c.BatchSizeOpt = 0,
     batch_frames: c.BatchFramesOpt = 0,

@@ -24,7 +24,7 @@ def serve(
     model_dir: c.ModelDirOpt = None,
     model_config: c.ModelConfigOpt = None,
     device: c.DeviceOpt = "auto",
-    precision: Annotated[c.Precision, typer.Option(help="Model precision.")] = c.Precision.fp32,
+    precision: c.PrecisionOpt = c.Precision.fp32,
     jsonl: Annotated[
         bool,
         typer.Option(
