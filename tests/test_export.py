@@ -1,11 +1,15 @@
 """``speaker-sim export`` and the ONNX Runtime backend.
 
-Every 3D-Speaker arch of the registry is exported (ONNX and TorchScript) with the synthetic
-weights of its fixture schema, and the exported file, run by ONNX Runtime or by torch, must give
-the project's eager embeddings of the fixture features within relative L2 1e-4 per row, in one
-batch of four rows of unequal lengths (so the graph keeps its time axis dynamic and its
-padding masks). CAM++ runs in the fast tier; the other archs export slowly on 2 cores (20 s to
-several minutes each) and are marked slow.
+Every architecture of the registry is exported (ONNX and TorchScript) with synthetic weights
+from its fixture schema, and the exported file, run by ONNX Runtime or by torch, must give the
+project's eager embeddings of fixture features within relative L2 1e-4 per row, in one batch
+of rows of unequal lengths (so the graph keeps its time axis dynamic and its padding masks):
+the nine 3D-Speaker geometries, FunASR's x-vector (whose stride-2 padding depends on each row's
+own length parity), the seven mvector backbones (each from a fixture case's trained
+checkpoint) and WavLM + ECAPA (tiny and Large geometry). Where the family's own outputs are in
+the fixtures (FunASR, mvector, WavLM) the exported graph is compared with those too. CAM++
+TorchScript, FunASR ONNX and the tiny WavLM run in the fast tier; the rest are marked slow
+(2-40 s each on two cores).
 
 The real CAM++ checkpoint is exported through the CLI once; the sidecar, the export cache and
 ``score --backend onnxruntime`` on dev_hard (scores equal torch's within 1e-5) use that file.
@@ -15,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -45,27 +48,13 @@ onnxruntime = pytest.importorskip("onnxruntime")
 TOL = 1e-4
 SCORE_TOL = 1e-5
 # The fast tier: CAM++ as TorchScript here (its ONNX export, of the real weights, runs through
-# the CLI below). An export costs 20-30 s of CPU on CAM++, minutes on the large ERes2Nets.
+# the CLI below). An export plus its check costs 3-30 s of CPU per architecture.
 FAST = {("campplus192", "torchscript")}
 ARCH_NAMES = [a for a, spec in ARCHS.items() if spec.fixture == "arch"]
-# The three largest geometries export for minutes each on two cores; they share their code with
-# eres2net_base512 / eres2netv2_192 (same classes, other widths), which CI runs. Run them with
-# SPEAKER_SIM_HEAVY=1 (as on a bigger machine, or before a release).
-HEAVY = {"eres2net_huge192", "eres2net_large512", "eres2netv2_w24s4ep4"}
-# TorchScript comes from the same trace as ONNX; CI checks it once per family.
-TS_ARCHS = {"campplus192", "eres2net_vox", "eres2netv2_192", "ecapa1024"}
-RUN_HEAVY = os.environ.get("SPEAKER_SIM_HEAVY") == "1"
 
 
 def _marks(arch: str, fmt: str) -> list[pytest.MarkDecorator]:
-    if (arch, fmt) in FAST:
-        return []
-    marks = [pytest.mark.slow]
-    if arch in HEAVY or (fmt == "torchscript" and arch not in TS_ARCHS):
-        marks.append(
-            pytest.mark.skipif(not RUN_HEAVY, reason="heavy export: set SPEAKER_SIM_HEAVY=1")
-        )
-    return marks
+    return [] if (arch, fmt) in FAST else [pytest.mark.slow]
 
 
 CASES = [
@@ -80,8 +69,9 @@ def _spec_of(arch: str):
 
 
 def _padded(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (T_i, ...) zero-padded into (B, max T_i, ...) and their lengths."""
     n = torch.tensor([f.shape[0] for f in feats], dtype=torch.int64)
-    x = torch.zeros(len(feats), int(n.max()), feats[0].shape[1])
+    x = torch.zeros(len(feats), int(n.max()), *feats[0].shape[1:])
     for i, f in enumerate(feats):
         x[i, : f.shape[0]] = f
     return x, n
@@ -89,44 +79,159 @@ def _padded(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def exported(shared: Path, synth_state_dict, tmp_path_factory: pytest.TempPathFactory):
-    """Function (arch, fmt) -> (model, fixture feats, exported path), each export done once."""
+    """Function (arch, fmt) -> (fixture feats, 3D-Speaker's embeddings of them, exported path),
+    each export done once."""
     root = tmp_path_factory.mktemp("exports")
-    models: dict[str, torch.nn.Module] = {}
-    done: dict[tuple[str, str], Path] = {}
 
     def get(arch: str, fmt: str):
-        if arch not in models:
-            m = ARCHS[arch].build()
-            m.load_state_dict(synth_state_dict(arch), strict=True)
-            models[arch] = m.eval()
-        if (arch, fmt) not in done:
-            out = root / f"{arch}.{fmt}"
-            export_model(_spec_of(arch), fmt, out, model=models[arch], checkpoint_sha256="synth")
-            done[arch, fmt] = out
+        model = ARCHS[arch].build()
+        model.load_state_dict(synth_state_dict(arch), strict=True)
+        out = root / f"{arch}.{fmt}"
+        # The test checks the file itself, more strictly than the export check (skipped).
+        export_model(
+            _spec_of(arch), fmt, out, model=model.eval(), checkpoint_sha256="synth", check=False
+        )
         data = np.load(shared / "fixtures" / "arch" / f"{arch}.npz")
-        feats = [torch.from_numpy(data[k]).float() for k in sorted(data.files) if "feats" in k]
-        return models[arch], feats, done[arch, fmt]
+        k = len([f for f in data.files if f.startswith("feats_")])
+        feats = [torch.from_numpy(data[f"feats_{i}"]).float() for i in range(k)]
+        return feats, np.stack([data[f"emb_{i}"] for i in range(k)]), out
 
     return get
 
 
 @pytest.mark.parametrize(("arch", "fmt"), CASES)
-def test_export_reproduces_eager_embeddings(exported, arch: str, fmt: str) -> None:
-    model, feats, path = exported(arch, fmt)
+def test_export_reproduces_3dspeaker_embeddings(exported, arch: str, fmt: str) -> None:
+    """The exported file on the fixture's four rows (48-679 frames) in one padded batch, in
+    another order, and a row alone gives 3D-Speaker's own embeddings of them (``emb_i``, the
+    same numbers the eager model reproduces in test_archs)."""
+    feats, ref, path = exported(arch, fmt)
+    run = load_exported(path, fmt)
+    x, n = _padded(feats)
+    assert int(n.min()) < int(n.max())
+    got = np.asarray(run(x, n))
+    assert got.shape == ref.shape
+    err = rel_l2_rows(got, ref)
+    assert err.max() <= TOL, f"{arch} {fmt}: relative L2 per row {err}"
+    # Three rows in another order, shorter padding, and a batch of one: the graph is not tied
+    # to the trace's batch.
+    perm = [3, 0, 1]
+    x3, n3 = _padded([feats[i] for i in perm])
+    assert rel_l2_rows(np.asarray(run(x3, n3)), ref[perm]).max() <= TOL
+    one = np.asarray(run(feats[0][None], n[:1]))
+    assert rel_l2_rows(one, ref[:1]).max() <= TOL
+
+
+# -- the other families ---------------------------------------------------------------------
+def _check_family(
+    spec, model, feats: list[torch.Tensor], out: Path, fmt: str, reference: np.ndarray | None = None
+) -> np.ndarray:
+    """Export ``model`` as ``fmt``; the exported file on one padded batch of ``feats`` (rows of
+    unequal length) gives each row's lone eager embedding, and ``reference`` (the family's own
+    outputs) when given. Returns the per-row errors against eager."""
+    export_model(spec, fmt, out, model=model, checkpoint_sha256="synth", check=False)
     x, n = _padded(feats)
     assert int(n.min()) < int(n.max())
     with torch.no_grad():
-        alone = np.stack([model(f[None])[0].numpy() for f in feats])
-    got = np.asarray(load_exported(path, fmt)(x, n))
-    assert got.shape == alone.shape
+        alone = np.stack([model(f[None], n[i : i + 1])[0].numpy() for i, f in enumerate(feats)])
+    got = np.asarray(load_exported(out, fmt)(x, n))
     err = rel_l2_rows(got, alone)
-    assert err.max() <= TOL, f"{arch} {fmt}: relative L2 per row {err}"
-    # Rows in another order and a batch of one: the graph is not tied to the trace's batch.
-    perm = [2, 0, 3, 1]
-    got2 = np.asarray(load_exported(path, fmt)(x[perm], n[perm]))
-    assert rel_l2_rows(got2, alone[perm]).max() <= TOL
-    one = np.asarray(load_exported(path, fmt)(feats[0][None], n[:1]))
-    assert rel_l2_rows(one, alone[:1]).max() <= TOL
+    assert err.max() <= TOL, f"{spec.arch} {fmt}: relative L2 per row {err}"
+    if reference is not None:
+        ref_err = rel_l2_rows(got, reference)
+        assert ref_err.max() <= TOL, f"{spec.arch} {fmt} vs the family's own: {ref_err}"
+    return err
+
+
+@pytest.mark.parametrize("fmt", ["onnx", pytest.param("torchscript", marks=pytest.mark.slow)])
+def test_funasr_xvector_exports(fmt: str, shared: Path, synth_state_dict, tmp_path: Path) -> None:
+    """FunASR's stride-2 'same' padding depends on each row's own length parity; the export
+    keeps that per row (8 fixture rows, lengths 508-818 frames: T mod 8 = 2, 3, 4, 7), and the
+    graph reproduces FunASR 0.8.8's own embeddings of the fixture features."""
+    spec = get_model("xvector-cnceleb")
+    model = spec.build()
+    model.load_state_dict(synth_state_dict("funasr_xvector"), strict=True)
+    z = np.load(shared / "fixtures" / "funasr" / "funasr_xvector.npz")
+    k = len([f for f in z.files if f.startswith("feats_")])
+    feats = [torch.from_numpy(z[f"feats_{i}"]).float() for i in range(k)]
+    assert len({int(f.shape[0]) % 2 for f in feats}) == 2  # both parities in the batch
+    ref = np.stack([z[f"emb_{i}"] for i in range(k)])
+    _check_family(spec, model.eval(), feats, tmp_path / f"xvector.{fmt}", fmt, ref)
+
+
+MVECTOR_BACKBONES = ["CAMPPlus", "ERes2NetV2", "ERes2Net", "EcapaTdnn", "Res2Net", "ResNetSE",
+                     "TDNN"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+@pytest.mark.parametrize("backbone", MVECTOR_BACKBONES)
+def test_mvector_backbone_exports(backbone: str, fmt: str, shared: Path, tmp_path: Path) -> None:
+    """Each mvector backbone from its fixture case's trainer folder (``--model mvector
+    --model-dir .../best_model --model-config config.yml``), on mvector's own Fbank features of
+    four recordings of unequal length, against eager and mvector's own ``predict``."""
+    import json as _json
+
+    from speaker_sim_cli.models.registry import resolve_model
+    from speaker_sim_cli.models.weights import resolve_checkpoint
+
+    mv = shared / "fixtures" / "mvector"
+    case = mv / "cases" / f"{backbone}_Fbank"
+    info = _json.loads((case / "info.json").read_text())
+    spec = resolve_model("mvector", mv / info["model_dir"], case / "config.yml")
+    found = resolve_checkpoint(spec, mv / info["model_dir"])
+    from speaker_sim_cli.models.weights import load_spec_checkpoint
+
+    model = spec.build()
+    load_spec_checkpoint(model, found.path, spec)
+    front = np.load(mv / "frontend_Fbank.npz")
+    names = [str(x) for x in front["inputs"]]
+    rows = [0, 1, 3, 5]  # unequal lengths, the stereo file included
+    feats = [torch.from_numpy(front[f"feat_{i}"]).float() for i in rows]
+    ref_all = np.load(case / "reference.npz")
+    ref_names = [str(x) for x in ref_all["inputs"]]
+    ref = ref_all["emb_predict"][[ref_names.index(names[i]) for i in rows]]
+    _check_family(spec, model.eval(), feats, tmp_path / f"{backbone}.{fmt}", fmt, ref)
+
+
+def _wavlm(shared: Path, geometry: str):
+    import sys
+
+    from speaker_sim_cli.audio.features import compute_features
+    from speaker_sim_cli.audio.frontend import WaveformConfig
+    from speaker_sim_cli.models.wavlm_ecapa import TINY, WavLMECAPA
+
+    z = np.load(shared / "fixtures" / "wavlm_sim" / f"sim_{geometry}.npz")
+    meta = json.loads(str(z["meta_json"]))
+    sys.path.insert(0, str(shared / "tools"))
+    from synth_sim_weights import synth  # type: ignore[import-not-found]
+
+    spec = get_model("wavlm-ecapa-sim")
+    model = WavLMECAPA(**TINY) if geometry == "tiny" else spec.build()
+    model.load_state_dict({k: torch.from_numpy(synth(k, s)) for k, s in meta["shapes"].items()},
+                          strict=True)  # fmt: skip
+    names = ["v120_3s", "v210_2s", "noise_1s"]  # 3, 2 and 1 s
+    feats = []
+    for name in names:
+        w = torch.from_numpy(z[f"wav_{name}"]).float()[None]
+        f, _ = compute_features(w, torch.tensor([w.shape[1]]), WaveformConfig())
+        feats.append(f[0])
+    ref = np.stack([z[f"emb_{name}"] for name in names])
+    return spec, model.eval(), feats, ref
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_wavlm_ecapa_tiny_exports(fmt: str, shared: Path, tmp_path: Path) -> None:
+    """WavLM + ECAPA at the tiny fixture geometry (same code as Large): three clips of unequal
+    length in one batch, against eager and the reference implementation's embeddings."""
+    spec, model, feats, ref = _wavlm(shared, "tiny")
+    _check_family(spec, model, feats, tmp_path / f"wavlm.{fmt}", fmt, ref)
+
+
+@pytest.mark.slow
+def test_wavlm_ecapa_large_exports_to_onnx(shared: Path, tmp_path: Path) -> None:
+    """The registry's WavLM-Large + ECAPA geometry (324 M parameters, a 1.3 GB ONNX file)."""
+    spec, model, feats, ref = _wavlm(shared, "large")
+    _check_family(spec, model, feats[:2], tmp_path / "wavlm_large.onnx", "onnx", ref[:2])
 
 
 def test_an_untraceable_model_fails_the_export_check(tmp_path: Path) -> None:

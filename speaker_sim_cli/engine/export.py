@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import json
 import os
@@ -148,7 +149,16 @@ def frontend_doc(spec: ModelSpec) -> dict[str, Any]:
                                                                                False) else "")
         )  # fmt: skip
     else:
-        out["description"] = f"speaker_sim_cli front end '{fe.kind}' ({type(fe).compute})"
+        # The config class says what it computes; its settings are the fields above.
+        summary = " ".join((inspect.getdoc(type(fe)) or "").split("\n\n")[0].split())
+        out["description"] = summary.replace("``", "") or f"speaker_sim_cli front end '{fe.kind}'"
+        if fe.kind == "waveform":
+            out["description"] += (
+                f" {fe.sample_rate} Hz mono samples" + (
+                    f", each row normalised to zero mean and unit variance over its valid "
+                    f"samples (eps {getattr(fe, 'eps', 1e-5):g}); n_frames counts samples"
+                    if getattr(fe, "normalize", False) else "; n_frames counts samples")
+            )  # fmt: skip
     return out
 
 

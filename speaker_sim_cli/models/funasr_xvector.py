@@ -10,9 +10,10 @@ with ``strict=True``.
 Exact batching. Rows are zero-padded to T with their valid frame counts in ``lengths``. Before
 every 3x3 convolution the input is zeroed past each row's valid length, so the convolution sees
 the zeros a lone row's own padding gives. The stride-2 layers pad ``(W % 2, 1, H % 2, 1)``: the
-top padding depends on the parity of the row's own length at that stride, so a batch is split
-by parity at each stride-2 convolution (each half run with its own top padding; no extra work).
-The pooling counts only each row's valid frames (x 10 frequency bins).
+top padding depends on the parity of the row's own length at that stride, so odd rows are
+shifted down one frame behind a zero frame before each stride-2 convolution, which then runs
+once for the whole batch with top padding 0. The pooling counts only each row's valid frames
+(x 10 frequency bins).
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ def _conv_same(conv: nn.Conv2d, x: torch.Tensor, lengths: torch.Tensor | None) -
     """TensorFlow-'same' 3x3 convolution of x (B, C, T, F), FunASR's padding.
 
     Stride 1: one frame / bin of zeros on every side. Stride 2: ``(F % 2, 1, T_i % 2, 1)`` with
-    T_i each row's own valid length, so rows of odd and even length are run separately.
+    T_i each row's own valid length: a row of odd length gets one frame of zeros on top, one
+    of even length none. Prepending that frame to the odd rows only (a per-row shift by one
+    frame, selected with ``where``) lets one convolution with top padding 0 serve every row:
+    the same windows, no extra multiply-adds, no host read and no Python branch on a value, so
+    the graph traces with dynamic batch and time axes (ONNX, TorchScript).
     """
     if conv.stride[0] == 1:
         return conv(F.pad(_mask_time(x, lengths), (1, 1, 1, 1)))
@@ -59,20 +64,11 @@ def _conv_same(conv: nn.Conv2d, x: torch.Tensor, lengths: torch.Tensor | None) -
     if lengths is None:
         return conv(F.pad(x, (width % 2, 1, x.shape[2] % 2, 1)))
     x = _mask_time(x, lengths)
-    odd = (lengths % 2).bool()
-    n_odd = int(odd.sum())
-    if n_odd in (0, x.shape[0]):  # one parity: a single convolution, as for a lone row
-        y = conv(F.pad(x, (width % 2, 1, int(n_odd > 0), 1)))
-        return _fit_time(y, t_out)
-    out: torch.Tensor | None = None
-    for top in (0, 1):
-        rows = torch.nonzero(odd == bool(top)).squeeze(1)
-        y = _fit_time(conv(F.pad(x.index_select(0, rows), (width % 2, 1, top, 1))), t_out)
-        if out is None:
-            out = y.new_zeros((x.shape[0], *y.shape[1:]))
-        out.index_copy_(0, rows, y)
-    assert out is not None
-    return out
+    odd = (lengths % 2 == 1)[:, None, None, None]
+    # (B, C, T + 1, F): odd rows shifted down one frame behind a zero frame, even rows as they
+    # are with a zero frame after (both zero past the row's own end).
+    x = torch.where(odd, F.pad(x, (0, 0, 1, 0)), F.pad(x, (0, 0, 0, 1)))
+    return _fit_time(conv(F.pad(x, (width % 2, 1, 0, 1))), t_out)
 
 
 def _fit_time(y: torch.Tensor, size: int) -> torch.Tensor:
@@ -202,7 +198,7 @@ class FunASRXVector(nn.Module):
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if lengths is not None:
             lengths = lengths.to(device=feats.device, dtype=torch.long)
-            if bool((lengths == feats.shape[1]).all()):
+            if not torch.jit.is_tracing() and bool((lengths == feats.shape[1]).all()):
                 lengths = None  # every row full: the unmasked path (same numbers, less work)
         x, lengths = self.encoder(feats, lengths)
         return self.decoder.embedding(statistics_pooling(x, lengths))
