@@ -347,7 +347,7 @@ def host_forward_seconds(model: Any, frontend: Any) -> tuple[float, int]:
     class Ops(TorchDispatchMode):
         n = 0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             Ops.n += 1
             return func(*args, **(kwargs or {}))
 
@@ -446,8 +446,13 @@ def ort_extractor(
 
 
 def _ort_side(
-    best: dict[str, Any], walls: dict[str, list[float]], flops: tuple[float, float],
-    n_files: int, c_load: Any, ex_c: Any, rounds: list[tuple[dict[str, Any], dict[str, Any]]],
+    best: dict[str, Any],
+    walls: dict[str, list[float]],
+    flops: tuple[float, float],
+    n_files: int,
+    c_load: Any,
+    ex_c: Any,
+    rounds: list[tuple[dict[str, Any], dict[str, Any]]],
 ) -> dict[str, Any]:
     """The result's (c) entries: ``ort`` (its side, with batch budget and profile),
     ``ort_speedup`` (c)/(a), ``ort_over_engine`` (c)/(b), per-round ratios and parity."""

@@ -129,7 +129,9 @@ class Extractor:
         from .engine.onnx_backend import OnnxModel
 
         path = cached_export(self.spec, "onnx", root, self.checkpoint_sha256, module)
-        return OnnxModel(path)
+        graph = OnnxModel(path)
+        graph.min_frames = int(getattr(module, "min_frames", 0) or 0)  # the engine checks rows
+        return graph
 
     @property
     def embedder(self) -> Embedder:

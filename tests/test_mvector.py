@@ -174,6 +174,32 @@ def test_too_quiet_recording_fails_alone(shared: Path, mv: Path, tmp_path: Path)
     assert "300 dB" in res.failures[str(quiet)]
 
 
+def test_recording_under_the_backbones_minimum_fails_alone(
+    shared: Path, mv: Path, tmp_path: Path
+) -> None:
+    """TDNN takes at least 15 frames. With --min-duration 0 a 0.1 s crop (8 frames) batched
+    with real recordings fails with the reason, on both backends, and costs the others nothing
+    (before, the network raised and the whole batch failed)."""
+    import soundfile as sf
+
+    good = [shared / "audio" / "vctk" / "p225" / f"p225_{i:03d}.wav" for i in (3, 8, 11)]
+    wav, sr = sf.read(good[0], dtype="float32")
+    short = tmp_path / "short.wav"
+    sf.write(short, wav[sr : sr + sr // 10], sr)
+    paths = [str(p) for p in (*good, short)]
+    ref = extractor(mv, "TDNN_Fbank").embed_paths([str(p) for p in good])
+    for backend in ("torch", "onnxruntime"):
+        ex = extractor(mv, "TDNN_Fbank", min_duration=0.0, backend=backend, batch_size=8)
+        ex.cache_root = tmp_path / "cache"
+        res = ex.embed_paths(paths)
+        assert ex.backend == backend and ex.embedder.stats.batches >= 1
+        assert set(res.embeddings) == {str(p) for p in good}, res.failures
+        assert "too short for this model: under 15 feature frames" in res.failures[str(short)]
+        for p in good:
+            a, b = res.embeddings[str(p)], ref.embeddings[str(p)]
+            assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
+
+
 # -- parity on every case ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     "case", [c if c in FAST else pytest.param(c, marks=pytest.mark.slow) for c in CASES]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from typer.core import TyperGroup
@@ -105,7 +105,7 @@ def _load(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> 
         path = resolve_config(value)
         data = read_config(path)
     except UsageError as exc:
-        raise typer.BadParameter(str(exc), ctx=ctx, param=param) from None
+        raise typer.BadParameter(str(exc), ctx=ctx, param=cast(Any, param)) from None
     allowed = _allowed(ctx.command)
     defaults: dict[str, Any] = {}
     for key, val in data.items():
@@ -115,10 +115,12 @@ def _load(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> 
                 f"{path}: unknown key {key!r} for `{ctx.command_path}`; allowed keys: "
                 f"{_shown(ctx.command)}",
                 ctx=ctx,
-                param=param,
+                param=cast(Any, param),
             )
         if p.name in defaults:
-            raise typer.BadParameter(f"{path}: key {key!r} given twice", ctx=ctx, param=param)
+            raise typer.BadParameter(
+                f"{path}: key {key!r} given twice", ctx=ctx, param=cast(Any, param)
+            )
         defaults[p.name] = _check_value(ctx, p, key, val, str(path))
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     STATE["config"] = {"file": str(path.resolve()), "values": defaults}

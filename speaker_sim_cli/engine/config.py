@@ -97,7 +97,10 @@ def fp32_submodules(arch: str, precision: str) -> tuple[str, ...]:
 
 
 def choose_backend(
-    cfg: EngineConfig, device_type: str, ort_installed: bool, graph_cached: bool,
+    cfg: EngineConfig,
+    device_type: str,
+    ort_installed: bool,
+    graph_cached: bool,
     audio_seconds: float,
 ) -> tuple[str, str]:
     """``(backend, why)`` for ``cfg.backend`` on ``device_type`` (see :data:`BACKENDS`).

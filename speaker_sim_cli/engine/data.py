@@ -141,7 +141,7 @@ class FileDataset(torch.utils.data.Dataset[Loaded]):
     def __len__(self) -> int:  # requests come from the sampler; the length is not used
         return 0
 
-    def __getitem__(self, request: tuple[int, str]) -> Loaded:  # type: ignore[override]
+    def __getitem__(self, request: tuple[int, str]) -> Loaded:
         index, path = request
         one = AudioDataset([path], self.sample_rate, self.min_samples, self.max_samples,
                            self.channel, self.loudness_db, self.resampler)  # fmt: skip

@@ -263,9 +263,43 @@ class Embedder:
         a, b = rows.split()
         return self._launch_fitting(a) + self._launch_fitting(b)
 
+    def _too_short(self, rows: Rows) -> tuple[Rows | None, _Launched | None]:
+        """Rows (longest first) split into those the model can take and a failed part whose
+        rows are under the model's ``min_frames`` (mvector's backbones have one: a row that
+        short would raise inside the network and cost its whole batch)."""
+        need = int(getattr(self.model, "min_frames", 0) or 0)
+        n = len(rows.owner)
+        k = int((rows.frames >= need).sum()) if need > 1 else n
+        if k == n:
+            return rows, None
+        short = rows._part(k, n)
+        error = (
+            f"too short for this model: under {need} feature frames "
+            f"({self._min_seconds(need):.3f} s of audio), the least it takes"
+        )
+        return (rows._part(0, k) if k else None), _Launched(short, error=error)
+
+    def _min_seconds(self, frames: int) -> float:
+        """The shortest audio (seconds) whose front end gives ``frames`` frames."""
+        lo, hi = 0, 600 * self.frontend.sample_rate
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if int(self.frontend.num_frames(mid)) >= frames:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo / self.frontend.sample_rate
+
     def _launch_batch(self, hb: HostBatch, on_error: str) -> list[_Launched]:
         try:
-            return [x for rows in hb.rows for x in self._launch_fitting(rows)]
+            out: list[_Launched] = []
+            for rows in hb.rows:
+                ok, short = self._too_short(rows)
+                if short is not None:
+                    out.append(short)
+                if ok is not None:
+                    out.extend(self._launch_fitting(ok))
+            return out
         except Exception as exc:
             if on_error == "raise":
                 raise
@@ -299,7 +333,9 @@ class Embedder:
         out = (sums / np.maximum(counts, 1.0)[:, None]).astype(np.float32)
         return hb, out, errors
 
-    def _compute(self, hb: HostBatch, on_error: str = "raise") -> tuple[Any, ...]:
+    def _compute(
+        self, hb: HostBatch, on_error: str = "raise"
+    ) -> tuple[HostBatch, np.ndarray, list[str | None]]:
         t0 = time.perf_counter()
         try:
             return self._finish(hb, self._launch_batch(hb, on_error), on_error)
@@ -479,7 +515,7 @@ class Embedder:
         torch.set_num_threads(max(1, threads // runners))
         try:
             with ThreadPoolExecutor(runners, thread_name_prefix="speaker-sim-runner") as pool:
-                pending: deque[Future[Any]] = deque()
+                pending: deque[Future[tuple[HostBatch, np.ndarray, list[str | None]]]] = deque()
                 for hb in batches:
                     pending.append(pool.submit(self._compute, hb, on_error))
                     while pending and (len(pending) > runners or pending[0].done()):

@@ -58,6 +58,9 @@ class OnnxModel:
 
     #: The engine's default padded-frame budget for this backend.
     batch_frames = ORT_BATCH_FRAMES
+    #: Shortest row (feature frames) the exported network takes; the engine fails shorter rows
+    #: one by one (set from the torch module it was exported from).
+    min_frames = 0
 
     def __init__(self, path: str | Path, threads: int = 1) -> None:
         ort = _ort()

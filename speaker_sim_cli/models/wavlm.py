@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -78,9 +79,10 @@ class _ConvLayer(nn.Sequential):
         )
         self.kernel, self.stride = kernel, stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self[0](x)
-        x = self[2][1](x.transpose(1, 2)).transpose(1, 2)
+        norm = cast(nn.Sequential, self[2])[1]
+        x = norm(x.transpose(1, 2)).transpose(1, 2)
         return F.gelu(x)
 
 
