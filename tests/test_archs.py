@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from speaker_sim_cli.models.campplus import CAMPPlus, _segment_means
-from speaker_sim_cli.models.ecapa import ECAPATDNN, _reflect_index
+from speaker_sim_cli.models.ecapa import ECAPATDNN
+from speaker_sim_cli.models.ecapa_blocks import reflect_index
 from speaker_sim_cli.models.eres2net import ERes2Net, ERes2NetHuge
 from speaker_sim_cli.models.eres2netv2 import ERes2NetV2, Res2Bottleneck
 from speaker_sim_cli.models.registry import ARCHS as ALL_ARCHS
@@ -296,7 +297,7 @@ def test_ecapa_reflect_index_matches_f_pad_per_row(pad_width: int) -> None:
     torch.manual_seed(pad_width)
     x = torch.randn(3, 2, 17)
     lengths = torch.tensor([17, 9, pad_width + 1])
-    idx = _reflect_index(lengths, x.shape[-1], pad_width)
+    idx = reflect_index(lengths, x.shape[-1], pad_width)
     padded = x.gather(-1, idx[:, None, :].expand(3, 2, -1))
     for i, n in enumerate(lengths.tolist()):
         want = F.pad(x[i : i + 1, :, :n], (pad_width, pad_width), mode="reflect")[0]

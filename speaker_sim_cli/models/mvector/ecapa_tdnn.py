@@ -3,7 +3,8 @@
 A TDNN stem, SE-Res2Net blocks, multi-layer feature aggregation over blocks 1..3, a pooling, a
 batch norm and a 1x1 output conv (the embedding; no batch norm after it). Every conv uses
 "same" *reflect* padding, done at each row's own last valid frame
-(:class:`~speaker_sim_cli.models.mvector.layers.SameConv1d`), and the squeeze-excitation means
+(:class:`~speaker_sim_cli.models.ecapa_blocks.SameConv1d`, the SpeechBrain layers it shares
+with 3D-Speaker's ECAPA), and the squeeze-excitation means
 and the pooling count valid frames only, so a zero-padded row gets its single-utterance
 embedding. Stride is 1 throughout: lengths never change. With ASP the batch norm is the wrapped
 ``asp_bn.norm``; with SAP / TAP / TSP it is a plain ``asp_bn`` ``BatchNorm1d`` (mvector's keys).
@@ -14,77 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..masking import masked_mean
+from ..ecapa_blocks import SameConv1d, SERes2NetBlock, TDNNBlock, WrappedBatchNorm1d
 from .common import check_inputs
-from .layers import SameConv1d, TDNNBlock, WrappedBatchNorm1d
 from .pooling import make_pooling
 
 __all__ = ["EcapaTdnn"]
-
-
-class _Res2NetBlock(nn.Module):
-    """``scale`` channel groups: group 0 passes, group i is ``tdnn(x_i + y_{i-1})`` (i > 1)."""
-
-    def __init__(self, channels: int, scale: int, kernel_size: int, dilation: int) -> None:
-        super().__init__()
-        if channels % scale:
-            raise ValueError(f"channels ({channels}) must be divisible by res2net_scale ({scale})")
-        width = channels // scale
-        self.scale = scale
-        self.blocks = nn.ModuleList(
-            TDNNBlock(width, width, kernel_size, dilation) for _ in range(scale - 1)
-        )
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        groups = torch.chunk(x, self.scale, dim=1)
-        out = [groups[0]]
-        for i, block in enumerate(self.blocks, start=1):
-            out.append(block(groups[i] if i == 1 else groups[i] + out[-1], lengths))
-        return torch.cat(out, dim=1)
-
-
-class _SEBlock(nn.Module):
-    """Gates from the mean over valid frames: conv -> ReLU -> conv -> sigmoid."""
-
-    def __init__(self, channels: int, se_channels: int) -> None:
-        super().__init__()
-        self.conv1 = SameConv1d(channels, se_channels, 1)
-        self.conv2 = SameConv1d(se_channels, channels, 1)
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        s = masked_mean(x, lengths, keepdim=True)
-        return x * torch.sigmoid(self.conv2(F.relu(self.conv1(s))))
-
-
-class _SERes2NetBlock(nn.Module):
-    """TDNN(1x1) -> Res2Net -> TDNN(1x1) -> SE, plus the (1x1-projected) input."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        res2net_scale: int,
-        se_channels: int,
-        kernel_size: int,
-        dilation: int,
-        groups: int,
-    ) -> None:
-        super().__init__()
-        self.tdnn1 = TDNNBlock(in_channels, out_channels, 1, 1, groups)
-        self.res2net_block = _Res2NetBlock(out_channels, res2net_scale, kernel_size, dilation)
-        self.tdnn2 = TDNNBlock(out_channels, out_channels, 1, 1, groups)
-        self.se_block = _SEBlock(out_channels, se_channels)
-        self.shortcut: SameConv1d | None = None
-        if in_channels != out_channels:
-            self.shortcut = SameConv1d(in_channels, out_channels, 1)
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
-        residual = x if self.shortcut is None else self.shortcut(x)
-        y = self.tdnn2(self.res2net_block(self.tdnn1(x), lengths))
-        return self.se_block(y, lengths) + residual
 
 
 class EcapaTdnn(nn.Module):
@@ -134,7 +71,7 @@ class EcapaTdnn(nn.Module):
         )
         for i in range(1, len(channels) - 1):
             self.blocks.append(
-                _SERes2NetBlock(
+                SERes2NetBlock(
                     channels[i - 1],
                     channels[i],
                     res2net_scale=res2net_scale,

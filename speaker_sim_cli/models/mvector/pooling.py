@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ecapa_blocks import SameConv1d, TDNNBlock
 from ..masking import masked_mean, time_mask
-from .layers import SameConv1d, TDNNBlock
 
 __all__ = [
     "POOLING_TYPES",
