@@ -25,11 +25,31 @@ REAL_CKPT = (
 )
 
 
+# pytest-xdist workers share the cores. torch (OpenMP), OpenBLAS and MKL each default to one
+# thread per core, so two workers on two cores run four busy threads, and OpenMP's spinning
+# barriers then slow conv-heavy tests 3-6x (dev_hard's batch test: 16 s alone, 108 s in the
+# parallel suite). Each worker gets its share of the cores instead; set before torch is
+# imported, and inherited by the CLI subprocesses and Ray workers the tests start.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+if _WORKERS > 1:
+    _SHARE = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, _SHARE)
+
 # Tests never download and never touch the user's cache.
 os.environ.setdefault("SPEAKER_SIM_OFFLINE", "1")
 os.environ.setdefault("MODELSCOPE_OFFLINE", "1")
 if SHARED.joinpath("pretrained").is_dir():
     os.environ.setdefault("SPEAKER_SIM_PRETRAINED", str(SHARED / "pretrained"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _thread_share() -> None:
+    """The worker's share of the cores, also when torch was imported before this conftest."""
+    if _WORKERS > 1:
+        import torch
+
+        torch.set_num_threads(int(_SHARE))
 
 
 @pytest.fixture(autouse=True, scope="session")

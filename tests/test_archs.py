@@ -41,6 +41,10 @@ def arch_params(archs: Iterable[str] = ARCHS) -> list:
 
 
 ARCH_PARAMS = arch_params()
+# The three SLOW geometries are base512 / v2_192's classes at other widths: they run fixture
+# parity and the garbage-padding invariance (the stronger form of the zero-padding one); the
+# zero-padding and can-fail checks run on the smaller geometries.
+LIGHT_PARAMS = arch_params(a for a in ARCHS if a not in SLOW)
 CAMPPLUS = [a for a, spec in ARCHS.items() if spec.cls == "CAMPPlus"]
 
 
@@ -124,7 +128,7 @@ def test_fixture_parity(case, arch: str) -> None:
         assert err <= TOL, f"{arch} utt {i}: relative L2 {err:.3g}"
 
 
-@pytest.mark.parametrize("arch", ARCH_PARAMS)
+@pytest.mark.parametrize("arch", LIGHT_PARAMS)
 def test_batch_invariance(case, arch: str) -> None:
     """Zero-padded fixture batch with lengths gives each utterance's lone embedding."""
     c = case(arch)
@@ -148,7 +152,7 @@ def test_padding_content_is_ignored(case, arch: str) -> None:
     assert max(errs) <= TOL, f"{arch}: relative L2 per row {errs}"
 
 
-@pytest.mark.parametrize("arch", ARCH_PARAMS)
+@pytest.mark.parametrize("arch", LIGHT_PARAMS)
 def test_padding_without_lengths_changes_short_rows(case, arch: str) -> None:
     """Sanity check that the invariance tests can fail: ignoring lengths shifts padded rows."""
     c = case(arch)
