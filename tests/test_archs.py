@@ -318,8 +318,22 @@ def test_ecapa_small_model_invariance_and_short_rows() -> None:
         alone = model(short[None])[0]
     assert batch.shape == (2, 16)
     assert rel_l2(batch[0], alone) <= TOL
-    with pytest.raises(ValueError, match="valid frames"):
-        model(x, torch.tensor([4, 40]))
+    # Rows must exceed the widest reflect pad: the engine checks that on the host, so the
+    # network never reads a length back from the device, and a shorter row fails alone.
+    assert model.min_frames == model.max_pad + 1 == 5
+    import dataclasses
+
+    from speaker_sim_cli.engine.config import EngineConfig
+    from speaker_sim_cli.engine.embedder import Embedder
+    from speaker_sim_cli.models.registry import MODELS
+
+    spec = dataclasses.replace(next(m for m in MODELS if m.arch == "ecapa1024"), dim=16)
+    engine = Embedder(spec, model, EngineConfig(device="cpu", batch_size=8))
+    four_frames = 400 + 3 * 160  # samples: 25 ms windows every 10 ms
+    waves = [torch.randn(16000) * 0.1, torch.randn(four_frames) * 0.1]
+    with pytest.raises(RuntimeError, match="too short for this model: under 5 feature frames"):
+        engine.embed_waves(waves)
+    assert engine.embed_waves(waves[:1]).shape == (1, 16)
 
 
 # --- ERes2Net ----------------------------------------------------------------------------------

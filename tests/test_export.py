@@ -233,3 +233,16 @@ def test_backend_choice_rules() -> None:
         EngineConfig(backend="onnxruntime", precision="bf16")
     with pytest.raises(UsageError):
         EngineConfig(backend="tensorrt")
+
+
+def test_export_key_follows_the_models_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph exported by another version of the networks' code is never reused: the key
+    (and so the cached file's name) holds a hash of speaker_sim_cli/models' source."""
+    from speaker_sim_cli.engine import export as ex
+
+    spec = get_model(DEFAULT_MODEL)
+    key = ex.export_key(spec, "sha", "onnx")
+    assert key == ex.export_key(spec, "sha", "onnx")
+    assert len(ex.models_code_sha256()) == 64
+    monkeypatch.setattr(ex, "models_code_sha256", lambda: "0" * 64)
+    assert ex.export_key(spec, "sha", "onnx") != key

@@ -26,6 +26,7 @@ fails there with the error, not later in a deployment.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import inspect
 import io
@@ -241,6 +242,8 @@ def export_model(
         "exporter": EXPORTER + (" + torch.onnx.export(dynamo=False)" if fmt == "onnx" else ""),
         "torch": torch.__version__,
         "onnx": _version("onnx") if fmt == "onnx" else None,
+        "speaker_sim": _version("speaker-sim"),
+        "models_code_sha256": models_code_sha256(),
         "check": check_doc,
         "export_seconds": round(time.perf_counter() - t0, 2),
     }
@@ -336,9 +339,20 @@ def check_export(spec: ModelSpec, model: torch.nn.Module, path: Path, fmt: str) 
     return doc
 
 
+@functools.lru_cache(maxsize=1)
+def models_code_sha256() -> str:
+    """sha256 over the source of ``speaker_sim_cli/models`` (every network we export): a graph
+    exported by an older version of a model's code is never reused."""
+    root = Path(__file__).resolve().parents[1] / "models"
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
 def export_key(spec: ModelSpec, checkpoint_sha256: str, fmt: str, opset: int = OPSET) -> str:
-    """Cache key of an exported graph: model, weights, front end, format, exporter, opset and
-    torch version (a new torch may trace differently)."""
+    """Cache key of an exported graph: model, weights, front end, format, exporter, opset,
+    torch version (a new torch may trace differently) and the models' source code."""
     doc = {
         "model": spec.id,
         "arch": spec.arch,
@@ -348,6 +362,7 @@ def export_key(spec: ModelSpec, checkpoint_sha256: str, fmt: str, opset: int = O
         "exporter": EXPORTER,
         "opset": opset if fmt == "onnx" else None,
         "torch": torch.__version__,
+        "models_code": models_code_sha256(),
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -82,8 +82,9 @@ class ECAPATDNN(nn.Module):
 
     ``forward(feats, lengths)``: feats (B, T, input_size) mean-normalised fbank, zero-padded;
     lengths (B,) int64 valid frames per row (None: all T; each must exceed the widest reflect
-    pad, 4 frames by default). Returns (B, lin_neurons). Fixture arch ``ecapa1024`` is
-    ``channels=[1024, 1024, 1024, 1024, 3072]``.
+    pad, 4 frames by default: :attr:`min_frames`, which the engine checks on the host before a
+    batch, so the network itself never reads a value back). Returns (B, lin_neurons). Fixture
+    arch ``ecapa1024`` is ``channels=[1024, 1024, 1024, 1024, 3072]``.
     """
 
     def __init__(
@@ -132,13 +133,6 @@ class ECAPATDNN(nn.Module):
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if lengths is not None:
             lengths = lengths.to(device=feats.device, dtype=torch.long)
-            # A host check only where it costs no device sync (the engine checks rows itself).
-            if (
-                lengths.device.type == "cpu"
-                and not torch.jit.is_tracing()
-                and (int(lengths.min()) <= self.max_pad)
-            ):
-                raise ValueError(f"every row needs more than {self.max_pad} valid frames")
         x = feats.transpose(1, 2)  # (B, C, T)
         outs = []
         for block in self.blocks:

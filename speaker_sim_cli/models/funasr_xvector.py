@@ -197,9 +197,9 @@ class FunASRXVector(nn.Module):
 
     def forward(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         if lengths is not None:
+            # No shortcut for a batch of full rows: deciding it would read a value back from
+            # the device every batch (a sync on a GPU); the masks cost little.
             lengths = lengths.to(device=feats.device, dtype=torch.long)
-            if not torch.jit.is_tracing() and bool((lengths == feats.shape[1]).all()):
-                lengths = None  # every row full: the unmasked path (same numbers, less work)
         x, lengths = self.encoder(feats, lengths)
         return self.decoder.embedding(statistics_pooling(x, lengths))
 
