@@ -165,8 +165,16 @@ def test_rows_shorter_than_a_frame_are_nan_and_leave_the_others_alone(tiny, tiny
     assert np.isnan(got[0]).all() and np.isnan(got[2]).all()
     assert rel_l2(got[1], tiny_ref["emb_noise_1s"]) <= TOL
     assert np.isnan(_embed(tiny, [w[:300]])).all()
-    with pytest.raises(ValueError, match="400 samples"):
-        tiny.features(torch.zeros(2, 1000), torch.tensor([1000, 399]))
+    _, frames = tiny.features(torch.zeros(2, 1000), torch.tensor([1000, 399]))
+    assert frames.tolist() == [2, 0]  # 400-sample windows every 320
+    # The engine fails such a row itself, alone, before the batch runs.
+    from speaker_sim_cli.engine.config import EngineConfig
+    from speaker_sim_cli.engine.embedder import Embedder
+
+    engine = Embedder(get_model("wavlm-ecapa-sim"), tiny, EngineConfig(device="cpu"))
+    with pytest.raises(RuntimeError, match=r"under 400 samples \(0\.025 s of audio\)"):
+        engine.embed_waves([torch.from_numpy(w), torch.from_numpy(w[:300])])
+    assert engine.embed_waves([torch.from_numpy(w)]).shape == (1, 256)
 
 
 # -- front end and resampler ---------------------------------------------------------------

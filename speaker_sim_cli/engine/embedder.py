@@ -273,8 +273,9 @@ class Embedder:
         if k == n:
             return rows, None
         short = rows._part(k, n)
+        unit = "samples" if self.frontend.kind == "waveform" else "feature frames"
         error = (
-            f"too short for this model: under {need} feature frames "
+            f"too short for this model: under {need} {unit} "
             f"({self._min_seconds(need):.3f} s of audio), the least it takes"
         )
         return (rows._part(0, k) if k else None), _Launched(short, error=error)

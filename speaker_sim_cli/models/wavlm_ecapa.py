@@ -185,6 +185,8 @@ class WavLMECAPA(nn.Module):
     ) -> None:
         super().__init__()
         self.embedding_size = emb_dim
+        #: Shortest row (samples: the waveform front end's frames) WavLM makes a frame of.
+        self.min_frames = MIN_SAMPLES
         wavlm = WavLM(conv_layers, dim, ffn, heads, layers, conv_pos, conv_pos_groups)
         self.feature_extract = _Upstream(wavlm)
         self.feature_weight = nn.Parameter(torch.zeros(layers + 1))
@@ -210,9 +212,7 @@ class WavLMECAPA(nn.Module):
         frames = None
         if lengths is not None:
             lengths = lengths.to(device=wave.device, dtype=torch.long)
-            if int(lengths.min()) < MIN_SAMPLES:
-                raise ValueError("every row needs at least 400 samples (25 ms at 16 kHz)")
-            frames = self.wavlm.frame_lengths(lengths)
+            frames = self.wavlm.frame_lengths(lengths)  # 0 for a row under 400 samples
         weights = torch.softmax(self.feature_weight, dim=-1)
         acc: torch.Tensor | None = None
         for w, h in zip(weights, self.wavlm.hidden_states(wave, lengths), strict=True):
@@ -231,18 +231,20 @@ class WavLMECAPA(nn.Module):
         return self.bn(self.pooling(out, frames))
 
     def forward(self, wave: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if wave.dim() == 3:
+            wave = wave.squeeze(-1)
+        short = None
         if lengths is not None:
+            # WavLM has no frame for a row under 400 samples: that row comes out NaN (which the
+            # engine reports as failed; it also fails such rows itself, by min_frames, before
+            # the batch) while the other rows are embedded as usual. Decided with tensor ops,
+            # no value read back from the device.
             lengths = lengths.to(device=wave.device, dtype=torch.long)
             short = lengths < MIN_SAMPLES
-            if bool(short.any()):
-                # WavLM has no frame for them: NaN rows, which the engine reports as failed,
-                # while the other rows of the batch are embedded as usual.
-                out = wave.new_full((wave.shape[0], self.embedding_size), float("nan"))
-                keep = ~short
-                if bool(keep.any()):
-                    emb = self.forward(wave[keep], lengths[keep])
-                    out = out.to(emb.dtype)
-                    out[keep] = emb
-                return out
+            if wave.shape[-1] < MIN_SAMPLES:  # a shape, not a value: room for one frame
+                wave = F.pad(wave, (0, MIN_SAMPLES - wave.shape[-1]))
         x, frames = self.features(wave, lengths)
-        return self.linear(self.pooled(x, frames))
+        emb = self.linear(self.pooled(x, frames))
+        if short is None:
+            return emb
+        return emb.masked_fill(short[:, None], float("nan"))
