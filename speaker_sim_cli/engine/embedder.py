@@ -269,7 +269,7 @@ class Embedder:
         short would raise inside the network and cost its whole batch)."""
         need = int(getattr(self.model, "min_frames", 0) or 0)
         n = len(rows.owner)
-        k = int((rows.frames >= need).sum()) if need > 1 else n
+        k = int((rows.frames >= need).sum()) if need > 0 else n
         if k == n:
             return rows, None
         short = rows._part(k, n)
