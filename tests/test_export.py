@@ -75,8 +75,8 @@ def _padded(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def exported(shared: Path, synth_state_dict, tmp_path_factory: pytest.TempPathFactory):
-    """Function (arch, fmt) -> (fixture feats, 3D-Speaker's embeddings of them, exported path),
-    each export done once."""
+    """Function (arch, fmt) -> (fixture feats, 3D-Speaker's embeddings of them, exported path);
+    each case exports its own file."""
     root = tmp_path_factory.mktemp("exports")
 
     def get(arch: str, fmt: str):
