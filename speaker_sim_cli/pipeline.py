@@ -129,9 +129,7 @@ class Extractor:
         from .engine.onnx_backend import OnnxModel
 
         path = cached_export(self.spec, "onnx", root, self.checkpoint_sha256, module)
-        graph = OnnxModel(path)
-        graph.min_frames = int(getattr(module, "min_frames", 0) or 0)  # the engine checks rows
-        return graph
+        return OnnxModel(path, min_frames=int(getattr(module, "min_frames", 0) or 0))
 
     @property
     def embedder(self) -> Embedder:

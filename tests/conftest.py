@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,3 +109,15 @@ def synth_state_dict(shared: Path):
         return {k: torch.from_numpy(v) for k, v in synth(schema).items()}
 
     return build
+
+
+def pad_rows(rows: list[Any], fill: float = 0.0) -> tuple[Any, Any]:
+    """Rows (T_i, ...) stacked into (B, max T_i, ...) filled with ``fill`` past each row, and
+    their lengths (B,) int64."""
+    import torch
+
+    lengths = torch.tensor([r.shape[0] for r in rows], dtype=torch.int64)
+    x = torch.full((len(rows), int(lengths.max()), *rows[0].shape[1:]), fill)
+    for i, r in enumerate(rows):
+        x[i, : r.shape[0]] = r
+    return x, lengths

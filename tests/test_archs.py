@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import pad_rows as pad  # type: ignore[import-not-found]
 from speaker_sim_cli.models.campplus import CAMPPlus, _segment_means
 from speaker_sim_cli.models.ecapa import ECAPATDNN
 from speaker_sim_cli.models.ecapa_blocks import reflect_index
@@ -50,15 +51,6 @@ CAMPPLUS = [a for a, spec in ARCHS.items() if spec.cls == "CAMPPlus"]
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).norm() / b.norm()).detach())
-
-
-def pad(feats: list[torch.Tensor], fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (T_i, F) rows into (B, max T, F) filled with ``fill`` past each row, and lengths."""
-    lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.int64)
-    x = torch.full((len(feats), int(lengths.max()), feats[0].shape[1]), fill)
-    for i, f in enumerate(feats):
-        x[i, : f.shape[0]] = f
-    return x, lengths
 
 
 @dataclass

@@ -23,6 +23,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import pad_rows  # type: ignore[import-not-found]
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.engine.config import AUTO_ORT_MIN_AUDIO_S, EngineConfig, choose_backend
 from speaker_sim_cli.engine.export import (
@@ -64,15 +65,6 @@ def _spec_of(arch: str):
     return next(m for m in MODELS if m.arch == arch)
 
 
-def _padded(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (T_i, ...) zero-padded into (B, max T_i, ...) and their lengths."""
-    n = torch.tensor([f.shape[0] for f in feats], dtype=torch.int64)
-    x = torch.zeros(len(feats), int(n.max()), *feats[0].shape[1:])
-    for i, f in enumerate(feats):
-        x[i, : f.shape[0]] = f
-    return x, n
-
-
 @pytest.fixture(scope="module")
 def exported(shared: Path, synth_state_dict, tmp_path_factory: pytest.TempPathFactory):
     """Function (arch, fmt) -> (fixture feats, 3D-Speaker's embeddings of them, exported path);
@@ -104,7 +96,7 @@ def test_export_reproduces_3dspeaker_embeddings(exported, arch: str, fmt: str) -
     feats, ref, path = exported(arch, fmt)
     run = load_exported(path, fmt)
     for rows in ([3, 0, 1], [1, 3], [0]):
-        x, n = _padded([feats[i] for i in rows])
+        x, n = pad_rows([feats[i] for i in rows])
         got = np.asarray(run(x, n))
         assert got.shape == ref[rows].shape
         err = rel_l2_rows(got, ref[rows])

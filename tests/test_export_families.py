@@ -18,21 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import pad_rows  # type: ignore[import-not-found]
 from speaker_sim_cli.engine.export import export_model, load_exported, rel_l2_rows
 from speaker_sim_cli.models.registry import get_model
 
 pytest.importorskip("onnxruntime")
 
 TOL = 1e-4
-
-
-def _padded(feats: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (T_i, ...) zero-padded into (B, max T_i, ...) and their lengths."""
-    n = torch.tensor([f.shape[0] for f in feats], dtype=torch.int64)
-    x = torch.zeros(len(feats), int(n.max()), *feats[0].shape[1:])
-    for i, f in enumerate(feats):
-        x[i, : f.shape[0]] = f
-    return x, n
 
 
 def _check_family(
@@ -42,7 +34,7 @@ def _check_family(
     unequal length) gives each row's lone eager embedding, and ``reference`` (the family's own
     outputs) when given. Returns the per-row errors against eager."""
     export_model(spec, fmt, out, model=model, checkpoint_sha256="synth", check=False)
-    x, n = _padded(feats)
+    x, n = pad_rows(feats)
     assert int(n.min()) < int(n.max())
     with torch.no_grad():
         alone = np.stack([model(f[None], n[i : i + 1])[0].numpy() for i, f in enumerate(feats)])

@@ -199,6 +199,11 @@ class Rows:
         h = max(1, len(self.owner) // 2)
         return self._part(0, h), self._part(h, len(self.owner))
 
+    def split_at(self, k: int) -> tuple[Rows | None, Rows | None]:
+        """Rows ``[:k]`` and ``[k:]`` (None for an empty side)."""
+        n = len(self.owner)
+        return (self._part(0, k) if k > 0 else None), (self._part(k, n) if k < n else None)
+
     def _part(self, a: int, b: int) -> Rows:
         n = int(self.lengths[a:b].max())
         t = int(self.frames[a:b].max()) if b > a else 0

@@ -268,17 +268,15 @@ class Embedder:
         rows are under the model's ``min_frames`` (mvector's backbones have one: a row that
         short would raise inside the network and cost its whole batch)."""
         need = int(getattr(self.model, "min_frames", 0) or 0)
-        n = len(rows.owner)
-        k = int((rows.frames >= need).sum()) if need > 0 else n
-        if k == n:
-            return rows, None
-        short = rows._part(k, n)
+        ok, short = rows.split_at(int((rows.frames >= need).sum()) if need > 0 else len(rows.owner))
+        if short is None:
+            return ok, None
         unit = "samples" if self.frontend.kind == "waveform" else "feature frames"
         error = (
             f"too short for this model: under {need} {unit} "
             f"({self._min_seconds(need):.3f} s of audio), the least it takes"
         )
-        return (rows._part(0, k) if k else None), _Launched(short, error=error)
+        return ok, _Launched(short, error=error)
 
     def _min_seconds(self, frames: int) -> float:
         """The shortest audio (seconds) whose front end gives ``frames`` frames."""

@@ -154,12 +154,11 @@ def frontend_doc(spec: ModelSpec) -> dict[str, Any]:
         summary = " ".join((inspect.getdoc(type(fe)) or "").split("\n\n")[0].split())
         out["description"] = summary.replace("``", "") or f"speaker_sim_cli front end '{fe.kind}'"
         if fe.kind == "waveform":
-            out["description"] += (
-                f" {fe.sample_rate} Hz mono samples" + (
-                    f", each row normalised to zero mean and unit variance over its valid "
-                    f"samples (eps {getattr(fe, 'eps', 1e-5):g}); n_frames counts samples"
-                    if getattr(fe, "normalize", False) else "; n_frames counts samples")
-            )  # fmt: skip
+            norm = getattr(fe, "normalize", False)
+            out["description"] += f" {fe.sample_rate} Hz mono samples" + (
+                ", each row normalised to zero mean and unit variance over its valid samples"
+                if norm else ""
+            ) + "; n_frames counts samples"  # fmt: skip
     return out
 
 

@@ -53,16 +53,17 @@ def _ort() -> Any:
 class OnnxModel:
     """An exported model (:mod:`engine.export`) in an ONNX Runtime CPU session.
 
-    ``threads``: intra-op threads of each run (1: the engine runs several side by side).
+    ``threads``: intra-op threads of each run (1: the engine runs several side by side);
+    ``min_frames``: the source module's shortest row.
     """
 
     #: The engine's default padded-frame budget for this backend.
     batch_frames = ORT_BATCH_FRAMES
-    #: Shortest row (feature frames) the exported network takes; the engine fails shorter rows
-    #: one by one (set from the torch module it was exported from).
-    min_frames = 0
 
-    def __init__(self, path: str | Path, threads: int = 1) -> None:
+    def __init__(self, path: str | Path, threads: int = 1, min_frames: int = 0) -> None:
+        #: Shortest row (feature frames) the exported network takes, as the torch module it
+        #: came from states it; the engine fails shorter rows one by one.
+        self.min_frames = min_frames
         ort = _ort()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
