@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from .errors import AudioError, UsageError
+from .errors import AudioError
 from .models.registry import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -358,12 +358,13 @@ class SpeakerSim:
         ``score --report`` writes for the same list, apart from ``timing`` / ``invocation``)."""
         from .io.trials import read_trials
         from .job import ModelSource, Outputs, ScoreJob, ScoringSetup, TrialSource
+        from .job.setup import trials_from_memory
 
         base = Path(root) if root is not None else None
         if isinstance(trials, str | os.PathLike):
             src = TrialSource(trials=read_trials(os.fspath(trials)), root=base)
         else:
-            src = TrialSource(trials=_trials_from_memory(trials), root=base or Path.cwd())
+            src = TrialSource(trials=trials_from_memory(trials), root=base or Path.cwd())
         job = ScoreJob(
             src,
             ModelSource(source=self),
@@ -434,49 +435,3 @@ def _as_array(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor
         x = x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def _trials_from_memory(trials: Any) -> Any:
-    """A TrialList from a DataFrame or an iterable of (enrollment, test[, label])."""
-    from .io.trials import _header_columns, parse_label
-    from .records import TrialList
-
-    enroll: list[str] = []
-    test: list[str] = []
-    labels: list[int] = []
-    if hasattr(trials, "columns") and hasattr(trials, "itertuples"):
-        cols_found = _header_columns([str(c) for c in trials.columns])
-        if cols_found is None:
-            if len(trials.columns) < 2:
-                raise UsageError("trials DataFrame needs enrollment and test columns")
-            cols_found = (0, 1, None)
-        e, t, lab = cols_found
-        cols = [trials.columns[e], trials.columns[t]]
-        if lab is not None:
-            cols.append(trials.columns[lab])
-        rows: Iterable[Sequence[Any]] = trials[cols].itertuples(index=False, name=None)
-    else:
-        rows = trials
-    has_label: bool | None = None
-    for n, row in enumerate(rows, 1):
-        r = tuple(row)
-        if len(r) not in (2, 3):
-            raise UsageError(f"trial {n}: expected (enrollment, test[, label]), got {len(r)} items")
-        if has_label is None:
-            has_label = len(r) == 3
-        elif has_label != (len(r) == 3):
-            raise UsageError(f"trial {n}: some trials have a label and some do not")
-        enroll.append(os.fspath(r[0]) if isinstance(r[0], os.PathLike) else str(r[0]))
-        test.append(os.fspath(r[1]) if isinstance(r[1], os.PathLike) else str(r[1]))
-        if len(r) == 3:
-            labels.append(parse_label(str(r[2]), f"trial {n}"))
-    if not enroll:
-        raise UsageError("no trials")
-    return TrialList(
-        enroll,
-        test,
-        np.asarray(labels, dtype=np.int8) if has_label else None,
-        source="<memory>",
-        format="memory",
-        line_numbers=list(range(1, len(enroll) + 1)),
-    )
