@@ -120,3 +120,52 @@ def test_scoring_stage_contract():
     assert res.scores[0] == score_pairs([(mat[0], mat[1])])[0]
     with pytest.raises(ValueError, match="--cohort"):
         score_stage(["a"], ["b"], lookup, None, norm="asnorm")
+
+
+def _imports(module: Path, pkg_root: Path) -> set[str]:
+    """Every speaker_sim_cli module ``module`` imports (absolute names), and third parties."""
+    import ast
+
+    rel = module.relative_to(pkg_root.parent).with_suffix("").parts
+    package = rel[:-1]  # what a relative import of level 1 names
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = list(package[: len(package) - node.level + 1]) if node.level else []
+            name = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            out.add(name)
+            out.update(f"{name}.{a.name}" for a in node.names)
+    return out
+
+
+# layer -> names it must never import (anything above it)
+FRONT = ("speaker_sim_cli.cli", "speaker_sim_cli.api", "speaker_sim_cli.serve")
+ABOVE = {
+    "job": FRONT,
+    "engine": (*FRONT, "speaker_sim_cli.job", "speaker_sim_cli.pipeline"),
+    "scoring": (
+        *FRONT,
+        "speaker_sim_cli.job",
+        "speaker_sim_cli.pipeline",
+        "speaker_sim_cli.engine",
+        "torch",
+    ),
+    "io": (*FRONT, "speaker_sim_cli.job", "speaker_sim_cli.pipeline", "torch"),
+}
+
+
+def test_imports_point_down_and_modules_stay_small():
+    import speaker_sim_cli
+
+    root = Path(speaker_sim_cli.__file__).parent
+    for layer, banned in ABOVE.items():
+        for f in sorted((root / layer).glob("*.py")):
+            bad = [n for n in _imports(f, root) if n.startswith(banned)]
+            assert not bad, f"{f.relative_to(root)} imports up a layer: {bad}"
+    for name in ("pipeline.py", "api.py", "benchmark.py", "engine/embedder.py"):
+        lines = len((root / name).read_text().splitlines())
+        assert lines <= 450, f"{name}: {lines} lines"
+    for f in (root / "job").glob("*.py"):
+        assert f.read_text().lstrip().startswith('"""'), f"{f.name}: no role docstring"
