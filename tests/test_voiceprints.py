@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.errors import UsageError
 from speaker_sim_cli.models.registry import DEFAULT_MODEL, get_model
-from speaker_sim_cli.voiceprints import entries, metrics, mvector_import, search, store
+from speaker_sim_cli.voiceprints import entries, metrics, mvector_import, search
 from speaker_sim_cli.voiceprints.library import Voiceprints
 from speaker_sim_cli.voiceprints.store import (
     Enrolment,
