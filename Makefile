@@ -17,7 +17,7 @@ $(BIN)/speaker-sim: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev,ray,onnx]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray,onnx,server]'
 	touch $@
 
 install: $(BIN)/speaker-sim pretrained

@@ -125,3 +125,11 @@ class Retention:
             q = f"SELECT name, n, created, {extra} FROM speakers {where} ORDER BY name"
             rows = con.execute(q, args).fetchall()
         return [SpeakerRow(str(a), int(b), str(c), d, e) for a, b, c, d, e in rows]
+
+    def incomplete(self, seconds: float) -> set[str]:
+        """Speakers enrolled through the login service with less net speech than ``seconds``."""
+        if not self.upgraded:
+            return set()
+        with self._read() as con:
+            q = "SELECT name FROM speakers WHERE speech_seconds < ?"
+            return {str(r[0]) for r in con.execute(q, (seconds,))}
