@@ -242,7 +242,6 @@ def _record(seconds: float) -> Path:
 
     from ..voiceprints.recording import record_to_file
 
-    say(f"recording {seconds:g} s from the default input device...")
-    path, speech = record_to_file(seconds, Path(tempfile.gettempdir()))
+    path, speech = record_to_file(seconds, Path(tempfile.gettempdir()), announce=say)
     say(f"recorded: {speech:.1f} s of speech found")
     return path

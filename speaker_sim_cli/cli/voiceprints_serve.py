@@ -54,7 +54,7 @@ def serve(
         float | None,
         typer.Option(
             help="Accept/identify at or above this cosine (default: the model's "
-            "published threshold, else 0.4)."
+            "published threshold, else 0.6)."
         ),
     ] = None,
     top_k: Annotated[int, typer.Option(min=1, max=100, help="identify: candidates.")] = 5,

@@ -4,6 +4,7 @@ extra, PortAudio underneath), imported only when recording; no device is a Usage
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,11 @@ import numpy as np
 from ..errors import UsageError
 
 
-def record(seconds: float, sample_rate: int = 16000) -> np.ndarray:
-    """``seconds`` of mono float32 audio at ``sample_rate`` from the default input device."""
+def record(
+    seconds: float, sample_rate: int = 16000, announce: Callable[[str], None] | None = None
+) -> np.ndarray:
+    """``seconds`` of mono float32 audio at ``sample_rate`` from the default input device;
+    ``announce`` is told when recording starts (after the device was found)."""
     if not 0.5 <= seconds <= 60:
         raise UsageError(f"--record {seconds:g}: record 0.5 to 60 seconds")
     try:
@@ -29,6 +33,8 @@ def record(seconds: float, sample_rate: int = 16000) -> np.ndarray:
     try:
         dev = sd.query_devices(kind="input")
         rate = int(dev["default_samplerate"]) or sample_rate
+        if announce is not None:
+            announce(f"recording {seconds:g} s from {dev['name']}: speak now")
         data = sd.rec(int(seconds * rate), samplerate=rate, channels=1, dtype="float32")
         sd.wait()
     except (sd.PortAudioError, ValueError) as exc:
@@ -41,13 +47,18 @@ def record(seconds: float, sample_rate: int = 16000) -> np.ndarray:
     return wav
 
 
-def record_to_file(seconds: float, folder: Path, sample_rate: int = 16000) -> tuple[Path, float]:
+def record_to_file(
+    seconds: float,
+    folder: Path,
+    sample_rate: int = 16000,
+    announce: Callable[[str], None] | None = None,
+) -> tuple[Path, float]:
     """Record, write a 16-bit WAV in ``folder``; returns (path, net speech seconds)."""
     import soundfile as sf
 
     from .service.uploads import speech_seconds
 
-    wav = record(seconds, sample_rate)
+    wav = record(seconds, sample_rate, announce)
     fd, name = tempfile.mkstemp(prefix="recording-", suffix=".wav", dir=folder)
     with open(fd, "wb") as f:
         sf.write(f, wav, sample_rate, subtype="PCM_16", format="WAV")

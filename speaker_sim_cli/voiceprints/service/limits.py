@@ -15,8 +15,8 @@ from .errors import ServiceError
 Scope = dict[str, Any]
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(ServiceError):
+    """Raised while the body arrives: the app's handler answers it 413 like any ServiceError."""
 
 
 def error_response_parts(err: ServiceError) -> tuple[dict[str, Any], bytes]:
@@ -64,7 +64,7 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > limit:
-                    raise _TooLarge
+                    raise _TooLarge(too_large.code, too_large.message, too_large.headers)
             return msg
 
         async def tracked(msg: Any) -> None:

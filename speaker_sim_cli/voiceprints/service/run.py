@@ -4,6 +4,8 @@ uvicorn until SIGINT/SIGTERM, then finish the requests in flight and the queued 
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from .config import ServiceConfig
 
@@ -46,8 +48,18 @@ def serve(cfg: ServiceConfig) -> None:
         server_header=False,
         lifespan="on",
     )
+
+    class Server(uvicorn.Server):
+        @contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                yield
+                # The signal that stopped it has been handled (requests finished): uvicorn
+                # would raise it again, and the CLI would report an interruption.
+                self._captured_signals.clear()
+
     try:
-        uvicorn.Server(config).run()
+        Server(config).run()
     finally:
         if engine.ready:  # the lifespan did not run (start-up failed): stop here
             engine.stop()

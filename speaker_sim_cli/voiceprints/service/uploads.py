@@ -52,6 +52,20 @@ def speech_seconds(wave: np.ndarray, rate: int) -> float:
     return float(np.count_nonzero(db > thr)) * hop / rate
 
 
+def _wav_truncated(data: bytes) -> bool:
+    """A RIFF/WAVE file whose data chunk declares more bytes than follow (a cut-off upload;
+    libsndfile would read the part that is there). Streaming sizes (0, 0xFFFFFFFF) pass."""
+    import struct
+
+    at = 12
+    while at + 8 <= len(data):
+        cid, size = data[at : at + 4], struct.unpack("<I", data[at + 4 : at + 8])[0]
+        if cid == b"data":
+            return size not in (0, 0xFFFFFFFF) and at + 8 + size > len(data)
+        at += 8 + size + (size & 1)
+    return False
+
+
 def decode_upload(
     data: bytes,
     sample_rate: int,
@@ -76,6 +90,8 @@ def decode_upload(
         raise ServiceError(
             "unreadable", "not a recording soundfile can read (wav, flac, ogg, mp3)"
         ) from None
+    if info.format == "WAV" and _wav_truncated(data):
+        raise ServiceError("unreadable", "truncated: the WAV header promises more data than sent")
     if info.frames <= 0 or info.samplerate <= 0:
         raise ServiceError("too_short", "the recording has no samples")
     duration = info.frames / info.samplerate
