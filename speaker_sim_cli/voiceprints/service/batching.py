@@ -1,8 +1,10 @@
 """The micro-batcher: requests that arrive together share one forward pass.
 
-Requests wait in a bounded queue (full: ``busy``, 503); one worker thread, off the event loop,
+Requests wait in a bounded queue (full: ``busy``, 503); a worker thread, off the event loop,
 takes the first waiting job, gathers more for at most ``max_wait`` seconds or until
-``max_batch``, and runs them as one batch. Stopping finishes every job already queued.
+``max_batch``, and runs them as one batch. ``workers`` threads do this side by side (on a CPU,
+single-threaded forwards side by side beat one forward on every core: engine.embedder's
+``cpu_runners``). Stopping finishes every job already queued.
 """
 
 from __future__ import annotations
@@ -32,27 +34,32 @@ class MicroBatcher(Generic[T, R]):
         max_batch: int = 16,
         max_wait: float = 0.010,
         max_queue: int = 64,
+        workers: int = 1,
     ) -> None:
         self.process = process
         self.max_batch = max_batch
         self.max_wait = max_wait
         self._q: queue.Queue[Any] = queue.Queue(max_queue)
-        self._thread: threading.Thread | None = None
+        self.workers = max(1, workers)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
         self.sizes: Counter[int] = Counter()  # batch size -> how many batches
         self.busy_seconds = 0.0
 
     def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="speaker-sim-batcher")
-            self._thread.daemon = True
-            self._thread.start()
+        while len(self._threads) < self.workers:
+            t = threading.Thread(target=self._run, name=f"speaker-sim-batcher-{len(self._threads)}")
+            t.daemon = True
+            t.start()
+            self._threads.append(t)
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Finish the queued jobs, then end the worker."""
-        if self._thread is not None:
-            self._q.put(_STOP)  # blocks while the queue is full: the worker is draining it
-            self._thread.join(timeout)
-            self._thread = None
+        """Finish the queued jobs, then end the workers."""
+        for _ in self._threads:
+            self._q.put(_STOP)  # blocks while the queue is full: the workers are draining it
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
 
     async def submit(self, item: T) -> R:
         fut: Future[R] = Future()
@@ -87,6 +94,7 @@ class MicroBatcher(Generic[T, R]):
             except queue.Empty:
                 break
             if job is _STOP:
+                self._q.put(job)  # another worker's: hand it on after this batch
                 stop = True
                 break
             batch.append(job)
@@ -104,8 +112,9 @@ class MicroBatcher(Generic[T, R]):
                 results: Sequence[Any] = self.process([item for item, _ in batch])
             except BaseException as exc:  # a failure of the whole batch goes to each request
                 results = [exc] * len(batch)
-            self.busy_seconds += time.perf_counter() - t0
-            self.sizes[len(batch)] += 1
+            with self._lock:
+                self.busy_seconds += time.perf_counter() - t0
+                self.sizes[len(batch)] += 1
             for (_, fut), res in zip(batch, results):
                 try:
                     if isinstance(res, BaseException):

@@ -69,9 +69,25 @@ class LoginEngine:
         self._mat_lock = threading.Lock()
         self._index: tuple[int, dict[str, int], set[str]] | None = None
         self.batcher: MicroBatcher[_Job, tuple[np.ndarray, Any]] = MicroBatcher(
-            self._process, cfg.max_batch, cfg.batch_wait_ms / 1000.0, cfg.queue_size
-        )
+            self._process, cfg.max_batch, cfg.batch_wait_ms / 1000.0, cfg.queue_size,
+            self._runners(),
+        )  # fmt: skip
         self.ready = False
+
+    def _runners(self) -> int:
+        """Batches embedded at once: on a CPU, one single-threaded forward per core (up to 4),
+        as the offline engine runs them; one on an accelerator."""
+        import torch
+
+        from ...engine.embedder import cpu_runners
+
+        if self.lib.extractor.engine_cfg.device not in ("cpu", "auto") or (
+            self.lib.extractor.engine_cfg.device == "auto" and torch.cuda.is_available()
+        ):
+            return 1
+        runners = cpu_runners()
+        torch.set_num_threads(max(1, torch.get_num_threads() // runners))
+        return runners
 
     # -- life ---------------------------------------------------------------------------------
     def start(self) -> None:
