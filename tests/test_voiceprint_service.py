@@ -395,11 +395,14 @@ def test_cors_is_closed(server):
 
 def test_rate_limit_per_key(enrolled, server):
     u = f"{server.url}/v1/identify"
-    codes = [code(post_audio(u, b"", CLIENT2)) for _ in range(21)]
+    codes = []
+    for _ in range(40):  # 20 a minute: one token back every 3 s, so 40 fast ones must hit it
+        r = post_audio(u, b"", CLIENT2)
+        codes.append(code(r))
+        if r.status_code == 429:
+            break
     assert codes[:20] == ["unreadable"] * 20  # a key's first 20 requests a minute go through
-    r = post_audio(u, b"", CLIENT2)
-    assert (r.status_code, code(r)) == (429, "rate_limited") and int(r.headers["retry-after"]) >= 1
-    assert codes[20] == "rate_limited"
+    assert codes[-1] == "rate_limited" and int(r.headers["retry-after"]) >= 1, codes
     assert code(post_audio(u, b"", CLIENT)) == "unreadable"  # another key: its own budget
 
 
