@@ -168,12 +168,19 @@ def create_app(engine: LoginEngine) -> Any:
         return out
 
     @app.get("/v1/speakers")
-    async def list_speakers(request: Request) -> dict[str, Any]:
+    async def list_speakers(request: Request, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
+        """Speakers by name, ``limit`` (1..10000) from ``offset``."""
         import asyncio
 
         principal(request, admin=True)
+        if offset < 0 or not 1 <= limit <= 10_000:
+            raise ServiceError("invalid_request", "offset must be >= 0 and limit 1..10000")
         rows = await asyncio.to_thread(engine.speakers)
-        return {"speakers": rows, "required_seconds": cfg.enrol_seconds}
+        return {
+            "speakers": rows[offset : offset + limit],
+            "total": len(rows),
+            "required_seconds": cfg.enrol_seconds,
+        }
 
     @app.get("/v1/speakers/{speaker}")
     async def get_speaker(speaker: str, request: Request) -> dict[str, Any]:
@@ -201,6 +208,7 @@ def create_app(engine: LoginEngine) -> Any:
         principal(request, admin=True)
         return {
             "batching": engine.batcher.stats(),
+            "inflight": inflight.now,
             "inflight_peak": inflight.peak,
             "counts": dict(counts),
             "threshold": engine.threshold,
