@@ -5,6 +5,7 @@ enrolment did) and the voiceprint rule: how a speaker's voiceprint is made from 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -116,3 +117,13 @@ def voiceprints(
     # The mean's direction is the sum's: unit length of the sum is unit length of the mean.
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _chunks(xs: list[Any], n: int) -> Iterator[list[Any]]:
+    for i in range(0, len(xs), n):
+        yield xs[i : i + n]
+
+
+def _blob(v: np.ndarray) -> bytes:
+    """A vector as the library stores it: little-endian float32 bytes."""
+    return np.ascontiguousarray(v, dtype="<f4").tobytes()

@@ -24,7 +24,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +36,12 @@ from .entries import (
     Enrolment,
     ModelInfo,
     SpeakerRow,
+    _blob,
+    _chunks,
     voiceprint,
     voiceprints,
 )
-from .retention import AUDIO_TABLE, Retention
+from .retention import AUDIO_TABLE, Retention, _now
 
 # The value types live in .entries; importing them from here keeps working.
 __all__ = ["AddReport", "Enrolment", "LibraryError", "ModelInfo", "ModelMismatchError",
@@ -84,19 +85,6 @@ class LibraryError(SpeakerSimError):
 
 class ModelMismatchError(UsageError):
     """The library was built with another model than the one asked for."""
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _chunks(xs: list[Any], n: int) -> Iterator[list[Any]]:
-    for i in range(0, len(xs), n):
-        yield xs[i : i + n]
-
-
-def _blob(v: np.ndarray) -> bytes:
-    return np.ascontiguousarray(v, dtype="<f4").tobytes()
 
 
 class VoiceprintStore(Retention):
