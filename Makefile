@@ -17,7 +17,7 @@ $(BIN)/speaker-sim: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev,ray,onnx]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray,onnx,server]'
 	touch $@
 
 install: $(BIN)/speaker-sim pretrained
@@ -61,6 +61,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_ray.py --out bench-results/ray.json
 	$(BIN)/python benchmarks/bench_wavlm.py --seconds 30 --out bench-results/wavlm.json
 	$(BIN)/python benchmarks/bench_voiceprints.py --out bench-results/voiceprints.json
+	$(BIN)/python benchmarks/bench_voiceprint_service.py --out bench-results/voiceprint-service.json
 
 clean:
 	rm -rf $(VENV) pretrained .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from . import common as c
 from .ui import EXIT_PARTIAL, STATE, EmbedProgress, errors_to_exit, say
-from .voiceprints_cmd import LibModelOpt, _open
+from .voiceprints_cmd import LibModelOpt, RecordOpt, _open, _record, _removed
 
 if TYPE_CHECKING:
     from ..voiceprints.library import Voiceprints
@@ -32,11 +32,11 @@ def register(app: typer.Typer) -> None:
 def identify(
     db: Annotated[Path, typer.Argument(help="The library file.")],
     inputs: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Argument(
             help="wav.scp files, list files (a path a line) or audio files.", show_default=False
         ),
-    ],
+    ] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Candidates per recording.")] = 5,
     threshold: Annotated[
         float | None,
@@ -69,6 +69,7 @@ def identify(
     device: c.DeviceOpt = "auto",
     batch_size: c.BatchSizeOpt = 0,
     workers: c.WorkersOpt = -1,
+    record: RecordOpt = None,
     quiet: c.QuietOpt = False,
 ) -> None:
     """Who is speaking: one answer per recording. CSV columns recording,speaker,score (the best
@@ -78,13 +79,17 @@ def identify(
     STATE["quiet"] = quiet
     with errors_to_exit():
         from ..engine.cache import atomic_write_bytes
+        from ..errors import UsageError
         from ..io.trials import read_inputs
         from ..voiceprints.library import _DEFAULT
 
-        recs = read_inputs([str(p) for p in inputs])
+        if bool(inputs) == (record is not None):
+            raise UsageError("give recordings (INPUTS...) or --record SECONDS, one of them")
+        recorded = _record(record) if record is not None else None
+        recs = read_inputs([str(recorded)] if recorded else [str(p) for p in inputs or []])
         truth = _read_labels(labels) if labels else None
         lib = _open(db, model, model_dir, cache_dir, no_cache, device, batch_size, workers, False)
-        with lib:
+        with lib, _removed(recorded):
             bar = EmbedProgress()
             try:
                 res = lib.identify(

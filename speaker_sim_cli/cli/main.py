@@ -17,6 +17,7 @@ from . import (
     serve,
     speakers_cmd,
     voiceprints_cmd,
+    voiceprints_serve,
 )
 from .compare import compare
 from .config_opt import ConfigGroup
@@ -60,6 +61,7 @@ for _module in (
     voiceprints_cmd,
     identify_cmd,
     speakers_cmd,
+    voiceprints_serve,
 ):
     _module.register(app)
 

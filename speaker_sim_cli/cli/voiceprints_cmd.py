@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -22,6 +24,19 @@ LibModelOpt = Annotated[
     str | None,
     typer.Option(
         "--model", "-m", help="Model id or alias (default: the library's own; CAM++ zh-en new)."
+    ),
+]
+
+
+RecordOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--record",
+        min=0.5,
+        max=60.0,
+        help="Record this many seconds from the default input device instead of files "
+        "(needs the server extra and PortAudio).",
+        show_default=False,
     ),
 ]
 
@@ -149,6 +164,7 @@ def enroll(
     device: c.DeviceOpt = "auto",
     batch_size: c.BatchSizeOpt = 0,
     workers: c.WorkersOpt = -1,
+    record: RecordOpt = None,
     quiet: c.QuietOpt = False,
 ) -> None:
     """Add recordings to speakers in the library DB (one transaction; speakers are created on
@@ -158,6 +174,12 @@ def enroll(
     with errors_to_exit():
         from ..errors import UsageError
 
+        recorded = None
+        if record is not None:
+            if len(args or []) != 1 or spk2utt or utt2spk or folders or mvector:
+                raise UsageError("--record goes with one SPEAKER name and no recordings")
+            recorded = _record(record)
+            args = [args[0], str(recorded)]  # type: ignore[index]
         if mvector is not None:
             if args or spk2utt or utt2spk or folders:
                 raise UsageError("--mvector imports a whole audio_db; give no other recordings")
@@ -178,7 +200,7 @@ def enroll(
             True,
             voiceprint.value,
         )
-        with lib:
+        with lib, _removed(recorded):
             bar = EmbedProgress()
             try:
                 if spk is None:
@@ -203,3 +225,23 @@ def enroll(
                 say(f"[red]failed[/red] {escape(path)}: {escape(why)}")
     if res.failures:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+@contextmanager
+def _removed(path: Path | None) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+
+def _record(seconds: float) -> Path:
+    """Record from the microphone to a temporary WAV (removed by the caller)."""
+    import tempfile
+
+    from ..voiceprints.recording import record_to_file
+
+    path, speech = record_to_file(seconds, Path(tempfile.gettempdir()), announce=say)
+    say(f"recorded: {speech:.1f} s of speech found")
+    return path

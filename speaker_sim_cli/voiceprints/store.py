@@ -2,15 +2,16 @@
 
 Tables: ``meta`` (format, the model the library was built with, the voiceprint rule, a
 generation counter bumped by every change), ``speakers`` (name, when enrolled, recording count,
-voiceprint: float32 unit vector), ``recordings`` (speaker, content sha256, path as given, raw
-float32 embedding; one content once per speaker) and ``ann`` (a serialised ANN index and the
-generation it was built from).
+voiceprint: float32 unit vector, last seen, net speech seconds), ``recordings`` (speaker,
+content sha256, path as given, raw float32 embedding; one content once per speaker), ``audio``
+(uploads kept by the login service's ``--retain-audio``; deleted with the speaker) and ``ann``
+(a serialised ANN index and the generation it was built from).
 
 Every change is one ``BEGIN IMMEDIATE ... COMMIT`` transaction: a process killed in the middle
 leaves the file as it was before (SQLite rolls the journal back), and readers in other processes
 read a snapshot (WAL), so they see the state before or after a change, never between.
 
-A speaker's voiceprint is defined here only (:func:`voiceprint`).
+A speaker's voiceprint is defined in :mod:`.entries` only (:func:`voiceprint`).
 """
 
 from __future__ import annotations
@@ -19,24 +20,36 @@ import json
 import os
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import SpeakerSimError, UsageError
+from .entries import (
+    RULES,
+    AddReport,
+    Enrolment,
+    ModelInfo,
+    SpeakerRow,
+    _blob,
+    _chunks,
+    voiceprint,
+    voiceprints,
+)
+from .retention import AUDIO_TABLE, Retention, _now
+
+# The value types live in .entries; importing them from here keeps working.
+__all__ = ["AddReport", "Enrolment", "LibraryError", "ModelInfo", "ModelMismatchError",
+           "SpeakerRow", "VoiceprintStore", "voiceprint", "voiceprints"]  # fmt: skip
 
 FORMAT = "speaker-sim-voiceprints"
 VERSION = 1
 SQLITE_MAGIC = b"SQLite format 3\x00"
-#: unit-mean: unit length of the mean of unit-length embeddings (the default);
-#: raw-mean: unit length of the mean of raw embeddings (mvector's ``recognition``).
-RULES = ("unit-mean", "raw-mean")
 #: Test hook: seconds to sleep after each recording is inserted (a kill lands mid-transaction).
 _DELAY_ENV = "SPEAKER_SIM_VOICEPRINTS_TEST_INSERT_DELAY"
 
@@ -47,7 +60,9 @@ CREATE TABLE IF NOT EXISTS speakers (
     name TEXT NOT NULL UNIQUE,
     created TEXT NOT NULL,
     n INTEGER NOT NULL,
-    voiceprint BLOB NOT NULL
+    voiceprint BLOB NOT NULL,
+    last_seen TEXT,
+    speech_seconds REAL
 );
 CREATE TABLE IF NOT EXISTS recordings (
     id INTEGER PRIMARY KEY,
@@ -61,6 +76,7 @@ CREATE TABLE IF NOT EXISTS recordings (
 CREATE TABLE IF NOT EXISTS ann (kind TEXT PRIMARY KEY, generation INTEGER NOT NULL,
                                 params TEXT NOT NULL, blob BLOB NOT NULL);
 """
+_SCHEMA += AUDIO_TABLE + ";\n"
 
 
 class LibraryError(SpeakerSimError):
@@ -71,115 +87,7 @@ class ModelMismatchError(UsageError):
     """The library was built with another model than the one asked for."""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What a library's vectors came from: they are comparable only under the same four."""
-
-    model: str
-    checkpoint_sha256: str
-    frontend: dict[str, Any]
-    dim: int
-
-    @classmethod
-    def of(cls, ingredients: dict[str, Any], dim: int) -> ModelInfo:
-        """From :meth:`pipeline.Extractor.ingredients` and its dimension."""
-        return cls(
-            ingredients["model"], ingredients["checkpoint_sha256"], ingredients["frontend"], dim
-        )
-
-    def describe(self) -> str:
-        fe = json.dumps(self.frontend, sort_keys=True)
-        return f"{self.model} (checkpoint sha256 {self.checkpoint_sha256[:12]}, {self.dim}-dim, front end {fe})"  # noqa: E501
-
-    def differences(self, other: ModelInfo) -> list[str]:
-        out = []
-        if self.model != other.model:
-            out.append("model")
-        if self.checkpoint_sha256 != other.checkpoint_sha256:
-            out.append("checkpoint")
-        if self.frontend != other.frontend:
-            out.append("front end")
-        if self.dim != other.dim:
-            out.append("dimension")
-        return out
-
-
-@dataclass(frozen=True)
-class Enrolment:
-    """One recording to add: its speaker, content sha256, path as given, raw embedding (D,)."""
-
-    speaker: str
-    sha256: str
-    path: str
-    embedding: np.ndarray
-
-
-@dataclass
-class AddReport:
-    """What one enrolment transaction did."""
-
-    added: list[Enrolment] = field(default_factory=list)
-    #: (the enrolment, the path already enrolled with that content for that speaker)
-    duplicates: list[tuple[Enrolment, str]] = field(default_factory=list)
-    new_speakers: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class SpeakerRow:
-    name: str
-    recordings: int
-    enrolled: str
-
-
-def voiceprint(embeddings: np.ndarray, rule: str = "unit-mean") -> np.ndarray:
-    """A speaker's voiceprint from its recordings' raw embeddings ``(n, D)``: float32 ``(D,)``,
-    unit length.
-
-    ``unit-mean`` (default) averages unit-length embeddings, so every recording counts the same
-    whatever its embedding's norm (which varies with duration and loudness and means nothing
-    to cosine scoring), and the result is the direction closest on average (in cosine) to the
-    speaker's recordings. ``raw-mean`` averages raw embeddings, as mvector does.
-
-    >>> voiceprint(np.array([[3.0, 0.0], [0.0, 1.0]])).round(4)
-    array([0.7071, 0.7071], dtype=float32)
-    >>> voiceprint(np.array([[3.0, 0.0], [0.0, 1.0]]), "raw-mean").round(4)
-    array([0.9487, 0.3162], dtype=float32)
-    """
-    e = np.asarray(embeddings)
-    return voiceprints(e, np.zeros(len(e), dtype=np.int64), 1, rule)[0]
-
-
-def voiceprints(
-    embeddings: np.ndarray, group: np.ndarray, n_groups: int, rule: str = "unit-mean"
-) -> np.ndarray:
-    """:func:`voiceprint` of each group at once: rows ``embeddings[group == g]`` give row g of
-    the ``(n_groups, D)`` float32 result (the definition lives here)."""
-    e = np.asarray(embeddings, dtype=np.float64)
-    if rule == "unit-mean":
-        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-    elif rule != "raw-mean":
-        raise ValueError(f"unknown voiceprint rule {rule!r}: use one of {', '.join(RULES)}")
-    sums = np.zeros((n_groups, e.shape[1]), dtype=np.float64)
-    np.add.at(sums, group, e)
-    # The mean's direction is the sum's: unit length of the sum is unit length of the mean.
-    norms = np.linalg.norm(sums, axis=1, keepdims=True)
-    return (sums / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _chunks(xs: list[Any], n: int) -> Iterator[list[Any]]:
-    for i in range(0, len(xs), n):
-        yield xs[i : i + n]
-
-
-def _blob(v: np.ndarray) -> bytes:
-    return np.ascontiguousarray(v, dtype="<f4").tobytes()
-
-
-class VoiceprintStore:
+class VoiceprintStore(Retention):
     """One library file. ``create`` (the model) makes it when the file is absent or empty;
     an existing file is opened only when it is a library (never overwritten otherwise)."""
 
@@ -202,8 +110,12 @@ class VoiceprintStore:
                     f"{self.path}: not a voiceprint library (not an SQLite database); "
                     "nothing was changed"
                 )
+        # One connection, used from the login service's threads too: every use is under a lock.
+        self._lock = threading.RLock()
         try:
-            self.con = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
+            self.con = sqlite3.connect(
+                str(self.path), timeout=60.0, isolation_level=None, check_same_thread=False
+            )
         except sqlite3.Error as exc:
             raise LibraryError(f"{self.path}: cannot open ({exc})") from None
         with self._errors():
@@ -217,6 +129,8 @@ class VoiceprintStore:
                 assert create is not None
                 self._create(create, rule)
                 self._meta = self._read_meta()
+            else:
+                self._upgrade()
 
     # -- plumbing --
     @contextmanager
@@ -235,7 +149,7 @@ class VoiceprintStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction: all of it or none of it."""
-        with self._errors():
+        with self._lock, self._errors():
             self.con.execute("BEGIN IMMEDIATE")
             try:
                 yield self.con
@@ -247,7 +161,7 @@ class VoiceprintStore:
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """One read snapshot (WAL): every SELECT inside sees the same committed state."""
-        with self._errors():
+        with self._lock, self._errors():
             self.con.execute("BEGIN")
             try:
                 yield self.con
@@ -334,7 +248,7 @@ class VoiceprintStore:
             )
 
     def generation(self) -> int:
-        with self._errors():
+        with self._lock, self._errors():
             row = self.con.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
         return int(row[0])
 
@@ -390,6 +304,7 @@ class VoiceprintStore:
                 if delay:  # the test hook: a kill lands inside the transaction
                     print(f"voiceprints-test: inserted {k + step}", file=sys.stderr, flush=True)
                     time.sleep(delay)
+            self._add_extras(con, rep.added, ids, now)
             self._update_voiceprints(con, rep.added, set(new), ids)
             if rep.added:
                 self._bump(con)
@@ -454,11 +369,6 @@ class VoiceprintStore:
         con.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
 
     # -- reading --
-    def speakers(self) -> list[SpeakerRow]:
-        with self._read() as con:
-            rows = con.execute("SELECT name, n, created FROM speakers ORDER BY name").fetchall()
-        return [SpeakerRow(str(a), int(b), str(c)) for a, b, c in rows]
-
     def recordings(self, name: str) -> list[tuple[str, str, np.ndarray]]:
         """(path, sha256, raw embedding) of a speaker's recordings, in enrolment order."""
         with self._read() as con:

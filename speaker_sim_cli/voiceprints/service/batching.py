@@ -1,0 +1,125 @@
+"""The micro-batcher: requests that arrive together share one forward pass.
+
+Requests wait in a bounded queue (full: ``busy``, 503); a worker thread, off the event loop,
+takes the first waiting job, gathers more for at most ``max_wait`` seconds or until
+``max_batch``, and runs them as one batch. ``workers`` threads do this side by side (on a CPU,
+single-threaded forwards side by side beat one forward on every core: engine.embedder's
+``cpu_runners``). Stopping finishes every job already queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, Generic, TypeVar
+
+from .errors import ServiceError
+
+T = TypeVar("T")
+R = TypeVar("R")
+_STOP = object()
+
+
+class MicroBatcher(Generic[T, R]):
+    """``process(items)`` returns one result (or an exception) per item, in order."""
+
+    def __init__(
+        self,
+        process: Callable[[list[T]], Sequence[R | BaseException]],
+        max_batch: int = 16,
+        max_wait: float = 0.010,
+        max_queue: int = 64,
+        workers: int = 1,
+    ) -> None:
+        self.process = process
+        self.max_batch = max_batch
+        self.max_wait = max_wait
+        self._q: queue.Queue[Any] = queue.Queue(max_queue)
+        self.workers = max(1, workers)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.sizes: Counter[int] = Counter()  # batch size -> how many batches
+        self.busy_seconds = 0.0
+
+    def start(self) -> None:
+        while len(self._threads) < self.workers:
+            t = threading.Thread(target=self._run, name=f"speaker-sim-batcher-{len(self._threads)}")
+            t.daemon = True
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Finish the queued jobs, then end the workers."""
+        for _ in self._threads:
+            self._q.put(_STOP)  # blocks while the queue is full: the workers are draining it
+        for t in self._threads:
+            t.join(timeout)
+        self._threads = []
+
+    async def submit(self, item: T) -> R:
+        fut: Future[R] = Future()
+        try:
+            self._q.put_nowait((item, fut))
+        except queue.Full:
+            raise ServiceError(
+                "busy", "the model's queue is full; retry shortly", {"Retry-After": "1"}
+            ) from None
+        return await asyncio.wrap_future(fut)
+
+    def stats(self) -> dict[str, Any]:
+        n = sum(self.sizes.values())
+        items = sum(k * v for k, v in self.sizes.items())
+        return {
+            "batches": n,
+            "items": items,
+            "mean_batch": items / n if n else 0.0,
+            "max_batch": max(self.sizes, default=0),
+            "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
+            "queued": self._q.qsize(),
+            "busy_seconds": round(self.busy_seconds, 3),
+        }
+
+    def _gather(self, first: Any) -> tuple[list[Any], bool]:
+        batch, stop = [first], False
+        deadline = time.monotonic() + self.max_wait
+        while len(batch) < self.max_batch:
+            left = deadline - time.monotonic()
+            try:
+                job = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
+            except queue.Empty:
+                break
+            if job is _STOP:
+                self._q.put(job)  # another worker's: hand it on after this batch
+                stop = True
+                break
+            batch.append(job)
+        return batch, stop
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._q.get()
+            if first is _STOP:
+                break
+            batch, stop = self._gather(first)
+            t0 = time.perf_counter()
+            try:
+                results: Sequence[Any] = self.process([item for item, _ in batch])
+            except BaseException as exc:  # a failure of the whole batch goes to each request
+                results = [exc] * len(batch)
+            with self._lock:
+                self.busy_seconds += time.perf_counter() - t0
+                self.sizes[len(batch)] += 1
+            for (_, fut), res in zip(batch, results):
+                try:
+                    if isinstance(res, BaseException):
+                        fut.set_exception(res)
+                    else:
+                        fut.set_result(res)
+                except InvalidStateError:  # the client went away
+                    pass
