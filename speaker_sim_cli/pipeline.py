@@ -223,12 +223,13 @@ class Extractor:
             by_digest.setdefault(digest, []).append(p)
         misses: list[str] = []
         cached = 0
-        for digest, ps in by_digest.items():
-            hit = self.cache.get(digest)
-            if hit is None:
+        digests = list(by_digest)
+        hits, found = self.cache.get_many(digests)  # one index search for all of them
+        for digest, hit, ok in zip(digests, hits, found):
+            if not ok:
                 misses.append(digest)
                 continue
-            for p in ps:
+            for p in by_digest[digest]:
                 embeddings[p] = hit
             cached += 1
         todo: list[str] = []
@@ -293,6 +294,8 @@ class Extractor:
                     close = getattr(stream, "close", None)
                     if close is not None:  # stops shard processes when the run stops early
                         close()
+            if not remote:
+                self.cache.flush()  # commit the buffered embeddings as one shard
         return EmbedResult(embeddings, failures, embedded, cached, time.perf_counter() - t0)
 
 

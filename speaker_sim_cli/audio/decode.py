@@ -2,10 +2,15 @@
 
 soundfile decodes (wav, flac, ogg, mp3; any PCM or float subtype) to float32, channel 0 is kept,
 and soxr resamples at its default (HQ) quality, which reproduces sox's ``rate`` to cosine 1.00000.
+A recording may be a URL (``s3://``, ``gs://``, ``http(s)://``: :mod:`..io.storage`): its bytes
+are fetched (retried on transient errors) and decoded from memory.
 """
 
 from __future__ import annotations
 
+import io
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AudioError
+from ..io import storage
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,17 @@ def probe(path: str | Path) -> AudioInfo:
 
     if is_command(path):
         return AudioInfo(0, 0, 1, "pipe", "")
+    if storage.is_url(path):
+        url = storage.as_url(path)
+        try:
+            info = sf.info(io.BytesIO(_fetch(url, keep=True)))
+        except AudioError:
+            raise
+        except Exception as exc:
+            raise AudioError(url, f"cannot decode audio ({_sf_reason(exc)})") from None
+        if info.frames == 0:
+            raise AudioError(url, "no samples (the header says 0 frames)")
+        return AudioInfo(info.samplerate, info.frames, info.channels, info.format, info.subtype)
     p = Path(path)
     _check_file(p)
     try:
@@ -79,10 +96,12 @@ def load(
 
     if is_command(path):
         return _load_command(str(path), sample_rate, channel, command_timeout, resampler)
+    url = storage.as_url(path) if storage.is_url(path) else None
     p = Path(path)
-    _check_file(p)
+    if url is None:
+        _check_file(p)
     try:
-        with sf.SoundFile(str(p)) as f:
+        with sf.SoundFile(io.BytesIO(_fetch(url)) if url else str(p)) as f:
             rate, channels, frames = f.samplerate, f.channels, f.frames
             pick = _channel_picker(str(p), channel, channels)
             if channels > 1 and frames * channels > _BLOCK_READ_SAMPLES:
@@ -95,10 +114,41 @@ def load(
     except AudioError:
         raise
     except MemoryError:
-        raise AudioError(str(p), "too long to decode in memory") from None
+        raise AudioError(url or str(p), "too long to decode in memory") from None
     except Exception as exc:
+        if url:
+            raise AudioError(url, f"cannot decode audio ({_sf_reason(exc)})") from None
         raise AudioError(str(p), _decode_reason(p, exc)) from None
-    return _finish(str(p), wav, rate, sample_rate, resampler)
+    return _finish(url or str(p), wav, rate, sample_rate, resampler)
+
+
+# Bytes of URLs fetched by probe(), reused by the load() that usually follows in this process.
+_FETCHED: OrderedDict[str, bytes] = OrderedDict()
+_FETCHED_MAX = 256 << 20
+_FETCH_LOCK = threading.Lock()
+
+
+def _fetch(url: str, keep: bool = False) -> bytes:
+    """The object's bytes (AudioError naming the URL when it cannot be had)."""
+    with _FETCH_LOCK:
+        data = _FETCHED.pop(url, None)
+    if data is None:
+        try:
+            data = storage.read_bytes(url)
+        except FileNotFoundError:
+            raise AudioError(url, "object not found") from None
+        except IsADirectoryError:
+            raise AudioError(url, "is a folder, not an audio object") from None
+        except OSError as exc:
+            raise AudioError(url, f"cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise AudioError(url, "empty object (0 bytes)")
+    if keep and len(data) < _FETCHED_MAX // 4:
+        with _FETCH_LOCK:
+            _FETCHED[url] = data
+            while sum(len(v) for v in _FETCHED.values()) > _FETCHED_MAX:
+                _FETCHED.popitem(last=False)
+    return data
 
 
 def _finish(
@@ -117,7 +167,6 @@ def _finish(
 def _load_command(
     cmd: str, sample_rate: int, channel: int | str, timeout: float, resampler: str = "soxr"
 ) -> np.ndarray:
-    import io
     import subprocess
 
     import soundfile as sf

@@ -146,9 +146,9 @@ def with_invocation(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from ..engine.cache import atomic_write_bytes
+    from ..io.storage import atomic_write  # a path or a URL (s3://...)
 
-    atomic_write_bytes(path, (json.dumps(_clean(data), indent=2) + "\n").encode())
+    atomic_write(path, (json.dumps(_clean(data), indent=2) + "\n").encode())
 
 
 def _clean(x: Any) -> Any:

@@ -172,7 +172,8 @@ def _run(
     from ..engine.config import EngineConfig, EngineStats
     from ..errors import UsageError
     from ..io.scorefiles import atomic_text_output, check_whitespace_safe, write_scores
-    from ..io.trials import read_trials, read_wav_scp, resolve_trial_items
+    from ..io.storage import is_url
+    from ..io.trials import read_trials, read_wav_scp, resolve_trial_items, source_folder
     from ..pipeline import EmbeddingSource, Extractor, score_trials
     from ..records import Recording
 
@@ -188,14 +189,14 @@ def _run(
     if extras.embeddings is not None and ray_opts is not None:
         raise UsageError("--embeddings and --ray do not go together: nothing is embedded")
     scp = read_wav_scp(wav_scp, allow_commands) if wav_scp else None
-    if root is not None and not root.is_dir():
+    if root is not None and not is_url(root) and not root.is_dir():
         raise UsageError(f"--root {root}: not a folder")
     check_whitespace_safe(tl.items(), fmt)
     if extras.score_scale and fmt != "csv":
         raise UsageError(f"--score-scale adds a column, which the {fmt} format has no place "
                          "for: use --format csv")  # fmt: skip
-    options = scoring_options(extras, root or Path(tl.source).resolve().parent, scp,
-                               wav_scp.resolve().parent if wav_scp else None)  # fmt: skip
+    scp_dir = source_folder(str(wav_scp)) if wav_scp else None
+    options = scoring_options(extras, root or source_folder(tl.source), scp, scp_dir)  # type: ignore[arg-type]
     t_load = time.perf_counter()
     source: EmbeddingSource
     ex: Extractor | None = None
@@ -208,9 +209,7 @@ def _run(
         missing: dict[str, str] = {}
         keys_as_paths(options)
     else:
-        recs, missing = resolve_trial_items(
-            tl, root, scp, wav_scp.resolve().parent if wav_scp else None
-        )
+        recs, missing = resolve_trial_items(tl, root, scp, scp_dir)  # type: ignore[arg-type]
         engine = EngineConfig(
             device=device, precision=precision, batch_size=batch_size,
             batch_frames=batch_frames, workers=workers, chunk_seconds=chunk_seconds,

@@ -1,0 +1,460 @@
+"""The sharded embedding store of one extraction setting: many vectors per file, one index.
+
+Layout under a setting's folder (``<cache>/emb/<setting>/``, a local path or an fsspec URL)::
+
+    shards/<time_ns>-<host>-<pid>-<rand>.arrow   Arrow IPC files, one record batch each:
+                                                 key fixed_size_binary(32) (content sha256),
+                                                 crc uint32 (zlib.crc32 of key + vector bytes),
+                                                 vec fixed_size_list<float32>[dim]
+    index/<time_ns>-<rand>.idx                   compacted index (:mod:`.store_index`): sorted
+                                                 16-byte key prefixes -> (shard, row)
+
+Why Arrow IPC (not Parquet or Lance), measured on this machine (``benchmarks/bench_store.py``
+and the report of issue #23): an uncompressed IPC file is memory-mapped and its vector column
+*is* a numpy array (zero copy), so fetching rows is ``vec[rows]``; random vectors do not
+compress, so Parquet's encoding buys nothing and costs a decode of whole pages per lookup;
+Lance gives random access too but brings its own manifest/versioning and a 100 MB dependency,
+and its commit protocol does not match "each writer its own files, nothing shared to lock".
+
+Writers buffer rows and commit a whole shard at once: written to a temp name in the same
+folder, fsynced, renamed (locally) or uploaded as one PUT (object stores), so a shard exists
+whole or not at all; a killed writer loses only its uncommitted rows and leaves at most a
+``.tmp`` file that readers never list. Every writer names its shards uniquely, so any number
+of processes write side by side with no lock. The index is derived data: readers take the
+newest compacted index and read the keys of the shards it does not cover (the listing is one
+directory read; no shard it covers is opened), so a lost or corrupted index costs time, never
+a wrong vector. Every returned row is checked against its key and CRC; a row or shard that
+fails is a miss (the caller recomputes it) and is counted as corrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import uuid
+import zlib
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..io import storage
+from . import store_index as si
+
+SHARD_SUFFIX = ".arrow"
+SHARD_FORMAT = "speaker-sim-shard/1"
+#: Rows buffered before a shard is committed by :meth:`ShardStore.put` itself.
+SHARD_ROWS = 16384
+#: Shards not covered by the compacted index before a flush rebuilds it.
+COMPACT_AT = 16
+_OPEN_SHARDS = 64  # open (memory-mapped or fetched) shards kept per store
+
+
+class ShardError(Exception):
+    """A shard that cannot be read or fails its checks."""
+
+
+@dataclass
+class Shard:
+    """One opened shard: keys (n, 32) uint8, crc (n,) uint32, vectors (n, dim) float32."""
+
+    name: str
+    keys: np.ndarray
+    crc: np.ndarray
+    vec: np.ndarray
+    handle: Any = None  # keeps the memory map / buffer alive
+
+
+def digest_bytes(digest: str) -> bytes:
+    """The 32 bytes of a sha256 hex digest (any other string is hashed first)."""
+    if len(digest) == 64:
+        with contextlib.suppress(ValueError):
+            return bytes.fromhex(digest)
+    import hashlib
+
+    return hashlib.sha256(digest.encode()).digest()
+
+
+def row_crc(key: bytes, vec: np.ndarray) -> int:
+    return zlib.crc32(vec.tobytes(), zlib.crc32(key))
+
+
+def shard_table(keys: np.ndarray, vecs: np.ndarray) -> Any:
+    """An Arrow table of ``keys`` (n, 32) uint8 and ``vecs`` (n, dim) float32, with CRCs."""
+    import pyarrow as pa
+
+    n, dim = vecs.shape
+    crc = np.fromiter((row_crc(keys[i].tobytes(), vecs[i]) for i in range(n)), np.uint32, n)
+    key_arr = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(32), n, [None, pa.py_buffer(np.ascontiguousarray(keys).tobytes())]
+    )
+    vec_arr = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim)
+    meta = {"format": SHARD_FORMAT, "dim": str(dim), "rows": str(n)}
+    return pa.table({"key": key_arr, "crc": pa.array(crc), "vec": vec_arr}).replace_schema_metadata(
+        meta
+    )
+
+
+def shard_bytes(keys: np.ndarray, vecs: np.ndarray) -> bytes:
+    import pyarrow as pa
+
+    table = shard_table(keys, vecs)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=max(1, len(vecs)))
+    return sink.getvalue().to_pybytes()
+
+
+def parse_shard(name: str, source: Any, dim: int) -> Shard:
+    """Open a shard from a pyarrow memory map or buffer; raises ShardError on any problem."""
+    import pyarrow as pa
+
+    try:
+        reader = pa.ipc.open_file(source)
+        meta = {k.decode(): v.decode() for k, v in (reader.schema.metadata or {}).items()}
+        if meta.get("format") != SHARD_FORMAT or meta.get("dim") != str(dim):
+            raise ShardError(f"not a {SHARD_FORMAT} shard of dim {dim} ({meta})")
+        if reader.num_record_batches != 1:
+            raise ShardError(f"{reader.num_record_batches} record batches, expected 1")
+        batch = reader.get_batch(0)
+        n = batch.num_rows
+        if str(n) != meta.get("rows"):
+            raise ShardError(f"{n} rows, the header says {meta.get('rows')}")
+        kcol, ccol, vcol = batch.column("key"), batch.column("crc"), batch.column("vec")
+        if kcol.type != pa.binary(32) or vcol.type.list_size != dim or kcol.null_count:
+            raise ShardError("unexpected column types")
+        kbuf = np.frombuffer(kcol.buffers()[1], dtype=np.uint8)
+        keys = kbuf[kcol.offset * 32 : (kcol.offset + n) * 32].reshape(n, 32)
+        crc = ccol.to_numpy(zero_copy_only=True)
+        vec = vcol.flatten().to_numpy(zero_copy_only=True).reshape(n, dim)
+        if vec.dtype != np.float32 or crc.dtype != np.uint32 or len(crc) != n:
+            raise ShardError("unexpected column types")
+    except ShardError:
+        raise
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise ShardError(f"cannot read ({type(exc).__name__}: {exc})"[:300]) from None
+    return Shard(name, keys, crc, vec, source)
+
+
+def new_shard_name() -> str:
+    host = "".join(c for c in socket.gethostname() if c.isalnum())[:16] or "host"
+    return f"{time.time_ns():020d}-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}{SHARD_SUFFIX}"
+
+
+class ShardStore:
+    """Vectors of one setting in shards under ``root`` (a folder path or URL)."""
+
+    def __init__(self, root: str, dim: int, shard_rows: int = SHARD_ROWS) -> None:
+        self.root = root.rstrip("/")
+        self.dim = dim
+        self.shard_rows = shard_rows
+        self.remote = storage.is_url(self.root)
+        self.corrupt = 0
+        self.bad_shards: dict[str, str] = {}
+        self._lock = threading.RLock()
+        self._pending_keys: list[bytes] = []
+        self._pending_vecs: list[np.ndarray] = []
+        self._pending_at: dict[bytes, int] = {}
+        self._names: list[str] = []  # shard id -> name
+        self._ids: dict[str, int] = {}
+        self._live = np.zeros(0, dtype=bool)
+        self._main = si.Index.empty()  # from the compacted index file
+        self._main_file: str | None = None
+        self._main_covers: set[str] = set()
+        self._delta = si.Index.empty()  # shards the index file does not cover
+        self._delta_shards: list[str] = []
+        self._listing: frozenset[str] | None = None
+        self._listed_at = 0.0
+        self._mtime = -1
+        self._open: OrderedDict[str, Shard] = OrderedDict()
+
+    # -- paths ------------------------------------------------------------------------------
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def shard_names(self) -> list[str]:
+        """Committed shards, oldest first (one directory listing; no shard is opened)."""
+        return sorted(
+            n
+            for n in storage.list_names(self._join("shards"))
+            if n.endswith(SHARD_SUFFIX) and not n.startswith(".")
+        )
+
+    def shard_sizes(self) -> dict[str, int]:
+        return {
+            n: s
+            for n, s in storage.list_sizes(self._join("shards")).items()
+            if n.endswith(SHARD_SUFFIX) and not n.startswith(".")
+        }
+
+    # -- index ------------------------------------------------------------------------------
+    def _id(self, name: str) -> int:
+        if name not in self._ids:
+            self._ids[name] = len(self._names)
+            self._names.append(name)
+            self._live = np.append(self._live, True)
+        return self._ids[name]
+
+    def _unchanged(self) -> bool:
+        """True when the shard folder surely has not changed since the last listing: its mtime
+        is the same and older than 2 s (timestamps are coarse), or, for an object store, the
+        last listing is under 1 s old."""
+        if self._listing is None:
+            return False
+        if self.remote:
+            return time.monotonic() - self._listed_at < 1.0
+        try:
+            mtime = os.stat(self._join("shards")).st_mtime_ns
+        except OSError:
+            mtime = 0
+        if mtime != self._mtime or time.time_ns() - mtime < 2_000_000_000:
+            self._mtime = mtime
+            return False
+        return True
+
+    def refresh(self, force: bool = False, cheap: bool = False) -> None:
+        """Pick up shards committed (or removed) since the last look, by any process.
+        ``cheap``: skip the listing when the folder has not changed (:meth:`_unchanged`)."""
+        with self._lock:
+            if cheap and not force and self._unchanged():
+                return
+            names = frozenset(self.shard_names())
+            self._listed_at = time.monotonic()
+            if names == self._listing and not force:
+                return
+            self._listing = names
+            idx_files = sorted(
+                n for n in storage.list_names(self._join("index")) if n.endswith(".idx")
+            )
+            newest = idx_files[-1] if idx_files else None
+            if newest != self._main_file:
+                self._load_main(newest)
+            for name, i in self._ids.items():
+                self._live[i] = name in names
+            todo = sorted(names - self._main_covers - set(self._delta_shards))
+            parts = [self._delta]
+            for name in todo:
+                try:
+                    sh = self._shard(name)
+                except ShardError as exc:
+                    self._bad(name, str(exc))
+                    continue
+                parts.append(si.Index.from_keys(sh.keys, self._id(name)))
+                self._delta_shards.append(name)
+            if len(parts) > 1:
+                self._delta = si.Index.merge(parts)
+
+    def _load_main(self, fname: str | None) -> None:
+        self._main, self._main_file, self._main_covers = si.Index.empty(), None, set()
+        self._delta, self._delta_shards = si.Index.empty(), []
+        if fname is None:
+            return
+        try:
+            data = storage.read_bytes(self._join("index", fname))
+            shards, idx = si.decode(data)
+        except (OSError, si.IndexFileError) as exc:
+            self.bad_shards.setdefault(f"index/{fname}", str(exc))
+            return  # the index is derived data: the shards' own keys are read instead
+        ids = np.array([self._id(s) for s in shards], dtype=np.uint32)
+        self._main = si.Index(idx.hi, idx.lo, ids[idx.shard] if len(ids) else idx.shard, idx.row)
+        self._main_file, self._main_covers = fname, set(shards)
+
+    def _bad(self, name: str, why: str) -> None:
+        self.bad_shards[name] = why
+        if name in self._ids:
+            self._live[self._ids[name]] = False
+
+    def entries(self) -> int:
+        """Keys held by committed shards (from the index; a key stored twice counts once)."""
+        self.refresh()
+        with self._lock:
+            both = si.Index.merge([self._main, self._delta])
+            return len(both)
+
+    # -- shards -----------------------------------------------------------------------------
+    def _shard(self, name: str) -> Shard:
+        sh = self._open.get(name)
+        if sh is not None:
+            self._open.move_to_end(name)
+            return sh
+        sh = self.open_shard(name)
+        self._open[name] = sh
+        while len(self._open) > _OPEN_SHARDS:
+            self._open.popitem(last=False)
+        return sh
+
+    def open_shard(self, name: str) -> Shard:
+        import pyarrow as pa
+
+        path = self._join("shards", name)
+        try:
+            if self.remote:
+                source: Any = pa.BufferReader(storage.read_bytes(path))
+            else:
+                source = pa.memory_map(path, "r")
+        except OSError as exc:
+            raise ShardError(f"cannot open ({exc})") from None
+        return parse_shard(name, source, self.dim)
+
+    # -- reads ------------------------------------------------------------------------------
+    def get_many(
+        self, digests: Sequence[str], cheap: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(matrix (n, dim) float32, found (n,) bool)``; rows not found are zero.
+        ``cheap``: see :meth:`refresh` (for one-key lookups in a loop)."""
+        n = len(digests)
+        out = np.zeros((n, self.dim), dtype=np.float32)
+        found = np.zeros(n, dtype=bool)
+        if n == 0:
+            return out, found
+        qkeys = np.frombuffer(b"".join(digest_bytes(d) for d in digests), np.uint8).reshape(n, 32)
+        with self._lock:
+            for i, k in enumerate(qkeys):  # rows this process has not committed yet
+                j = self._pending_at.get(k.tobytes()) if self._pending_at else None
+                if j is not None:
+                    out[i], found[i] = self._pending_vecs[j], True
+            self.refresh(cheap=cheap)
+            todo = np.flatnonzero(~found)
+            if len(todo):
+                self._fetch(qkeys, todo, out, found)
+        return out, found
+
+    def _fetch(
+        self, qkeys: np.ndarray, todo: np.ndarray, out: np.ndarray, found: np.ndarray
+    ) -> None:
+        hi, lo = si.split_keys(qkeys[todo])
+        for index in (self._delta, self._main):
+            if not len(todo):
+                return
+            pos = index.find(hi, lo)
+            hit = pos >= 0
+            if not hit.any():
+                continue
+            q = todo[hit]
+            sid = index.shard[pos[hit]]
+            row = index.row[pos[hit]]
+            for s in np.unique(sid).tolist():
+                m = sid == s
+                self._read_rows(int(s), row[m], q[m], qkeys, out, found)
+            keep = ~found[todo]
+            todo, hi, lo = todo[keep], hi[keep], lo[keep]
+
+    def _read_rows(
+        self,
+        sid: int,
+        rows: np.ndarray,
+        qi: np.ndarray,
+        qkeys: np.ndarray,
+        out: np.ndarray,
+        found: np.ndarray,
+    ) -> None:
+        name = self._names[sid]
+        if not self._live[sid]:
+            return
+        try:
+            sh = self._shard(name)
+        except ShardError as exc:
+            self._bad(name, str(exc))
+            self.corrupt += len(rows)
+            return
+        if rows.max(initial=0) >= len(sh.vec):
+            self._bad(name, "the index points past its last row")
+            self.corrupt += len(rows)
+            return
+        vec = sh.vec[rows]
+        keys = sh.keys[rows]
+        crc = sh.crc[rows]
+        good = (keys == qkeys[qi]).all(axis=1)
+        for j in np.flatnonzero(good).tolist():
+            if row_crc(keys[j].tobytes(), vec[j]) != int(crc[j]) or not np.isfinite(vec[j]).all():
+                good[j] = False
+                self.corrupt += 1
+                self.bad_shards.setdefault(name, f"row {int(rows[j])} fails its checksum")
+        out[qi[good]] = vec[good]
+        found[qi[good]] = True
+
+    # -- writes -----------------------------------------------------------------------------
+    def put_many(self, digests: Sequence[str], vecs: np.ndarray) -> None:
+        vecs = np.asarray(vecs, dtype=np.float32).reshape(len(digests), self.dim)
+        with self._lock:
+            for d, v in zip(digests, vecs):
+                key = digest_bytes(d)
+                self._pending_at[key] = len(self._pending_keys)
+                self._pending_keys.append(key)
+                self._pending_vecs.append(np.array(v, dtype=np.float32))
+            if len(self._pending_keys) >= self.shard_rows:
+                self.flush()
+
+    def pending(self) -> int:
+        return len(self._pending_keys)
+
+    def flush(self) -> str | None:
+        """Commit the buffered rows as one shard; returns its name (None when nothing was
+        buffered). Raises OSError when the shard cannot be written (the rows stay buffered)."""
+        with self._lock:
+            if not self._pending_keys:
+                return None
+            keys = np.frombuffer(b"".join(self._pending_keys), np.uint8).reshape(-1, 32)
+            vecs = np.stack(self._pending_vecs)
+            name = new_shard_name()
+            storage.atomic_write(self._join("shards", name), shard_bytes(keys, vecs))
+            self._pending_keys, self._pending_vecs, self._pending_at = [], [], {}
+            self.refresh()
+            if len(self._delta_shards) >= COMPACT_AT:
+                with contextlib.suppress(OSError):
+                    self.compact()
+            return name
+
+    def compact(self) -> str:
+        """Write a new index file covering every live shard; older index files are removed."""
+        with self._lock:
+            self.refresh(force=True)
+            live = [self._names[i] for i in np.flatnonzero(self._live).tolist()]
+            both = si.Index.merge([self._main, self._delta])
+            keep = self._live[both.shard] if len(both) else np.zeros(0, bool)
+            both = both.select(keep)
+            remap = np.full(len(self._names), 0, dtype=np.uint32)
+            for j, nm in enumerate(live):
+                remap[self._ids[nm]] = j
+            body = si.encode(live, si.Index(both.hi, both.lo, remap[both.shard], both.row))
+            fname = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.idx"
+            storage.atomic_write(self._join("index", fname), body)
+            for old in storage.list_names(self._join("index")):
+                if old.endswith(".idx") and old < fname:
+                    with contextlib.suppress(OSError):
+                        storage.remove(self._join("index", old))
+            self._main = si.Index(both.hi, both.lo, both.shard, both.row)
+            self._main_file, self._main_covers = fname, set(live)
+            self._delta, self._delta_shards = si.Index.empty(), []
+            return fname
+
+    # -- maintenance --------------------------------------------------------------------------
+    def iter_shards(self) -> Iterator[tuple[str, Shard | ShardError]]:
+        for name in self.shard_names():
+            try:
+                yield name, self.open_shard(name)
+            except ShardError as exc:
+                yield name, exc
+
+    def verify_shard(self, name: str) -> str | None:
+        """None when every row of ``name`` passes its CRC, else what is wrong."""
+        try:
+            sh = self.open_shard(name)
+        except ShardError as exc:
+            return str(exc)
+        for j in range(len(sh.vec)):
+            if row_crc(sh.keys[j].tobytes(), sh.vec[j]) != int(sh.crc[j]):
+                return f"row {j} fails its checksum"
+        return None
+
+    def remove_shards(self, names: Sequence[str]) -> None:
+        for n in names:
+            self._open.pop(n, None)
+            with contextlib.suppress(FileNotFoundError):
+                storage.remove(self._join("shards", n))
+        self.refresh(force=True)
