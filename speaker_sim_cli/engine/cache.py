@@ -81,8 +81,14 @@ _OPEN: weakref.WeakSet[EmbeddingCache] = weakref.WeakSet()
 
 @atexit.register
 def _flush_all() -> None:
+    """Commit what every open cache still buffers, at interpreter exit (also after Ctrl-C)."""
     for cache in list(_OPEN):
-        cache.flush()
+        try:
+            cache.flush()
+        except Exception as exc:  # never a traceback at exit; the rows are recomputed next run
+            import sys
+
+            print(f"speaker-sim: could not commit cached embeddings: {exc}", file=sys.stderr)
 
 
 class EmbeddingCache:
@@ -124,6 +130,14 @@ class EmbeddingCache:
             except OSError as exc:
                 self.write_error = f"{root}: {exc.strerror or exc}"
             _OPEN.add(self)
+
+    @classmethod
+    def hasher(cls, root: Path | str) -> EmbeddingCache:
+        """An instance for :meth:`file_hashes` with the memo of ``root``, holding no setting
+        (nothing is created under ``emb/``)."""
+        self = cls(None, {}, 1)
+        self.root = storage.as_url(root) if storage.is_url(root) else Path(root)
+        return self
 
     # -- content hashes -------------------------------------------------------------------
     def _memo_dir(self) -> Path:

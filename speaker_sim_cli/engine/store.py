@@ -48,8 +48,11 @@ from . import store_index as si
 
 SHARD_SUFFIX = ".arrow"
 SHARD_FORMAT = "speaker-sim-shard/1"
-#: Rows buffered before a shard is committed by :meth:`ShardStore.put` itself.
+#: Rows buffered before a shard is committed by :meth:`ShardStore.put_many` itself.
 SHARD_ROWS = 16384
+#: ... or seconds since the oldest buffered row (``$SPEAKER_SIM_STORE_COMMIT_SECONDS``), so a
+#: killed run loses at most this much work.
+COMMIT_SECONDS = 10.0
 #: Shards not covered by the compacted index before a flush rebuilds it.
 COMPACT_AT = 16
 _OPEN_SHARDS = 64  # open (memory-mapped or fetched) shards kept per store
@@ -90,14 +93,19 @@ def shard_table(keys: np.ndarray, vecs: np.ndarray) -> Any:
 
     n, dim = vecs.shape
     crc = np.fromiter((row_crc(keys[i].tobytes(), vecs[i]) for i in range(n)), np.uint32, n)
+    # From buffers, not pa.array(ndarray): that imports pandas, which fails at interpreter exit
+    # (where the last flush may run).
     key_arr = pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(32), n, [None, pa.py_buffer(np.ascontiguousarray(keys).tobytes())]
     )
-    vec_arr = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim)
-    meta = {"format": SHARD_FORMAT, "dim": str(dim), "rows": str(n)}
-    return pa.table({"key": key_arr, "crc": pa.array(crc), "vec": vec_arr}).replace_schema_metadata(
-        meta
+    flat = pa.Array.from_buffers(
+        pa.float32(), n * dim, [None, pa.py_buffer(np.ascontiguousarray(vecs).tobytes())]
     )
+    crc_arr = pa.Array.from_buffers(pa.uint32(), n, [None, pa.py_buffer(crc.tobytes())])
+    vec_arr = pa.FixedSizeListArray.from_arrays(flat, dim)
+    meta = {"format": SHARD_FORMAT, "dim": str(dim), "rows": str(n)}
+    table = pa.table({"key": key_arr, "crc": crc_arr, "vec": vec_arr})
+    return table.replace_schema_metadata(meta)
 
 
 def shard_bytes(keys: np.ndarray, vecs: np.ndarray) -> bytes:
@@ -149,10 +157,20 @@ def new_shard_name() -> str:
 class ShardStore:
     """Vectors of one setting in shards under ``root`` (a folder path or URL)."""
 
-    def __init__(self, root: str, dim: int, shard_rows: int = SHARD_ROWS) -> None:
+    def __init__(
+        self, root: str, dim: int, shard_rows: int = SHARD_ROWS, commit_seconds: float | None = None
+    ) -> None:
         self.root = root.rstrip("/")
         self.dim = dim
         self.shard_rows = shard_rows
+        if commit_seconds is None:
+            env = os.environ.get("SPEAKER_SIM_STORE_COMMIT_SECONDS", "")
+            try:
+                commit_seconds = float(env) if env else COMMIT_SECONDS
+            except ValueError:
+                commit_seconds = COMMIT_SECONDS
+        self.commit_seconds = commit_seconds
+        self._oldest = 0.0
         self.remote = storage.is_url(self.root)
         self.corrupt = 0
         self.bad_shards: dict[str, str] = {}
@@ -381,13 +399,20 @@ class ShardStore:
     # -- writes -----------------------------------------------------------------------------
     def put_many(self, digests: Sequence[str], vecs: np.ndarray) -> None:
         vecs = np.asarray(vecs, dtype=np.float32).reshape(len(digests), self.dim)
+        import pyarrow  # noqa: F401  (now, not in the flush at interpreter exit)
+
         with self._lock:
+            if not self._pending_keys:
+                self._oldest = time.monotonic()
             for d, v in zip(digests, vecs):
                 key = digest_bytes(d)
                 self._pending_at[key] = len(self._pending_keys)
                 self._pending_keys.append(key)
                 self._pending_vecs.append(np.array(v, dtype=np.float32))
-            if len(self._pending_keys) >= self.shard_rows:
+            if (
+                len(self._pending_keys) >= self.shard_rows
+                or time.monotonic() - self._oldest >= self.commit_seconds
+            ):
                 self.flush()
 
     def pending(self) -> int:
