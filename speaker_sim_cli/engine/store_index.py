@@ -10,7 +10,7 @@ The compacted index file::
     b"SSIDX01\\n"  u32 little-endian header length  header JSON {"shards": [...], "n", "crc"}
     zero padding to a multiple of 8   hi (n uint64 LE)  lo (n uint64 LE)  shard (n u32)  row (n u32)
 
-``crc`` is zlib.crc32 of everything after the padding. :func:`decode` checks every field and
+``crc`` is zlib.crc32 of the shard names, ``n`` and the entries. :func:`decode` checks every field and
 raises :class:`IndexFileError` for anything else, so a damaged index is ignored, never trusted.
 """
 
@@ -88,21 +88,26 @@ class Index:
         out = np.full(len(qhi), -1, dtype=np.int64)
         if n == 0 or len(qhi) == 0:
             return out
-        pos = np.searchsorted(self.hi, qhi, side="left")
-        live = np.arange(len(qhi))
-        # Keys sharing the 8-byte hi prefix sit side by side, sorted by lo: step through them.
-        for _ in range(64):
-            inside = pos < n
-            live, pos = live[inside], pos[inside]
-            same_hi = self.hi[pos] == qhi[live]
-            live, pos = live[same_hi], pos[same_hi]
-            if not len(live):
+        # Keys sharing the 8-byte hi sit side by side, sorted by lo: binary search in that run.
+        left = np.searchsorted(self.hi, qhi, side="left")
+        right = np.searchsorted(self.hi, qhi, side="right")
+        while True:
+            open_ = left < right
+            if not open_.any():
                 break
-            match = self.lo[pos] == qlo[live]
-            out[live[match]] = pos[match]
-            ahead = self.lo[pos] < qlo[live]
-            live, pos = live[ahead], pos[ahead] + 1
+            mid = (left + right) // 2
+            go_right = open_ & (self.lo[np.minimum(mid, n - 1)] < qlo)
+            left = np.where(go_right, mid + 1, left)
+            right = np.where(open_ & ~go_right, mid, right)
+        at = np.minimum(left, n - 1)
+        hit = (left < n) & (self.hi[at] == qhi) & (self.lo[at] == qlo)
+        out[hit] = left[hit]
         return out
+
+
+def _crc(shards: list[str], n: int, body: bytes) -> int:
+    """zlib.crc32 of the shard names, the count and the entries."""
+    return zlib.crc32(body, zlib.crc32(json.dumps([shards, n]).encode()))
 
 
 def encode(shards: Sequence[str], index: Index) -> bytes:
@@ -113,7 +118,8 @@ def encode(shards: Sequence[str], index: Index) -> bytes:
         index.shard.astype("<u4").tobytes(),
         index.row.astype("<u4").tobytes(),
     ))  # fmt: skip
-    header = json.dumps({"shards": list(shards), "n": n, "crc": zlib.crc32(body)}).encode()
+    header = json.dumps({"shards": list(shards), "n": n, "crc": _crc(list(shards), n, body)})
+    header = header.encode()
     head = MAGIC + len(header).to_bytes(4, "little") + header
     return head + b"\0" * (-len(head) % 8) + body
 
@@ -141,10 +147,12 @@ def decode(data: bytes) -> tuple[list[str], Index]:
     if type(n) is not int or n < 0 or type(crc) is not int:
         raise IndexFileError("header 'n' or 'crc' is not a non-negative integer")
     start = 12 + hlen + (-(12 + hlen) % 8)
+    if any(data[12 + hlen : start]):
+        raise IndexFileError("padding after the header is not zero")
     body = data[start:]
     if len(body) != 24 * n:
         raise IndexFileError(f"{len(body)} bytes of entries, {24 * n} expected for {n}")
-    if zlib.crc32(body) != crc:
+    if _crc(shards, n, body) != crc:
         raise IndexFileError("entries fail their checksum")
     hi = np.frombuffer(body, "<u8", n, 0).astype(np.uint64)
     lo = np.frombuffer(body, "<u8", n, 8 * n).astype(np.uint64)
