@@ -17,6 +17,7 @@ from .engine.cache import EmbeddingCache
 from .engine.config import EngineConfig, EngineStats, choose_backend, fp32_submodules
 from .engine.shard import embed_sharded, split_devices
 from .errors import AudioError, UsageError
+from .io.storage import as_url
 from .models.registry import ModelSpec, resolve_model
 from .models.weights import Found, checkpoint_hash, load_spec_checkpoint, resolve_checkpoint
 from .paths import default_cache_dir, map_in_threads
@@ -494,14 +495,14 @@ def score_trials(
             scores[ok] = _normalise(scores[ok], np.stack([a[ok], b[ok]], 1), mat, opt, res,
                                     vec, info)  # fmt: skip
     errors = trial_errors(trials.enroll, trials.test, ok, item_reason)
-    failures = [Failure(k, str(recordings[k].path) if k in recordings else k, r)
+    failures = [Failure(k, as_url(recordings[k].path) if k in recordings else k, r)
                 for k, r in item_reason.items()]  # fmt: skip
     seen = {f.path for f in failures}
     for r in extra:  # enrolment-map, cohort and mean recordings that failed
         why = res.failures.get(str(r.path))
-        if why is not None and str(r.path) not in seen:
-            failures.append(Failure(r.key, str(r.path), why))
-            seen.add(str(r.path))
+        if why is not None and as_url(r.path) not in seen:
+            failures.append(Failure(r.key, as_url(r.path), why))
+            seen.add(as_url(r.path))
     return ScoreResult(trials, scores, errors, failures, res, len(paths), info)
 
 

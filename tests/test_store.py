@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -70,8 +69,9 @@ def test_round_trip_many_shards_compaction_and_reopen(tmp_path, monkeypatch):
     # A new reader: the index covers 8 shards, so opening it reads only the other two.
     opened: list[str] = []
     real_open = ShardStore.open_shard
-    monkeypatch.setattr(ShardStore, "open_shard",
-                        lambda self, n: opened.append(n) or real_open(self, n))  # fmt: skip
+    monkeypatch.setattr(
+        ShardStore, "open_shard", lambda self, n: opened.append(n) or real_open(self, n)
+    )
     other = EmbeddingCache(tmp_path, BASE, DIM)
     (row,) = cache_info(tmp_path)
     assert row["entries"] == 500 and row["shards"] == 10 and row["legacy_files"] == 0
@@ -93,7 +93,7 @@ def test_a_key_written_twice_returns_the_newest(tmp_path):
     np.testing.assert_array_equal(EmbeddingCache(tmp_path, BASE, DIM).get(k), np.ones(DIM))
 
 
-# -- a writer killed mid-shard -----------------------------------------------------------------
+# -- a writer killed mid-shard --------------------------------------------------------------------
 KILLED_WRITER = """
 import hashlib, sys
 import numpy as np
@@ -120,15 +120,21 @@ print("finished", flush=True)
 
 def test_a_writer_killed_mid_shard_keeps_every_committed_entry(tmp_path):
     env = {**os.environ, "SPEAKER_SIM_STORE_COMMIT_SECONDS": "3600"}
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None
     lines = [proc.stdout.readline().strip() for _ in range(6)]
     assert lines[-1] == "writing", (lines, proc.stderr.read() if proc.stderr else "")
     shards = next(tmp_path.glob("emb/*/shards"))
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(p.name.endswith(".tmp") for p in
-                                                    shards.iterdir()):  # fmt: skip
+    while time.monotonic() < deadline and not any(
+        p.name.endswith(".tmp") for p in shards.iterdir()
+    ):
         time.sleep(0.0005)
     os.kill(proc.pid, signal.SIGKILL)  # mid-shard: its temp file is being written
     proc.communicate(timeout=60)
@@ -147,7 +153,7 @@ def test_a_writer_killed_mid_shard_keeps_every_committed_entry(tmp_path):
     assert len(list(shards.glob("*.arrow"))) == 5 + (n_big > 0)
 
 
-# -- corruption ------------------------------------------------------------------------------------
+# -- corruption -----------------------------------------------------------------------------------
 def test_a_corrupted_shard_is_a_miss_and_verify_names_it(tmp_path):
     cache = EmbeddingCache(tmp_path, BASE, DIM)
     keys = [key(i) for i in range(60)]
@@ -182,7 +188,7 @@ def test_a_corrupted_shard_is_a_miss_and_verify_names_it(tmp_path):
     assert EmbeddingCache(tmp_path, BASE, DIM).get_many(keys)[1].all()
 
 
-# -- legacy per-file caches ----------------------------------------------------------------------
+# -- legacy per-file caches -----------------------------------------------------------------------
 def legacy_cache(root: Path, keys: list[str]) -> Path:
     """A cache as older versions wrote it: meta.json and one .npy per recording."""
     from speaker_sim_cli.engine.cache import setting_key
@@ -203,14 +209,16 @@ def test_migrate_moves_a_per_file_cache_into_shards(tmp_path):
     mat, found = cache.get_many(keys)  # read through the fallback before migration
     assert found[1:].all() and not found[0]
     runner = CliRunner()
-    info = json.loads(runner.invoke(app, ["cache", "info", "--json", "--cache-dir",
-                                          str(tmp_path)]).stdout)  # fmt: skip
+    info = json.loads(
+        runner.invoke(app, ["cache", "info", "--json", "--cache-dir", str(tmp_path)]).stdout
+    )
     assert info["legacy_files"] == 40 and info["shards"] == 0
     res = runner.invoke(app, ["cache", "migrate", "--cache-dir", str(tmp_path)])
     assert res.exit_code == 0 and "moved 39" in res.output and "1 unreadable" in res.output
     assert [p.name for p in d.glob("*/*.npy")] == [f"{keys[0]}.npy"]
-    info = json.loads(runner.invoke(app, ["cache", "info", "--json", "--cache-dir",
-                                          str(tmp_path)]).stdout)  # fmt: skip
+    info = json.loads(
+        runner.invoke(app, ["cache", "info", "--json", "--cache-dir", str(tmp_path)]).stdout
+    )
     assert info["legacy_files"] == 1 and info["shards"] == 1 and info["entries"] == 40
     after, found = EmbeddingCache(tmp_path, BASE, DIM).get_many(keys)
     assert found[1:].all()
@@ -232,8 +240,9 @@ def test_prune_keeps_what_a_trial_list_needs(tmp_path):
     legacy_cache(tmp_path / "cache", [key("old")])
     trials = tmp_path / "trials.csv"
     trials.write_text("enrollment,test\naudio/r0.wav,audio/r1.wav\n")
-    res = CliRunner().invoke(app, ["cache", "prune", "--keep-list", str(trials), "--cache-dir",
-                                   str(tmp_path / "cache")])  # fmt: skip
+    res = CliRunner().invoke(
+        app, ["cache", "prune", "--keep-list", str(trials), "--cache-dir", str(tmp_path / "cache")]
+    )
     assert res.exit_code == 0, res.output
     assert "kept 2" in res.output and "removed 32" in res.output
     fresh = EmbeddingCache(tmp_path / "cache", BASE, DIM)
@@ -243,7 +252,7 @@ def test_prune_keeps_what_a_trial_list_needs(tmp_path):
     assert row["entries"] == 2 and row["shards"] == 1
 
 
-# -- fuzzing: the index file and shard readers -------------------------------------------------------
+# -- fuzzing: the index file and shard readers ----------------------------------------------------
 def _valid_index(n: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     keys = rng.integers(0, 256, (n, 32), dtype=np.uint8)
@@ -258,13 +267,16 @@ def test_index_reader_garbage(data):
         shards, idx = si.decode(si.MAGIC + data if data[:1] == b"+" else data)
     except si.IndexFileError:
         return
-    assert len(idx.shard) == len(idx.row) == len(idx.hi) and all(isinstance(s, str)
-                                                                for s in shards)  # fmt: skip
+    assert len(idx.shard) == len(idx.row) == len(idx.hi) and all(isinstance(s, str) for s in shards)
 
 
 @FUZZ
-@given(st.integers(0, 40), st.integers(0, 2**31), st.lists(st.tuples(st.integers(0, 10**6),
-       st.integers(0, 255)), min_size=1, max_size=4), st.booleans())  # fmt: skip
+@given(
+    st.integers(0, 40),
+    st.integers(0, 2**31),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=4),
+    st.booleans(),
+)
 def test_index_reader_near_valid(n, seed, flips, truncate):
     data = bytearray(_valid_index(n, seed))
     for at, value in flips:
@@ -278,8 +290,7 @@ def test_index_reader_near_valid(n, seed, flips, truncate):
     # Accepted only with the content that was written (a flip may only touch JSON spacing).
     want_shards, want = si.decode(_valid_index(n, seed))
     assert shards == want_shards and len(idx) == n
-    for a, b in zip((idx.hi, idx.lo, idx.shard, idx.row), (want.hi, want.lo, want.shard,
-                                                           want.row)):  # fmt: skip
+    for a, b in zip((idx.hi, idx.lo, idx.shard, idx.row), (want.hi, want.lo, want.shard, want.row)):
         np.testing.assert_array_equal(a, b)
 
 
@@ -304,8 +315,12 @@ SHARD = shard_bytes(SHARD_KEYS.reshape(12, 32), SHARD_VECS)
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.integers(0, len(SHARD) - 1), st.integers(0, 255)), min_size=1,
-                max_size=3), st.integers(0, len(SHARD)))  # fmt: skip
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(SHARD) - 1), st.integers(0, 255)), min_size=1, max_size=3
+    ),
+    st.integers(0, len(SHARD)),
+)
 def test_a_damaged_shard_never_gives_a_wrong_vector(tmp_path_factory, flips, cut):
     import pyarrow as pa
 

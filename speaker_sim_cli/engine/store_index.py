@@ -10,8 +10,9 @@ The compacted index file::
     b"SSIDX01\\n"  u32 little-endian header length  header JSON {"shards": [...], "n", "crc"}
     zero padding to a multiple of 8   hi (n uint64 LE)  lo (n uint64 LE)  shard (n u32)  row (n u32)
 
-``crc`` is zlib.crc32 of the shard names, ``n`` and the entries. :func:`decode` checks every field and
-raises :class:`IndexFileError` for anything else, so a damaged index is ignored, never trusted.
+``crc`` is zlib.crc32 of the shard names, ``n`` and the entries. :func:`decode` checks every
+field and raises :class:`IndexFileError` for anything else, so a damaged index is ignored,
+never trusted.
 """
 
 from __future__ import annotations
