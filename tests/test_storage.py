@@ -26,7 +26,7 @@ from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.io import storage
 
 FUZZ = settings(
-    max_examples=150,
+    max_examples=100,
     deadline=None,
     derandomize=True,
     database=None,
@@ -165,6 +165,7 @@ def test_s3_round_trip_gives_the_scores_of_local_files(s3, speech, real_ckpt, tm
     assert info.exit_code == 0 and json.loads(info.stdout)["entries"] == len(names)
 
 
+@pytest.mark.slow
 @pytest.mark.weights
 def test_a_missing_object_fails_only_its_trials_with_its_url(s3, speech, real_ckpt, tmp_path):
     fs = s3["fs"]

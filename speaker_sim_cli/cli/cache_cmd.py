@@ -76,10 +76,9 @@ def info(
         t.add_column("entries", justify="right")
         t.add_column("size", justify="right")
         t.add_column("shards", justify="right")
-        t.add_column("legacy .npy", justify="right")
         for r in rows:
             t.add_row(_alias(r["model"]), r["precision"], r["mode"], str(r["entries"]),
-                      _size(r["bytes"]), str(r["shards"]), str(r["legacy_files"]))  # fmt: skip
+                      _size(r["bytes"]), str(r["shards"]))  # fmt: skip
         Console(soft_wrap=False).print(t)
         if doc["legacy_files"]:
             say(f"{doc['legacy_files']} embeddings are still one .npy file each: "
