@@ -211,6 +211,18 @@ def test_bad_storage_options_are_a_usage_error():
     assert res.exit_code == 2 and "--storage-options" in res.output
 
 
+def test_storage_options_from_a_config_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(storage.ENV, raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("storage_options:\n  s3:\n    endpoint_url: http://127.0.0.1:1\n")
+    res = run(["cache", "info", "--json", "--config", str(cfg), "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(os.environ[storage.ENV]) == {"s3": {"endpoint_url": "http://127.0.0.1:1"}}
+    cfg.write_text("storage_options: 3\n")
+    res = run(["cache", "info", "--config", str(cfg)])
+    assert res.exit_code == 2 and "storage_options" in res.output
+
+
 def test_atomic_output_to_a_bucket_is_all_or_nothing(s3):
     fs = s3["fs"]
     url = f"s3://{BUCKET}/atomic/out.txt"

@@ -53,6 +53,7 @@ def _root(
     ] = None,
 ) -> None:
     STATE["debug"] = debug or os.environ.get("SPEAKER_SIM_DEBUG") == "1"
+    STATE["storage_options_flag"] = storage_options is not None
     if storage_options is not None:
         from ..errors import UsageError
         from ..io.storage import set_options

@@ -422,6 +422,8 @@ class ShardStore:
             self._bad(name, "the index points past its last row")
             self.corrupt += len(rows)
             return
+        order = np.argsort(rows, kind="stable")  # in file order: pages are touched once
+        rows, qi = rows[order], qi[order]
         vec = sh.vec[rows]
         keys = sh.keys[rows]
         good = (keys == qkeys[qi]).all(axis=1)
