@@ -138,8 +138,11 @@ def bench_formats(root: Path, n: int = 200_000, take: int = 20_000) -> dict:
     ds = lance.dataset(str(ds_path))
     t0 = time.perf_counter()
     got = ds.take(rows.tolist(), columns=["vec"])
-    out["lance"] = {"bytes": size, "fetch_s": round(time.perf_counter() - t0, 4),
-                    "version": lance.__version__}  # fmt: skip
+    out["lance"] = {
+        "bytes": size,
+        "fetch_s": round(time.perf_counter() - t0, 4),
+        "version": lance.__version__,
+    }
     assert got.num_rows == take
     return out
 
@@ -162,8 +165,11 @@ def bench_s3(root: Path, n: int) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -171,8 +177,9 @@ def bench_s3(root: Path, n: int) -> dict:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.1)
-        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                          AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
+        )
         storage.set_options({"s3": {"endpoint_url": f"http://127.0.0.1:{port}"}})
         fs, _ = storage.filesystem("s3://bench")
         fs.mkdir("bench")
@@ -193,8 +200,13 @@ def bench_s3(root: Path, n: int) -> dict:
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
-    return {"recordings": n, "in_flight": threads, "local_s": round(t_local, 2),
-            "s3_s": round(t_s3, 2), "ratio": round(t_s3 / t_local, 2)}  # fmt: skip
+    return {
+        "recordings": n,
+        "in_flight": threads,
+        "local_s": round(t_local, 2),
+        "s3_s": round(t_s3, 2),
+        "ratio": round(t_s3 / t_local, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=a.dir))
     doc: dict = {"load": os.getloadavg(), "cpus": os.cpu_count()}
     try:
-        doc["store"] = bench_store(work / "store", a.entries, min(a.lookups, a.entries),
-                                   a.shard_rows)  # fmt: skip
+        doc["store"] = bench_store(
+            work / "store", a.entries, min(a.lookups, a.entries), a.shard_rows
+        )
         print(json.dumps(doc["store"]), file=sys.stderr)
         if a.formats:
             (work / "fmt").mkdir()
