@@ -2,10 +2,11 @@
 
 Layout under the cache root (a folder, or an fsspec URL such as ``s3://bucket/cache``)::
 
-    files/<sha1(abs path or URL)>.txt   "size mtime_ns inode content-sha256" memo (URLs: "url
-                                        size etag sha256"), so a warm run does not re-read the
-                                        audio to hash it (for a URL root: under the local
-                                        default cache folder)
+    files.sqlite                        content-hash memo (:mod:`.hash_memo`): abs path -> size,
+                                        mtime_ns, inode, sha256 (a URL: size, ETag), so a warm
+                                        run does not re-read the audio to hash it (for a URL
+                                        root: in the local default cache folder; the
+                                        ``files/*.txt`` memos of older versions are still read)
     emb/<setting>/meta.json             what the setting is (model id, checkpoint sha256,
                                         front end, mode, precision)
     emb/<setting>/shards/*.arrow        the embeddings (float32, unnormalised) in shards, and
@@ -27,6 +28,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import os
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,13 +38,8 @@ from typing import Any
 import numpy as np
 
 from ..io import storage
-from ..paths import (
-    atomic_write_bytes,
-    default_cache_dir,
-    file_sha256,
-    map_in_threads,
-    memoised_sha256,
-)
+from ..paths import atomic_write_bytes, default_cache_dir, file_sha256, map_in_threads
+from .hash_memo import HashMemo
 from .store import ShardStore
 
 __all__ = [
@@ -114,6 +111,7 @@ class EmbeddingCache:
         self.stats = CacheStats()
         self.write_error: str | None = None
         self.store: ShardStore | None = None
+        self._memo: HashMemo | None = None
         if root is not None:
             self.dir: Any = (
                 f"{str(root).rstrip('/')}/emb/{self.key}" if isinstance(root, str)
@@ -140,34 +138,59 @@ class EmbeddingCache:
         return self
 
     # -- content hashes -------------------------------------------------------------------
-    def _memo_dir(self) -> Path:
-        if isinstance(self.root, Path):
-            return self.root / "files"
-        return default_cache_dir() / "files"
+    def memo(self) -> HashMemo | None:
+        """The content-hash memo (``files.sqlite``; local default cache for a URL root)."""
+        if self.root is None:
+            return None
+        if self._memo is None:
+            base = self.root if isinstance(self.root, Path) else default_cache_dir()
+            self._memo = HashMemo(base / "files.sqlite", base / "files",
+                                  write=self.write_error is None)  # fmt: skip
+        return self._memo
+
+    def _hash(self, path: Path | str) -> str:
+        memo = self.memo()
+        if storage.is_url(path):
+            return storage.content_sha256(storage.as_url(path), memo)
+        p = Path(path)
+        if memo is None:
+            return file_sha256(p)
+        st = p.stat()
+        stamp = f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
+        key = os.path.abspath(p)  # "a.wav" from two working folders is two files
+        digest = memo.get(key, stamp)
+        if digest is None:
+            digest = file_sha256(p)
+            memo.put(key, stamp, digest)
+        return digest
 
     def file_hash(self, path: Path | str) -> str:
         """Content sha256 of ``path`` (a file, or a URL's object), memoised against its size,
         mtime and inode (a URL: its ETag and size)."""
-        if storage.is_url(path):
-            return storage.content_sha256(storage.as_url(path), self._memo_dir())
-        if self.root is None:
-            return file_sha256(Path(path))
-        return memoised_sha256(Path(path), self._memo_dir(), write=self.write_error is None)
+        digest = self._hash(path)
+        if self._memo is not None:
+            self._memo.commit()
+        return digest
 
     def file_hashes(self, paths: Sequence[Path | str], threads: int = 8) -> list[str | OSError]:
         """:meth:`file_hash` of each path, ``threads`` at a time (hashlib, file reads and object
         fetches release the GIL; ``storage.FETCH_THREADS`` when any is a URL), in input order;
-        a path that cannot be read gives its OSError instead."""
+        a path that cannot be read gives its OSError instead. New hashes are remembered in one
+        transaction."""
 
         def one(p: Path | str) -> str | OSError:
             try:
-                return self.file_hash(p)
+                return self._hash(p)
             except OSError as exc:
                 return exc
 
         if any(storage.is_url(p) for p in paths):
             threads = max(threads, storage.FETCH_THREADS)
-        return map_in_threads(one, paths, threads)
+        try:
+            return map_in_threads(one, paths, threads)
+        finally:
+            if self._memo is not None:
+                self._memo.commit()
 
     # -- embeddings -----------------------------------------------------------------------
     def _path(self, digest: str) -> Path:

@@ -98,6 +98,9 @@ def cache_clear(root: Path | str, model: str | None = None) -> int:
             _rmtree(f"{r}/emb/{row['setting']}")
     if model is None:
         _rmtree(f"{r}/files")
+        for suffix in ("", "-wal", "-shm"):  # the content-hash memo
+            with contextlib.suppress(OSError):
+                storage.remove(f"{r}/files.sqlite{suffix}")
     return removed
 
 

@@ -304,24 +304,20 @@ def remove(x: str | os.PathLike[str]) -> None:
 
 
 # -- content keys ------------------------------------------------------------------------------
-def content_sha256(url: str, memo_dir: Path | None = None) -> str:
-    """sha256 of the object's bytes, memoised in ``memo_dir`` against its ETag and size (an
-    object without an ETag is hashed every time). Raises OSError."""
+def content_sha256(url: str, memo: Any = None) -> str:
+    """sha256 of the object's bytes, remembered in ``memo`` (``get(key, stamp)`` /
+    ``put(key, stamp, digest)``, e.g. :class:`engine.hash_memo.HashMemo`) against its ETag and
+    size; an object without an ETag is hashed every time. Raises OSError."""
     url = as_url(url)
     doc = info(url)
     if doc["type"] == "directory":
         raise IsADirectoryError(21, "is a folder, not an object", url)
     stamp = f"url {doc['size']} {doc['etag']}"
-    memo = memo_dir / (hashlib.sha1(url.encode()).hexdigest() + ".txt") if memo_dir else None
     if memo is not None and doc["etag"]:
-        with contextlib.suppress(OSError):
-            text = memo.read_text()
-            if text.startswith(stamp + " ") and len(text) - len(stamp) - 1 == 64:
-                return text[len(stamp) + 1 :]
+        digest = memo.get(url, stamp)
+        if digest is not None:
+            return str(digest)
     digest = hashlib.sha256(read_bytes(url)).hexdigest()
     if memo is not None and doc["etag"]:
-        from ..paths import atomic_write_bytes
-
-        with contextlib.suppress(OSError):
-            atomic_write_bytes(memo, f"{stamp} {digest}".encode())
+        memo.put(url, stamp, digest)
     return digest
