@@ -41,6 +41,11 @@ def keys_of(start: int, n: int) -> np.ndarray:
 
 
 def bench_store(root: Path, entries: int, lookups: int, shard_rows: int) -> dict:
+    """Build (or, when ``root`` holds a finished build of the same size, reuse) and measure."""
+    done = root / f"built-{entries}-{shard_rows}"
+    build = not done.exists()
+    if build:
+        shutil.rmtree(root, ignore_errors=True)
     t0 = time.perf_counter()
     st = ShardStore(str(root), DIM, shard_rows=shard_rows)
     sample_keys, sample_rows = [], []
@@ -49,12 +54,15 @@ def bench_store(root: Path, entries: int, lookups: int, shard_rows: int) -> dict
         n = min(shard_rows, entries - s)
         keys = keys_of(s, n)
         vecs = rng.standard_normal((n, DIM), dtype=np.float32)
-        st.put_many([k.tobytes().hex() for k in keys], vecs)
-        st.flush()
+        if build:
+            st.put_many([k.tobytes().hex() for k in keys], vecs)
+            st.flush()
         pick = rng.choice(n, size=min(n, max(1, lookups * n // entries + 1)), replace=False)
         sample_keys.append(keys[pick])
         sample_rows.append(vecs[pick])
-    st.compact()
+    if build:
+        st.compact()
+        done.touch()
     build_s = time.perf_counter() - t0
     qkeys = np.concatenate(sample_keys)[:lookups]
     want = np.concatenate(sample_rows)[:lookups]
@@ -88,7 +96,7 @@ def bench_store(root: Path, entries: int, lookups: int, shard_rows: int) -> dict
         "entries": entries,
         "shards": len(list((root / "shards").glob("*.arrow"))),
         "shard_rows": shard_rows,
-        "build_s": round(build_s, 1),
+        "build_s": round(build_s, 1) if build else "reused",
         "open_s": round(open_s, 3),
         "shards_read_to_open": opened_on_open,
         "shards_read_for_one_key": opened_one,
@@ -218,14 +226,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--s3", action="store_true", help="local S3 server vs local disk")
     ap.add_argument("--recordings", type=int, default=1000)
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
+    ap.add_argument(
+        "--keep",
+        type=Path,
+        default=None,
+        help="build the store here and keep it (a rerun of the same size reuses it)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=a.dir))
     doc: dict = {"load": os.getloadavg(), "cpus": os.cpu_count()}
     try:
-        doc["store"] = bench_store(
-            work / "store", a.entries, min(a.lookups, a.entries), a.shard_rows
-        )
+        where = a.keep if a.keep is not None else work / "store"
+        doc["store"] = bench_store(where, a.entries, min(a.lookups, a.entries), a.shard_rows)
         print(json.dumps(doc["store"]), file=sys.stderr)
         if a.formats:
             (work / "fmt").mkdir()

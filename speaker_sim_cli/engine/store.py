@@ -329,8 +329,12 @@ class ShardStore:
         """Keys held by committed shards (from the index; a key stored twice counts once)."""
         self.refresh()
         with self._lock:
-            both = si.Index.merge([self._main, self._delta])
-            return len(both)
+            main, delta = self._main, self._delta
+            live_main = self._live[main.shard] if len(main) else np.zeros(0, bool)
+            live_delta = self._live[delta.shard] if len(delta) else np.zeros(0, bool)
+            pos = main.find(delta.hi[live_delta], delta.lo[live_delta])
+            both = int(live_main[pos[pos >= 0]].sum())  # live keys in both: count once
+            return int(live_main.sum()) + int(live_delta.sum()) - both
 
     # -- shards -----------------------------------------------------------------------------
     def _shard(self, name: str) -> Shard:
@@ -340,7 +344,8 @@ class ShardStore:
             return sh
         sh = self.open_shard(name)
         self._open[name] = sh
-        while len(self._open) > _OPEN_SHARDS:
+        # A remote shard is held in memory (~13 MB at 16,384 rows): keep fewer of them.
+        while len(self._open) > (_OPEN_SHARDS // 8 if self.remote else _OPEN_SHARDS):
             self._open.popitem(last=False)
         return sh
 
