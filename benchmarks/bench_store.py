@@ -112,6 +112,41 @@ def bench_store(root: Path, entries: int, lookups: int, shard_rows: int) -> dict
     }
 
 
+def bench_index(entries: int, lookups: int) -> dict:
+    """The key index alone at ``entries`` (e.g. 10 M, which the full store build is too big to
+    run on a shared 2-core host): memory, and the CPU time of looking up ``lookups`` keys."""
+    from speaker_sim_cli.engine import store_index as si
+    from speaker_sim_cli.engine.store import digests_to_keys
+
+    rng = np.random.default_rng(5)
+    parts = []
+    for s in range(0, entries, 1 << 20):
+        n = min(1 << 20, entries - s)
+        parts.append(si.Index.from_keys(rng.integers(0, 256, (n, 32), dtype=np.uint8), s >> 20))
+    index = si.Index.merge(parts)
+    pick = rng.choice(len(index), lookups, replace=False)
+    hi, lo = index.hi[pick], index.lo[pick]
+    # As the store receives them: hex digests (the remaining 16 bytes do not matter here).
+    raw = np.zeros((lookups, 32), np.uint8)
+    raw[:, :8] = hi.astype(">u8").view(np.uint8).reshape(-1, 8)
+    raw[:, 8:16] = lo.astype(">u8").view(np.uint8).reshape(-1, 8)
+    digests = [bytes(r).hex() for r in raw]
+    c0 = time.process_time()
+    keys = digests_to_keys(digests)
+    c1 = time.process_time()
+    pos = index.find(*si.split_keys(keys))
+    c2 = time.process_time()
+    assert (pos == pick).all()
+    nbytes = sum(a.nbytes for a in (index.hi, index.lo, index.shard, index.row))
+    return {
+        "entries": entries,
+        "lookups": lookups,
+        "bytes_in_memory": nbytes,
+        "hex_to_keys_cpu_s": round(c1 - c0, 2),
+        "find_cpu_s": round(c2 - c1, 2),
+    }
+
+
 def bench_formats(root: Path, n: int = 200_000, take: int = 20_000) -> dict:
     """The same vectors as Arrow IPC, Parquet and Lance: size and random row fetch time."""
     import pyarrow as pa
@@ -204,7 +239,9 @@ def bench_s3(root: Path, n: int) -> dict:
         run(files[:50])
         run(urls[:50])  # warm both paths (imports, connections)
         t_local = min(run(files), run(files))
+        cpu0 = _cpu_seconds(proc.pid)
         t_s3 = min(run(urls), run(urls))
+        server_cpu = (_cpu_seconds(proc.pid) - cpu0) / 2
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
@@ -214,7 +251,19 @@ def bench_s3(root: Path, n: int) -> dict:
         "local_s": round(t_local, 2),
         "s3_s": round(t_s3, 2),
         "ratio": round(t_s3 / t_local, 2),
+        # moto's server is Python: its CPU per request bounds the S3 side on 2 shared cores
+        "server_cpu_s": round(server_cpu, 2),
+        "server_cpu_ms_per_object": round(1000 * server_cpu / n, 1),
     }
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lookups", type=int, default=1_000_000)
     ap.add_argument("--shard-rows", type=int, default=65536)
     ap.add_argument("--formats", action="store_true", help="Arrow IPC vs Parquet vs Lance")
+    ap.add_argument(
+        "--index-entries",
+        type=int,
+        default=10_000_000,
+        help="size of the index-only measurement (0: skip)",
+    )
     ap.add_argument("--s3", action="store_true", help="local S3 server vs local disk")
     ap.add_argument("--recordings", type=int, default=1000)
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
@@ -240,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
         where = a.keep if a.keep is not None else work / "store"
         doc["store"] = bench_store(where, a.entries, min(a.lookups, a.entries), a.shard_rows)
         print(json.dumps(doc["store"]), file=sys.stderr)
+        if a.index_entries:
+            doc["index"] = bench_index(a.index_entries, min(a.lookups, a.index_entries))
+            print(json.dumps(doc["index"]), file=sys.stderr)
         if a.formats:
             (work / "fmt").mkdir()
             doc["formats"] = bench_formats(work / "fmt")
