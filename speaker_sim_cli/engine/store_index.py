@@ -119,8 +119,8 @@ def encode(shards: Sequence[str], index: Index) -> bytes:
         index.shard.astype("<u4").tobytes(),
         index.row.astype("<u4").tobytes(),
     ))  # fmt: skip
-    header = json.dumps({"shards": list(shards), "n": n, "crc": _crc(list(shards), n, body)})
-    header = header.encode()
+    doc = {"shards": list(shards), "n": n, "crc": _crc(list(shards), n, body)}
+    header = json.dumps(doc).encode()
     head = MAGIC + len(header).to_bytes(4, "little") + header
     return head + b"\0" * (-len(head) % 8) + body
 
