@@ -9,8 +9,6 @@ are fetched (retried on transient errors) and decoded from memory.
 from __future__ import annotations
 
 import io
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,32 +120,19 @@ def load(
     return _finish(url or str(p), wav, rate, sample_rate, resampler)
 
 
-# Bytes of URLs fetched by probe(), reused by the load() that usually follows in this process.
-_FETCHED: OrderedDict[str, bytes] = OrderedDict()
-_FETCHED_MAX = 256 << 20
-_FETCH_LOCK = threading.Lock()
-
-
 def _fetch(url: str, keep: bool = False) -> bytes:
-    """The object's bytes (AudioError naming the URL when it cannot be had)."""
-    with _FETCH_LOCK:
-        data = _FETCHED.pop(url, None)
-    if data is None:
-        try:
-            data = storage.read_bytes(url)
-        except FileNotFoundError:
-            raise AudioError(url, "object not found") from None
-        except IsADirectoryError:
-            raise AudioError(url, "is a folder, not an audio object") from None
-        except OSError as exc:
-            raise AudioError(url, f"cannot read ({exc.strerror or exc})") from None
+    """The object's bytes (AudioError naming the URL when it cannot be had). ``keep``: leave
+    them for the next read (the decode after a probe)."""
+    try:
+        data = storage.read_bytes(url, keep=keep)
+    except FileNotFoundError:
+        raise AudioError(url, "object not found") from None
+    except IsADirectoryError:
+        raise AudioError(url, "is a folder, not an audio object") from None
+    except OSError as exc:
+        raise AudioError(url, f"cannot read ({exc.strerror or exc})") from None
     if not data:
         raise AudioError(url, "empty object (0 bytes)")
-    if keep and len(data) < _FETCHED_MAX // 4:
-        with _FETCH_LOCK:
-            _FETCHED[url] = data
-            while sum(len(v) for v in _FETCHED.values()) > _FETCHED_MAX:
-                _FETCHED.popitem(last=False)
     return data
 
 

@@ -26,7 +26,9 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -172,26 +174,78 @@ def _retrying(url: str, fn: Callable[[], T]) -> T:
 
 
 # -- reads -------------------------------------------------------------------------------------
-def read_bytes(x: str | os.PathLike[str]) -> bytes:
-    """The whole file or object. Raises OSError (FileNotFoundError when it does not exist)."""
+# Bytes of recent URL reads made with keep=True (content hashing, header probes), handed to
+# the next read of the same URL (the decode that follows) instead of fetching it again; DataLoader
+# workers forked afterwards inherit them. Bounded; a kept object is used once.
+_KEPT: OrderedDict[str, bytes] = OrderedDict()
+_KEPT_MAX = 256 << 20
+_KEPT_LOCK = threading.Lock()
+
+
+def _keep(url: str, data: bytes) -> None:
+    if len(data) > _KEPT_MAX // 8:
+        return
+    with _KEPT_LOCK:
+        _KEPT[url] = data
+        total = sum(len(v) for v in _KEPT.values())
+        while total > _KEPT_MAX:
+            total -= len(_KEPT.popitem(last=False)[1])
+
+
+def read_bytes(x: str | os.PathLike[str], keep: bool = False) -> bytes:
+    """The whole file or object. Raises OSError (FileNotFoundError when it does not exist).
+    ``keep``: hold a URL's bytes for the next read of it (see ``_KEPT``)."""
     s = as_url(x)
     if not is_url(s):
         return Path(s).read_bytes()
-    fs, path = filesystem(s)
-    return _retrying(s, lambda: fs.cat_file(path))
+    with _KEPT_LOCK:
+        data = _KEPT.pop(s, None)
+    if data is None:
+        fs, path = filesystem(s)
+        data = _retrying(s, lambda: fs.cat_file(path))
+    if keep:
+        _keep(s, data)
+    return data
 
 
-def read_many(items: Sequence[str], threads: int = FETCH_THREADS) -> list[bytes | OSError]:
-    """:func:`read_bytes` of each item, ``threads`` at a time, errors returned in place."""
+def read_many(
+    items: Sequence[str], threads: int = FETCH_THREADS, keep: bool = False
+) -> list[bytes | OSError]:
+    """:func:`read_bytes` of each item, errors returned in place. URLs of one filesystem are
+    fetched in one asynchronous batch (fsspec ``cat``; fsspec bounds how many are in flight),
+    local files ``threads`` at a time; a transient failure is retried alone."""
     from ..paths import map_in_threads
 
-    def one(x: str) -> bytes | OSError:
+    out: list[bytes | OSError | None] = [None] * len(items)
+    urls = [as_url(x) for x in items]
+    remote = [i for i, u in enumerate(urls) if is_url(u)]
+    by_fs: dict[int, tuple[Any, list[int]]] = {}
+    for i in remote:
+        fs, _ = filesystem(urls[i])
+        by_fs.setdefault(id(fs), (fs, []))[1].append(i)
+    for fs, idx in by_fs.values():
+        paths = [filesystem(urls[i])[1] for i in idx]
         try:
-            return read_bytes(x)
+            got = fs.cat(paths, on_error="return")
+        except Exception:
+            got = {}
+        for i, p in zip(idx, paths):
+            data = got.get(p) if isinstance(got, dict) else None
+            if isinstance(data, bytes):
+                out[i] = data
+                if keep:
+                    _keep(urls[i], data)
+
+    def one(i: int) -> bytes | OSError:
+        try:
+            return read_bytes(urls[i], keep=keep)
         except OSError as exc:
             return exc
 
-    return map_in_threads(one, items, threads)
+    rest = [i for i in range(len(items)) if out[i] is None]
+    for i, r in zip(rest, map_in_threads(one, rest, threads)):
+        out[i] = r
+    return out  # type: ignore[return-value]
 
 
 def info(x: str | os.PathLike[str]) -> dict[str, Any]:
@@ -317,7 +371,7 @@ def content_sha256(url: str, memo: Any = None) -> str:
         digest = memo.get(url, stamp)
         if digest is not None:
             return str(digest)
-    digest = hashlib.sha256(read_bytes(url)).hexdigest()
+    digest = hashlib.sha256(read_bytes(url, keep=True)).hexdigest()  # kept for the decode
     if memo is not None and doc["etag"]:
         memo.put(url, stamp, digest)
     return digest
