@@ -343,3 +343,26 @@ def test_url_survives_pathlib_and_joins(scheme, bucket, parts):
     assert storage.join(storage.url_parent(url), parts[-1]) == url
     assert storage.join(url, "/abs/local.wav") == "/abs/local.wav"
     assert not storage.is_url(f"{bucket}/{parts[0]}")
+
+
+def test_wav_scp_and_trial_items_keep_their_urls(tmp_path):
+    from speaker_sim_cli.io.trials import read_trials, read_wav_scp, resolve_trial_items
+    from speaker_sim_cli.records import TrialList
+
+    scp = tmp_path / "wav.scp"
+    scp.write_text("u1 s3://bucket/a/u1.wav\nu2 https://host:8080/x/u2.flac\nu3 rel/u3.wav\n")
+    table = read_wav_scp(scp)
+    tl = TrialList(["u1", "u1"], ["u2", "u3"], None, str(tmp_path / "t.txt"), "kaldi")
+    recs, missing = resolve_trial_items(tl, None, table, "s3://bucket/lists")  # type: ignore[arg-type]
+    assert not missing
+    got = {k: storage.as_url(r.path) for k, r in recs.items()}
+    assert got == {
+        "u1": "s3://bucket/a/u1.wav",
+        "u2": "https://host:8080/x/u2.flac",
+        "u3": "s3://bucket/lists/rel/u3.wav",
+    }
+    local = tmp_path / "t.csv"
+    local.write_text("enrollment,test\ns3://bucket/a/u1.wav,b.wav\n")
+    recs, _ = resolve_trial_items(read_trials(local))
+    assert storage.as_url(recs["s3://bucket/a/u1.wav"].path) == "s3://bucket/a/u1.wav"
+    assert recs["b.wav"].path == tmp_path / "b.wav"
