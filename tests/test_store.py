@@ -252,6 +252,22 @@ def test_prune_keeps_what_a_trial_list_needs(tmp_path):
     assert row["entries"] == 2 and row["shards"] == 1
 
 
+def test_compact_merges_small_shards_keeping_the_newest_copy(tmp_path):
+    keys = [key(i) for i in range(90)]
+    cache = EmbeddingCache(tmp_path, BASE, DIM)
+    fill(cache, keys, 10)  # nine small shards
+    cache.put(keys[3], np.full(DIM, 7, np.float32))  # a newer copy of one key
+    cache.flush()
+    res = CliRunner().invoke(app, ["cache", "compact", "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0 and "merged 10 small shard(s) into 1" in res.output
+    assert len(list(Path(cache.dir, "shards").glob("*.arrow"))) == 1
+    mat, found = EmbeddingCache(tmp_path, BASE, DIM).get_many(keys)
+    assert found.all()
+    want = np.stack([vec(k) for k in keys])
+    want[3] = 7
+    np.testing.assert_array_equal(mat, want)
+
+
 # -- fuzzing: the index file and shard readers ----------------------------------------------------
 def _valid_index(n: int, seed: int) -> bytes:
     rng = np.random.default_rng(seed)

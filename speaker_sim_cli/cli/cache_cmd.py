@@ -1,4 +1,4 @@
-"""``speaker-sim cache info|clear|verify|migrate|prune``: what the embedding store holds,
+"""``speaker-sim cache info|clear|verify|migrate|prune|compact``: what the embedding store holds,
 checking it, moving legacy per-file caches into it, and trimming or emptying it."""
 
 from __future__ import annotations
@@ -159,6 +159,20 @@ def migrate(cache_dir: c.CacheDirOpt = None, quiet: c.QuietOpt = False) -> None:
         got = move(root) if _exists(root) else {"moved": 0, "bad": 0}
         bad = f"; {got['bad']} unreadable file(s) left in place" if got["bad"] else ""
         say(f"moved {got['moved']} embedding(s) into shards in {root}{bad}")
+
+
+@cache_app.command("compact")
+def compact(cache_dir: c.CacheDirOpt = None, quiet: c.QuietOpt = False) -> None:
+    """Merge small shards (runs commit one every 10 s) into full ones. Run it while nothing
+    else uses the cache."""
+    STATE["quiet"] = quiet
+    with errors_to_exit():
+        from ..engine.store_admin import compact as merge
+
+        root = _root(cache_dir)
+        got = merge(root) if _exists(root) else {"merged": 0, "written": 0, "entries": 0}
+        say(f"merged {got['merged']} small shard(s) into {got['written']} "
+            f"({got['entries']} entries) in {root}")  # fmt: skip
 
 
 @cache_app.command("prune")

@@ -1,8 +1,9 @@
-"""Whole-cache maintenance: info, clear, migrate legacy ``.npy`` files, verify, prune.
+"""Whole-cache maintenance: info, clear, migrate legacy ``.npy`` files, verify, prune, compact.
 
 Torch-free; called by ``speaker-sim cache ...``. ``info`` reads the shard listing and the
-compacted index (never every shard); ``verify`` reads every shard; ``migrate`` and ``prune``
-rewrite shards and should run while no other process writes the same cache.
+compacted index (never every shard); ``verify`` reads every shard; ``migrate``, ``prune`` and
+``compact`` rewrite shards and should run while no other process uses the same cache (a reader
+that loses a shard recomputes its entries; it never reads a wrong one).
 """
 
 from __future__ import annotations
@@ -214,3 +215,41 @@ def prune(root: Path | str, keep: set[str]) -> dict[str, int]:
                     f.unlink()
                 removed += 1
     return {"kept": kept, "removed": removed}
+
+
+def compact(root: Path | str, small: int = SHARD_ROWS // 2) -> dict[str, int]:
+    """Merge the shards under ``small`` rows (runs commit every 10 s, so long runs leave many)
+    into full ones, keeping the newest copy of each key; damaged shards are left for
+    ``verify``. Returns counts: shards merged, shards written, entries."""
+    merged = written = entries = 0
+    for d, meta in settings(root):
+        st = _store(d, meta)
+        if st is None:
+            continue
+        names, keys, vecs = [], [], []
+        for name in st.shard_names():
+            try:
+                sh = st.open_shard(name)
+            except Exception:
+                continue
+            if len(sh.keys) >= small:
+                continue
+            names.append(name)
+            keys.append(np.array(sh.keys))
+            vecs.append(np.array(sh.vec))
+        if len(names) < 2:
+            continue
+        k, v = np.concatenate(keys), np.concatenate(vecs)
+        # Newest copy of each key: the last occurrence (shards are listed oldest first).
+        _, last = np.unique(k[::-1], axis=0, return_index=True)
+        keep = np.sort(len(k) - 1 - last)
+        k, v = k[keep], v[keep]
+        for s in range(0, len(k), SHARD_ROWS):
+            st.put_many([x.tobytes().hex() for x in k[s : s + SHARD_ROWS]], v[s : s + SHARD_ROWS])
+            st.flush()
+            written += 1
+        st.remove_shards(names)
+        st.compact()
+        merged += len(names)
+        entries += len(k)
+    return {"merged": merged, "written": written, "entries": entries}
