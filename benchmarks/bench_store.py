@@ -254,7 +254,8 @@ def bench_s3(root: Path, n: int) -> dict:
         proc.communicate(timeout=30)
     return {
         "recordings": n,
-        "in_flight": threads,
+        "fetched_at_once": 250,
+        "decode_threads": threads,
         "local_s": round(t_local, 2),
         "s3_s": round(t_s3, 2),
         "ratio": round(t_s3 / t_local, 2),
