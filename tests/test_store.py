@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -97,6 +98,7 @@ def test_a_key_written_twice_returns_the_newest(tmp_path):
 KILLED_WRITER = """
 import hashlib, sys
 import numpy as np
+import pytest
 from pathlib import Path
 from speaker_sim_cli.engine.cache import EmbeddingCache
 root, base = Path(sys.argv[1]), {"format": 1, "model": "test-model",
@@ -356,3 +358,35 @@ def test_a_damaged_shard_never_gives_a_wrong_vector(tmp_path_factory, flips, cut
     mat, found = st_.get_many([key(i) for i in range(12)])
     np.testing.assert_array_equal(mat[found], SHARD_VECS[found])
     assert len(sh.vec) == 12 or not found.any() or found.sum() <= len(sh.vec)
+
+
+@pytest.mark.weights
+def test_score_recomputes_the_entries_of_a_corrupted_shard(shared, real_ckpt, tmp_path):
+    files = sorted((shared / "audio" / "vctk").rglob("*.wav"))[::10][:3]
+    trials = tmp_path / "t.csv"
+    trials.write_text("enrollment,test\n" + "".join(f"{a},{b}\n" for a in files for b in files
+                                                    if a < b))  # fmt: skip
+    cache = tmp_path / "cache"
+    runner = CliRunner()
+
+    def score(name: str) -> tuple[str, dict]:
+        out, report = tmp_path / f"{name}.csv", tmp_path / f"{name}.json"
+        res = runner.invoke(app, ["score", str(trials), "-o", str(out), "--report", str(report),
+                                  "--cache-dir", str(cache), "--model-dir", str(real_ckpt.parent),
+                                  "--device", "cpu", "--workers", "0", "-q"])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        return out.read_text(), json.loads(report.read_text())["counts"]
+
+    first, counts = score("cold")
+    assert counts["embedded"] == 3
+    (shard,) = cache.glob("emb/*/shards/*.arrow")
+    data = bytearray(shard.read_bytes())
+    where = data.find(bytes.fromhex(hashlib.sha256(files[1].read_bytes()).hexdigest()))
+    assert where > 0
+    data[where + 3] ^= 0xFF  # the stored key of the second recording no longer matches its row
+    shard.write_bytes(bytes(data))
+    res = runner.invoke(app, ["cache", "verify", "--cache-dir", str(cache)])
+    assert res.exit_code == 1 and shard.name in res.output.replace("\n", "")
+    again, counts = score("warm")
+    assert (counts["embedded"], counts["from_cache"]) == (1, 2)
+    assert again == first
