@@ -17,7 +17,7 @@ from .engine.cache import EmbeddingCache
 from .engine.config import EngineConfig, EngineStats, choose_backend, fp32_submodules
 from .engine.shard import embed_sharded, split_devices
 from .errors import AudioError, UsageError
-from .io.storage import as_url
+from .io.storage import as_url, is_url
 from .models.registry import ModelSpec, resolve_model
 from .models.weights import Found, checkpoint_hash, load_spec_checkpoint, resolve_checkpoint
 from .paths import default_cache_dir, map_in_threads
@@ -65,8 +65,12 @@ class Extractor:
         # Set when the model loads: "torch" or "onnxruntime", and why (--backend).
         self.backend = "not loaded"
         self.backend_reason = ""
-        self.cache_root = Path(cache_dir).expanduser() if cache_dir else None
-        root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        # Exported graphs stay on local disk when the cache is a URL (s3://...).
+        local = bool(cache_dir) and not is_url(str(cache_dir))
+        self.cache_root = Path(cache_dir).expanduser() if local and cache_dir else None
+        root: Path | str = default_cache_dir()
+        if cache_dir:
+            root = as_url(cache_dir) if not local else Path(cache_dir).expanduser()
         self.cache = EmbeddingCache(root if use_cache else None, self.ingredients(), self.spec.dim)
         # --ray: the misses are embedded on a Ray cluster (engine/ray_engine.py), lazily too.
         self.ray = ray
