@@ -17,7 +17,7 @@ $(BIN)/speaker-sim: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[dev,ray,onnx,server]'
+	$(BIN)/python -m pip install -q -e '.[dev,ray,onnx,server,storage]'
 	touch $@
 
 install: $(BIN)/speaker-sim pretrained
@@ -58,6 +58,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_metrics.py
 	$(BIN)/python benchmarks/bench_serve.py --out bench-results/serve.json
 	$(BIN)/python benchmarks/bench_warm.py --out bench-results/warm.json
+	SPEAKER_SIM_SHARED=$(SHARED) $(BIN)/python benchmarks/bench_store.py --formats --s3 --out bench-results/store.json
 	$(BIN)/python benchmarks/bench_ray.py --out bench-results/ray.json
 	$(BIN)/python benchmarks/bench_wavlm.py --seconds 30 --out bench-results/wavlm.json
 	$(BIN)/python benchmarks/bench_voiceprints.py --out bench-results/voiceprints.json

@@ -19,6 +19,7 @@ from .engine.cache import EmbeddingCache
 from .engine.config import EngineConfig, EngineStats, choose_backend, fp32_submodules
 from .engine.shard import embed_sharded, split_devices
 from .errors import AudioError, UsageError
+from .io.storage import as_url, is_url
 from .models.registry import ModelSpec, resolve_model
 from .models.weights import Found, checkpoint_hash, load_spec_checkpoint, resolve_checkpoint
 from .paths import default_cache_dir, map_in_threads
@@ -77,8 +78,12 @@ class Extractor:
         # Set when the model loads: "torch" or "onnxruntime", and why (--backend).
         self.backend = "not loaded"
         self.backend_reason = ""
-        self.cache_root = Path(cache_dir).expanduser() if cache_dir else None
-        root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        # Exported graphs stay on local disk when the cache is a URL (s3://...).
+        local = bool(cache_dir) and not is_url(str(cache_dir))
+        self.cache_root = Path(cache_dir).expanduser() if local and cache_dir else None
+        root: Path | str = default_cache_dir()
+        if cache_dir:
+            root = as_url(cache_dir) if not local else Path(cache_dir).expanduser()
         self.cache = EmbeddingCache(root if use_cache else None, self.ingredients(), self.spec.dim)
         # --ray: the misses are embedded on a Ray cluster (engine/ray_engine.py), lazily too.
         self.ray = ray
@@ -236,12 +241,13 @@ class Extractor:
             by_digest.setdefault(digest, []).append(p)
         misses: list[str] = []
         cached = 0
-        for digest, ps in by_digest.items():
-            hit = self.cache.get(digest)
-            if hit is None:
+        digests = list(by_digest)
+        hits, found = self.cache.get_many(digests)  # one index search for all of them
+        for digest, hit, ok in zip(digests, hits, found):
+            if not ok:
                 misses.append(digest)
                 continue
-            for p in ps:
+            for p in by_digest[digest]:
                 embeddings[p] = hit
             cached += 1
         todo: list[str] = []
@@ -306,6 +312,8 @@ class Extractor:
                     close = getattr(stream, "close", None)
                     if close is not None:  # stops shard processes when the run stops early
                         close()
+            if not remote:
+                self.cache.flush()  # commit the buffered embeddings as one shard
         return EmbedResult(embeddings, failures, embedded, cached, time.perf_counter() - t0)
 
 

@@ -310,6 +310,12 @@ def test_corrupt_entries_are_detected_and_recomputed(real_ckpt, tmp_path):
     cache = tmp_path / "cache"
     first = extractor(real_ckpt.parent, cache)
     ref = stack(embed(first, paths), paths)
+    # As an older version left them: one .npy per recording (read on a store miss).
+    shutil.rmtree(first.cache.dir / "shards")
+    for p, v in zip(paths, ref):
+        legacy = first.cache._path(first.cache.file_hash(p))
+        legacy.parent.mkdir(parents=True, exist_ok=True)
+        np.save(legacy, v)
     for p, how in zip(paths, kinds):
         _corrupt(first.cache._path(first.cache.file_hash(p)), how)
     ex = extractor(real_ckpt.parent, cache)
@@ -317,7 +323,7 @@ def test_corrupt_entries_are_detected_and_recomputed(real_ckpt, tmp_path):
     assert (res.embedded, res.cached) == (len(kinds), 1)
     assert ex.cache.stats.corrupt == len(kinds)
     np.testing.assert_allclose(stack(res, paths), ref, rtol=0, atol=1e-5)
-    # Rewritten in place: every entry loads valid now, and a third run embeds nothing.
+    # Recomputed into the store: every entry loads valid now, and a third run embeds nothing.
     for p in paths:
         assert ex.cache.get(ex.cache.file_hash(p)) is not None
     again = embed(extractor(real_ckpt.parent, cache), paths)

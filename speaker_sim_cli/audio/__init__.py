@@ -1,6 +1,7 @@
 """Audio in, features out: decoding (soundfile, channel choice, soxr resampling), the file
 formats we recognise, and the front ends (frozen configs, torch-free; batched torch compute).
 
-May import: ``errors``, ``records``, ``paths``. Never ``engine``, ``pipeline``, ``cli``. Only
+May import: ``errors``, ``records``, ``paths``, ``io.storage`` (URLs).
+Never ``engine``, ``pipeline``, ``cli``. Only
 ``features`` imports torch.
 """

@@ -2,10 +2,13 @@
 
 soundfile decodes (wav, flac, ogg, mp3; any PCM or float subtype) to float32, channel 0 is kept,
 and soxr resamples at its default (HQ) quality, which reproduces sox's ``rate`` to cosine 1.00000.
+A recording may be a URL (``s3://``, ``gs://``, ``http(s)://``: :mod:`..io.storage`): its bytes
+are fetched (retried on transient errors) and decoded from memory.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AudioError
+from ..io import storage
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,17 @@ def probe(path: str | Path) -> AudioInfo:
 
     if is_command(path):
         return AudioInfo(0, 0, 1, "pipe", "")
+    if storage.is_url(path):
+        url = storage.as_url(path)
+        try:
+            info = sf.info(io.BytesIO(_fetch(url, keep=True)))
+        except AudioError:
+            raise
+        except Exception as exc:
+            raise AudioError(url, f"cannot decode audio ({_sf_reason(exc)})") from None
+        if info.frames == 0:
+            raise AudioError(url, "no samples (the header says 0 frames)")
+        return AudioInfo(info.samplerate, info.frames, info.channels, info.format, info.subtype)
     p = Path(path)
     _check_file(p)
     try:
@@ -79,10 +94,12 @@ def load(
 
     if is_command(path):
         return _load_command(str(path), sample_rate, channel, command_timeout, resampler)
+    url = storage.as_url(path) if storage.is_url(path) else None
     p = Path(path)
-    _check_file(p)
+    if url is None:
+        _check_file(p)
     try:
-        with sf.SoundFile(str(p)) as f:
+        with sf.SoundFile(io.BytesIO(_fetch(url)) if url else str(p)) as f:
             rate, channels, frames = f.samplerate, f.channels, f.frames
             pick = _channel_picker(str(p), channel, channels)
             if channels > 1 and frames * channels > _BLOCK_READ_SAMPLES:
@@ -95,10 +112,28 @@ def load(
     except AudioError:
         raise
     except MemoryError:
-        raise AudioError(str(p), "too long to decode in memory") from None
+        raise AudioError(url or str(p), "too long to decode in memory") from None
     except Exception as exc:
+        if url:
+            raise AudioError(url, f"cannot decode audio ({_sf_reason(exc)})") from None
         raise AudioError(str(p), _decode_reason(p, exc)) from None
-    return _finish(str(p), wav, rate, sample_rate, resampler)
+    return _finish(url or str(p), wav, rate, sample_rate, resampler)
+
+
+def _fetch(url: str, keep: bool = False) -> bytes:
+    """The object's bytes (AudioError naming the URL when it cannot be had). ``keep``: leave
+    them for the next read (the decode after a probe)."""
+    try:
+        data = storage.read_bytes(url, keep=keep)
+    except FileNotFoundError:
+        raise AudioError(url, "object not found") from None
+    except IsADirectoryError:
+        raise AudioError(url, "is a folder, not an audio object") from None
+    except OSError as exc:
+        raise AudioError(url, f"cannot read ({exc.strerror or exc})") from None
+    if not data:
+        raise AudioError(url, "empty object (0 bytes)")
+    return data
 
 
 def _finish(
@@ -117,7 +152,6 @@ def _finish(
 def _load_command(
     cmd: str, sample_rate: int, channel: int | str, timeout: float, resampler: str = "soxr"
 ) -> np.ndarray:
-    import io
     import subprocess
 
     import soundfile as sf

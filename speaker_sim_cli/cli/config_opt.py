@@ -1,7 +1,8 @@
 """``--config FILE.yaml`` on every command that takes options.
 
 The file's keys are the command's option names (``batch_size`` or ``batch-size``; positional
-arguments by their name, e.g. ``trials``); its values become the command's defaults, so a flag
+arguments by their name, e.g. ``trials``), plus ``storage_options`` (a mapping, as the app's
+``--storage-options``); its values become the command's defaults, so a flag
 given on the command line always wins. An unknown key or a value of the wrong type is a usage
 error (exit 2) naming the file, the key and what is allowed. A shipped preset can be named
 instead of a path (``--config voxceleb1-o``; ``speaker-sim models --presets`` lists them).
@@ -109,6 +110,18 @@ def _load(ctx: typer.Context, param: typer.CallbackParam, value: str | None) -> 
     allowed = _allowed(ctx.command)
     defaults: dict[str, Any] = {}
     for key, val in data.items():
+        if key.replace("-", "_") == "storage_options":  # the app-level --storage-options
+            if not isinstance(val, dict):
+                raise typer.BadParameter(
+                    f"{path}: key {key!r} takes a mapping of filesystem options",
+                    ctx=ctx,
+                    param=cast(Any, param),
+                )
+            if not STATE.get("storage_options_flag"):  # the command line wins
+                from ..io.storage import set_options
+
+                set_options(val)
+            continue
         p = allowed.get(key)
         if p is None:
             raise typer.BadParameter(

@@ -41,8 +41,28 @@ app = typer.Typer(
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    storage_options: Annotated[
+        str | None,
+        typer.Option(
+            "--storage-options",
+            metavar="JSON",
+            help="fsspec options for s3:// gs:// http(s):// paths, e.g. "
+            '\'{"endpoint_url": "http://127.0.0.1:9000"}\' (or per scheme: {"s3": {...}}; '
+            "default: $SPEAKER_SIM_STORAGE_OPTIONS). Credentials come from the usual "
+            "environment and config files.",
+        ),
+    ] = None,
 ) -> None:
     STATE["debug"] = debug or os.environ.get("SPEAKER_SIM_DEBUG") == "1"
+    STATE["storage_options_flag"] = storage_options is not None
+    if storage_options is not None:
+        from ..errors import UsageError
+        from ..io.storage import set_options
+
+        try:
+            set_options(storage_options)
+        except UsageError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--storage-options") from None
 
 
 app.command(cls=RayCommand)(score)  # --ray [ADDRESS]

@@ -121,6 +121,11 @@ def atomic_text_output(path: Path | None, write: WriteFn) -> int:
     """Run ``write(stream)`` into ``path`` atomically (temp + rename), or to stdout."""
     if path is None:
         return write(sys.stdout)
+    from . import storage
+
+    if storage.is_url(path):  # written locally, then uploaded in one PUT
+        with storage.atomic_output(path) as out, open(out, "w", encoding="utf-8", newline="") as f:
+            return write(f)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import UsageError
 from ..records import Recording, TrialList
+from . import storage
 
 ENROLL_NAMES = (
     "enrollment",
@@ -60,7 +61,20 @@ def parse_label(value: str, where: str) -> int:
     raise UsageError(f"{where}: unknown label {value!r} (use 1/0, target/nontarget or true/false)")
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path | str) -> str:
+    if storage.is_url(path):
+        url = storage.as_url(path)
+        try:
+            data = storage.read_bytes(url)
+        except FileNotFoundError:
+            raise UsageError(f"{url}: object not found") from None
+        except OSError as exc:
+            raise UsageError(f"{url}: cannot read ({exc.strerror or exc})") from None
+        try:
+            return data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise UsageError(f"{url}: not a UTF-8 text file") from None
+    path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: file not found")
     if path.is_dir():
@@ -82,6 +96,8 @@ def read_trials(path: str | Path, gen_dir: str | Path | None = None) -> TrialLis
     meta.lst) are read by :func:`speaker_sim_cli.io.pairs.read_pairs`.
     """
     p = Path(path)
+    if storage.is_url(path):  # a str that prints as the URL (Path would fold its "//")
+        p = _UrlName(storage.as_url(path))  # type: ignore[assignment]
     text = read_text(p)
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     if not lines:
@@ -222,7 +238,7 @@ def _read_whitespace(p: Path, lines: list[tuple[int, str]]) -> TrialList:
 
 def read_wav_scp(path: str | Path, allow_commands: bool = False) -> dict[str, str]:
     """Kaldi wav.scp: ``utt path`` (the path may contain spaces). Raises UsageError."""
-    p = Path(path)
+    p = _UrlName(storage.as_url(path)) if storage.is_url(path) else Path(path)
     out: dict[str, str] = {}
     for lineno, line in enumerate(read_text(p).splitlines(), 1):
         if not line.strip():
@@ -251,18 +267,19 @@ def read_inputs(inputs: Sequence[str | Path]) -> list[Recording]:
     recs: list[Recording] = []
     for item in inputs:
         p = Path(item)
+        url = storage.as_url(item) if storage.is_url(item) else None
         if is_audio_path(p):
-            recs.append(Recording(str(item), p.resolve()))
+            recs.append(Recording(url or str(item), Path(url) if url else p.resolve()))
             continue
-        text = read_text(p)
-        base = p.parent
+        text = read_text(url or p)
+        base: Path | str = storage.url_parent(url) if url else p.parent
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if p.suffix == ".scp" or (
             all(len(ln.split(maxsplit=1)) == 2 for ln in lines)
             and not any(is_audio_path(Path(ln.split()[0])) for ln in lines)
-            and not any(resolve_path(ln, base).exists() for ln in lines[:20])
+            and (url is not None or not any(resolve_path(ln, base).exists() for ln in lines[:20]))
         ):
-            for utt, target in read_wav_scp(p).items():
+            for utt, target in read_wav_scp(url or p).items():
                 recs.append(Recording(utt, resolve_path(target, base)))
         else:
             recs.extend(Recording(ln, resolve_path(ln, base)) for ln in lines)
@@ -271,11 +288,38 @@ def read_inputs(inputs: Sequence[str | Path]) -> list[Recording]:
     return recs
 
 
-def resolve_path(item: str, root: Path) -> Path:
+def resolve_path(item: str, root: Path | str) -> Path:
+    """``item`` against ``root``. A URL (or an item under a URL root) comes back as a Path
+    that folds ``//``; :func:`storage.as_url` restores it where it is opened."""
     if item.rstrip().endswith("|"):  # a wav.scp command, run as written
         return Path(item)
+    if storage.is_url(item) or storage.is_url(root):
+        return Path(storage.join(root, item))
     p = Path(item).expanduser()
-    return p if p.is_absolute() else (root / p)
+    return p if p.is_absolute() else (Path(root) / p)
+
+
+class _UrlName(str):
+    """A URL standing where a path is expected: ``.parent`` is the URL's folder."""
+
+    @property
+    def parent(self) -> str:
+        return storage.url_parent(self)
+
+    @property
+    def suffix(self) -> str:
+        return Path(self).suffix
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+
+def source_folder(source: str) -> Path | str:
+    """The folder of a trial list (a URL's folder for a URL), against which items resolve."""
+    if storage.is_url(source):
+        return storage.url_parent(source)
+    return Path(source).resolve().parent
 
 
 def resolve_trial_items(
@@ -301,9 +345,10 @@ def resolve_trial_items(
                 missing[it] = "utterance id not in wav.scp"
         return out, missing
     if root is None:
-        root = guess_root(Path(trials.source).resolve().parent, items)
+        folder = source_folder(trials.source)
+        root = guess_root(folder, items) if isinstance(folder, Path) else folder  # type: ignore[assignment]
     for it in items:
-        out[it] = Recording(it, resolve_path(it, root))
+        out[it] = Recording(it, resolve_path(it, root))  # type: ignore[arg-type]
     return out, missing
 
 

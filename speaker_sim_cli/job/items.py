@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io.storage import as_url
 from ..pipeline import EmbeddingSource
 from ..records import EmbedResult, Failure, Recording, TrialList
 
@@ -137,14 +138,14 @@ def embed_items(
     good = list(vectors)
     mat = np.stack([vectors[k] for k in good]) if good else np.zeros((0, source.dim))
     cohort = _cohort(opt, res, vec) if opt.norm else None
-    failures = [Failure(k, str(recordings[k].path) if k in recordings else k, r)
+    failures = [Failure(k, as_url(recordings[k].path) if k in recordings else k, r)
                 for k, r in item_reason.items()]  # fmt: skip
     seen = {f.path for f in failures}
     for r in extra:  # enrolment-map, cohort and mean recordings that failed
         why = res.failures.get(str(r.path))
-        if why is not None and str(r.path) not in seen:
-            failures.append(Failure(r.key, str(r.path), why))
-            seen.add(str(r.path))
+        if why is not None and as_url(r.path) not in seen:
+            failures.append(Failure(r.key, as_url(r.path), why))
+            seen.add(as_url(r.path))
     return Embedded(ItemVectors(good, mat, item_reason, cohort, info), failures, res, len(paths))
 
 

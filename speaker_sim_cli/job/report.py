@@ -38,10 +38,10 @@ def json_bytes(doc: dict[str, Any]) -> bytes:
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
-    """Write ``doc`` to ``path`` atomically (temp + rename)."""
-    from ..paths import atomic_write_bytes
+    """Write ``doc`` to ``path`` (a local path or a URL such as ``s3://...``) atomically."""
+    from ..io.storage import atomic_write
 
-    atomic_write_bytes(path, json_bytes(doc))
+    atomic_write(path, json_bytes(doc))
 
 
 @dataclass

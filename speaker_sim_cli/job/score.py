@@ -17,6 +17,8 @@ import numpy as np
 
 from ..engine.config import EngineStats
 from ..errors import UsageError
+from ..io.storage import is_url
+from ..io.trials import source_folder
 from ..pipeline import EmbeddingSource, Extractor
 from ..records import Recording, TrialList
 from .events import Progress, ProgressFn, embed_callbacks
@@ -84,14 +86,14 @@ class ScoreJob:
         if m.embeddings is not None and m.ray is not None:
             raise UsageError("--embeddings and --ray do not go together: nothing is embedded")
         scp = read_wav_scp(src.wav_scp, src.allow_commands) if src.wav_scp else None
-        if src.root is not None and not src.root.is_dir():
+        if src.root is not None and not is_url(src.root) and not src.root.is_dir():
             raise UsageError(f"--root {src.root}: not a folder")
         check_whitespace_safe(tl.items(), out.fmt)
         if self.scoring.score_scale and out.fmt != "csv":
             raise UsageError(f"--score-scale adds a column, which the {out.fmt} format has no "
                              "place for: use --format csv")  # fmt: skip
-        root = src.root or Path(tl.source).resolve().parent
-        return tl, scp, scoring_options(self.scoring, root, scp, src.scp_dir)
+        root = src.root or source_folder(tl.source)
+        return tl, scp, scoring_options(self.scoring, root, scp, src.scp_dir)  # type: ignore[arg-type]
 
     def _embedding_source(
         self, tl: TrialList, scp: dict[str, str] | None, options: ScoringOptions

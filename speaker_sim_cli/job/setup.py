@@ -51,7 +51,9 @@ class TrialSource:
 
     @property
     def scp_dir(self) -> Path | None:
-        return self.wav_scp.resolve().parent if self.wav_scp is not None else None
+        from ..io.trials import source_folder  # a URL's folder for a wav.scp in a bucket
+
+        return source_folder(str(self.wav_scp)) if self.wav_scp is not None else None  # type: ignore[return-value]
 
 
 @dataclass

@@ -1,0 +1,368 @@
+"""Object storage and URLs: a real S3-compatible server (moto's standalone server, in a
+subprocess on 127.0.0.1) and a local HTTP server, against the same scores from local files;
+missing objects, transient errors, and fuzzing of URL parsing."""
+
+from __future__ import annotations
+
+import csv
+import http.server
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from speaker_sim_cli.cli.main import app
+from speaker_sim_cli.io import storage
+
+FUZZ = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate],
+    print_blob=False,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+BUCKET = "speaker-sim-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.communicate()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on a free port; the storage options and fake credentials point at it."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", storage.ENV)
+    }
+    try:
+        wait_for_port(port, proc)
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
+        endpoint = f"http://127.0.0.1:{port}"
+        storage.set_options({"s3": {"endpoint_url": endpoint}})
+        fs, _ = storage.filesystem(f"s3://{BUCKET}")
+        fs.mkdir(BUCKET)
+        yield {"fs": fs, "endpoint": endpoint, "options": os.environ[storage.ENV]}
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def speech(shared) -> list[Path]:
+    return sorted((shared / "audio" / "vctk").rglob("*.wav"))[::10][:4]
+
+
+def run(args: list[str], options: str | None = None) -> object:
+    pre = ["--storage-options", options] if options else []
+    return CliRunner().invoke(app, [*pre, *args])
+
+
+def score_map(text: str) -> dict[tuple[str, str], float]:
+    rows = csv.DictReader(io.StringIO(text))
+    return {
+        (r["enrollment"].rsplit("/", 1)[-1], r["test"].rsplit("/", 1)[-1]): float(r["score"])
+        for r in rows
+        if r.get("score")
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.weights
+def test_s3_round_trip_gives_the_scores_of_local_files(s3, speech, real_ckpt, tmp_path):
+    fs = s3["fs"]
+    names = [p.name for p in speech]
+    for p in speech:
+        fs.put_file(str(p), f"{BUCKET}/rt/audio/{p.name}")
+    pairs = [(a, b) for a in names for b in names if a < b]
+    text = "enrollment,test\n" + "".join(f"audio/{a},audio/{b}\n" for a, b in pairs)
+    fs.pipe_file(f"{BUCKET}/rt/trials.csv", text.encode())
+    local = tmp_path / "local"
+    (local / "audio").mkdir(parents=True)
+    for p in speech:
+        (local / "audio" / p.name).write_bytes(p.read_bytes())
+    (local / "trials.csv").write_text(text)
+    common = ["--model-dir", str(real_ckpt.parent), "--device", "cpu", "--workers", "0", "-q"]
+    ref = run(["score", str(local / "trials.csv"), "--cache-dir", str(tmp_path / "c"), *common])
+    assert ref.exit_code == 0, ref.output
+    want = score_map(ref.stdout)
+    assert len(want) == len(pairs)
+    url = f"s3://{BUCKET}/rt"
+    for attempt in ("cold", "warm"):
+        res = run(
+            [
+                "score",
+                f"{url}/trials.csv",
+                "--out",
+                f"{url}/out/scores.csv",
+                "--report",
+                f"{url}/out/report.json",
+                "--cache-dir",
+                f"{url}/cache",
+                *common,
+            ],
+            s3["options"],
+        )
+        assert res.exit_code == 0, res.output
+        got = score_map(fs.cat_file(f"{BUCKET}/rt/out/scores.csv").decode())
+        assert got.keys() == want.keys()
+        for k in want:
+            assert abs(got[k] - want[k]) < 1e-6, (k, got[k], want[k])
+        report = json.loads(fs.cat_file(f"{BUCKET}/rt/out/report.json"))
+        counts = report["counts"]
+        if attempt == "cold":
+            assert counts["embedded"] == len(names) and counts["from_cache"] == 0
+        else:  # every vector comes back from the store in the bucket
+            assert counts["embedded"] == 0 and counts["from_cache"] == len(names)
+    shards = fs.glob(f"{BUCKET}/rt/cache/emb/*/shards/*.arrow")
+    assert len(shards) == 1
+    assert not fs.glob(f"{BUCKET}/rt/out/.*"), "temp objects left in the bucket"
+    info = run(["cache", "info", "--json", "--cache-dir", f"{url}/cache"], s3["options"])
+    assert info.exit_code == 0 and json.loads(info.stdout)["entries"] == len(names)
+
+
+@pytest.mark.slow
+@pytest.mark.weights
+def test_a_missing_object_fails_only_its_trials_with_its_url(s3, speech, real_ckpt, tmp_path):
+    fs = s3["fs"]
+    for p in speech[:2]:
+        fs.put_file(str(p), f"{BUCKET}/miss/{p.name}")
+    a, b = (f"s3://{BUCKET}/miss/{p.name}" for p in speech[:2])
+    gone = f"s3://{BUCKET}/miss/not-there.wav"
+    trials = tmp_path / "t.csv"
+    trials.write_text(f"enrollment,test\n{a},{b}\n{a},{gone}\n")
+    out = tmp_path / "s.csv"
+    res = run(
+        [
+            "score",
+            str(trials),
+            "-o",
+            str(out),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--model-dir",
+            str(real_ckpt.parent),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+        ],
+        s3["options"],
+    )
+    assert res.exit_code == 3, res.output
+    flat = " ".join(res.output.split())
+    assert gone in flat and "not found" in flat
+    rows = list(csv.DictReader(out.open()))
+    assert rows[0]["score"] and not rows[0]["error"]
+    assert not rows[1]["score"] and gone in rows[1]["error"]
+
+
+def test_a_missing_trial_list_in_a_bucket_is_a_usage_error(s3):
+    res = run(["score", f"s3://{BUCKET}/nothing/trials.csv"], s3["options"])
+    assert res.exit_code == 2 and f"s3://{BUCKET}/nothing/trials.csv" in res.output
+
+
+def test_bad_storage_options_are_a_usage_error():
+    res = run(["score", "x.csv"], "{not json")
+    assert res.exit_code == 2 and "--storage-options" in res.output
+
+
+def test_storage_options_from_a_config_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(storage.ENV, raising=False)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("storage_options:\n  s3:\n    endpoint_url: http://127.0.0.1:1\n")
+    res = run(["cache", "info", "--json", "--config", str(cfg), "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(os.environ[storage.ENV]) == {"s3": {"endpoint_url": "http://127.0.0.1:1"}}
+    cfg.write_text("storage_options: 3\n")
+    res = run(["cache", "info", "--config", str(cfg)])
+    assert res.exit_code == 2 and "storage_options" in res.output
+
+
+def test_atomic_output_to_a_bucket_is_all_or_nothing(s3):
+    fs = s3["fs"]
+    url = f"s3://{BUCKET}/atomic/out.txt"
+    with pytest.raises(RuntimeError), storage.atomic_output(url) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert not fs.exists(f"{BUCKET}/atomic/out.txt")
+    with storage.atomic_output(url) as tmp:
+        tmp.write_text("whole")
+    assert fs.cat_file(f"{BUCKET}/atomic/out.txt") == b"whole"
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+class FlakyHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; the first GET of each path answers 503 (a transient error)."""
+
+    seen: ClassVar[set[str]] = set()
+    lock = threading.Lock()
+
+    def do_GET(self) -> None:
+        with self.lock:
+            first = self.path not in self.seen
+            self.seen.add(self.path)
+        if first:
+            self.send_error(503, "try again")
+            return
+        super().do_GET()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_root(tmp_path_factory):
+    pytest.importorskip("aiohttp")
+    root = tmp_path_factory.mktemp("www")
+    handler = lambda *a, **k: FlakyHandler(*a, directory=str(root), **k)  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def test_http_reads_retry_a_transient_error(http_root):
+    root, base = http_root
+    (root / "retry.txt").write_bytes(b"payload")
+    assert storage.read_bytes(f"{base}/retry.txt") == b"payload"  # 503 first, then 200
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"{base}/absent.txt")
+
+
+@pytest.mark.slow
+@pytest.mark.weights
+def test_http_recordings_score_as_local_files(http_root, speech, real_ckpt, tmp_path):
+    root, base = http_root
+    for p in speech[:3]:
+        (root / p.name).write_bytes(p.read_bytes())
+    trials = tmp_path / "t.csv"
+    trials.write_text(
+        "enrollment,test\n"
+        + "".join(
+            f"{base}/{a.name},{base}/{b.name}\n" for a in speech[:3] for b in speech[:3] if a < b
+        )
+    )
+    local = tmp_path / "l.csv"
+    local.write_text(
+        "enrollment,test\n" + "".join(f"{a},{b}\n" for a in speech[:3] for b in speech[:3] if a < b)
+    )
+    common = [
+        "--model-dir",
+        str(real_ckpt.parent),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "-q",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
+    ref = run(["score", str(local), *common])
+    got = run(["score", str(trials), *common])
+    assert ref.exit_code == 0 and got.exit_code == 0, got.output
+    assert score_map(got.stdout) == pytest.approx(score_map(ref.stdout), abs=1e-6)
+
+
+# -- URL parsing ----------------------------------------------------------------------------------
+SEGMENT = st.from_regex(r"[A-Za-z0-9._~-]{1,12}", fullmatch=True).filter(
+    lambda s: s not in (".", "..")
+)
+
+
+@FUZZ
+@given(st.text(max_size=80))
+def test_url_parsing_garbage(text):
+    assert isinstance(storage.is_url(text), bool)
+    try:
+        scheme, _ = storage.parse_url(text)
+    except ValueError:
+        return
+    assert scheme in storage.SCHEMES and storage.is_url(text)
+
+
+@FUZZ
+@given(
+    st.sampled_from([s for s in storage.SCHEMES if s != "memory"]),
+    st.from_regex(r"[a-z0-9][a-z0-9.-]{0,20}", fullmatch=True),
+    st.lists(SEGMENT, min_size=1, max_size=4),
+)
+def test_url_survives_pathlib_and_joins(scheme, bucket, parts):
+    url = f"{scheme}://{bucket}/" + "/".join(parts)
+    assert storage.is_url(url) and storage.parse_url(url) == (scheme, url.split("://", 1)[1])
+    assert storage.as_url(Path(url)) == url  # Path folds "//"; as_url restores it
+    assert storage.join(storage.url_parent(url), parts[-1]) == url
+    assert storage.join(url, "/abs/local.wav") == "/abs/local.wav"
+    assert not storage.is_url(f"{bucket}/{parts[0]}")
+
+
+def test_wav_scp_and_trial_items_keep_their_urls(tmp_path):
+    from speaker_sim_cli.io.trials import read_trials, read_wav_scp, resolve_trial_items
+    from speaker_sim_cli.records import TrialList
+
+    scp = tmp_path / "wav.scp"
+    scp.write_text("u1 s3://bucket/a/u1.wav\nu2 https://host:8080/x/u2.flac\nu3 rel/u3.wav\n")
+    table = read_wav_scp(scp)
+    tl = TrialList(["u1", "u1"], ["u2", "u3"], None, str(tmp_path / "t.txt"), "kaldi")
+    recs, missing = resolve_trial_items(tl, None, table, "s3://bucket/lists")  # type: ignore[arg-type]
+    assert not missing
+    got = {k: storage.as_url(r.path) for k, r in recs.items()}
+    assert got == {
+        "u1": "s3://bucket/a/u1.wav",
+        "u2": "https://host:8080/x/u2.flac",
+        "u3": "s3://bucket/lists/rel/u3.wav",
+    }
+    local = tmp_path / "t.csv"
+    local.write_text("enrollment,test\ns3://bucket/a/u1.wav,b.wav\n")
+    recs, _ = resolve_trial_items(read_trials(local))
+    assert storage.as_url(recs["s3://bucket/a/u1.wav"].path) == "s3://bucket/a/u1.wav"
+    assert recs["b.wav"].path == tmp_path / "b.wav"
