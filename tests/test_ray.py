@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.cli.ray_opt import split_ray_address
 
-ACTOR = "MapWorker(MapBatches(EmbedActor))"
+ACTOR = "ray::EmbedActor"
 SUBSET = 24  # recordings of the fault tests
 
 
@@ -120,14 +120,12 @@ def _actor(real_ckpt: Path, cache_root: Path, **change: Any) -> Any:
 @pytest.mark.weights
 def test_a_worker_refuses_an_unwritable_cache_or_another_checkpoint(real_ckpt, tmp_path):
     """What a worker on another node says when it cannot serve: the job stops with it."""
-    import pyarrow as pa
-
     not_a_dir = tmp_path / "cache-is-a-file"
     not_a_dir.write_text("")
     actor = _actor(real_ckpt, not_a_dir)
     assert "cannot write the cache" in actor.fatal and "every node" in actor.fatal
-    unit = pa.table({"idx": [[0]], "digest": [["0" * 64]], "wave": [[b""]], "reason": [[""]]})
-    assert [r["fatal"] for r in actor(unit).to_pylist()] == [actor.fatal]
+    assert actor.ready()["fatal"] == actor.fatal
+    assert actor.run(0, [str(tmp_path / "a.wav")])["fatal"] == actor.fatal
     other = _actor(real_ckpt, tmp_path / "cache", checkpoint_sha256="f" * 64)
     assert "differs from the driver's" in other.fatal and other.embedder is None
 
@@ -253,13 +251,14 @@ def test_score_on_ray_equals_the_local_engine(cluster, local, shared, tmp_path):
     assert sum(a["recordings"] for a in ray["per_actor"]) == 80
     assert all(a["x_realtime"] > 0 for a in ray["per_actor"] if a["recordings"])
     assert rep["counts"]["embedded"] == 80 and len(_entries(tmp_path / "cache")) == 80
-    # Warm: everything from the cache, no Ray job at all.
+    # Warm: the workers find everything in the store (the driver hashes nothing itself).
     warm = tmp_path / "warm"
     warm.mkdir()
     again = _invoke(_score_args(shared, tmp_path / "cache", warm, "--ray"))
     assert again.exit_code == 0, again.output
     rep2 = json.loads((warm / "r.json").read_text())
-    assert rep2["counts"]["from_cache"] == 80 and rep2["ray"]["started"] is False
+    assert rep2["counts"]["from_cache"] == 80 and rep2["counts"]["embedded"] == 0
+    assert sum(a["from_cache"] for a in rep2["ray"]["per_actor"]) == 80
     assert _scores(warm / "s.csv") == got
 
 
