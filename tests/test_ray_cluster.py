@@ -72,7 +72,7 @@ def _score_args(shared: Path, trials: Path, cache: Path, out: Path, *extra: str)
 
 def _scores(path: Path) -> dict[tuple[str, str], float]:
     with path.open() as f:
-        return {(r["enrollment"], r["test"]): float(r["score"]) for r in csv.DictReader(f)}
+        return {(r["enrollment"], r["test"]): float(r["score"] or "nan") for r in csv.DictReader(f)}
 
 
 def _entries(cache: Path) -> list[Path]:
@@ -207,8 +207,12 @@ def test_driver_killed_then_rerun_runs_only_what_is_missing(cluster, local, shar
     n = 32
     trials = _subset(shared, tmp_path, n)
     cache = tmp_path / "cache"
-    cmd = [sys.executable, "-m", "speaker_sim_cli.cli.main",
-           *_score_args(shared, trials, cache, tmp_path, "--ray", address, "--batch-size", "1")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "speaker_sim_cli.cli.main",
+        *_score_args(shared, trials, cache, tmp_path, "--ray", address, "--batch-size", "1"),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
