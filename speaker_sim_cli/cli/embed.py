@@ -11,7 +11,14 @@ import typer
 from rich.markup import escape
 
 from . import common as c
-from .ray_opt import RayActorsOpt, RayAddressOpt, RayGpusOpt, RayOpt, ray_options
+from .ray_opt import (
+    RayActorsOpt,
+    RayAddressOpt,
+    RayDecodeOpt,
+    RayGpusOpt,
+    RayOpt,
+    ray_options,
+)
 from .ui import EXIT_PARTIAL, STATE, EmbedProgress, errors_to_exit, say
 
 
@@ -49,6 +56,7 @@ def embed(
     ray_address: RayAddressOpt = None,
     ray_actors: RayActorsOpt = 0,
     ray_gpus_per_actor: RayGpusOpt = None,
+    ray_decode_threads: RayDecodeOpt = 0,
     quiet: c.QuietOpt = False,
 ) -> None:
     """Write OUT/embeddings.npy (N x D float32, not normalised) and OUT/index.csv (key,path),
@@ -67,7 +75,9 @@ def embed(
         from ..io.trials import read_inputs
         from ..pipeline import Extractor
 
-        ray_opts = ray_options(ray, ray_address, ray_actors, ray_gpus_per_actor, device)
+        ray_opts = ray_options(
+            ray, ray_address, ray_actors, ray_gpus_per_actor, device, ray_decode_threads
+        )
         recs = read_inputs([str(p) for p in inputs])
         if fmt is c.EmbedFormat.kaldi:
             for r in recs:

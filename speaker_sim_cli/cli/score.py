@@ -13,7 +13,14 @@ from . import common as c
 if TYPE_CHECKING:
     from ..engine.ray_engine import RayOptions
     from ..pipeline import Extractor
-from .ray_opt import RayActorsOpt, RayAddressOpt, RayGpusOpt, RayOpt, ray_options
+from .ray_opt import (
+    RayActorsOpt,
+    RayAddressOpt,
+    RayDecodeOpt,
+    RayGpusOpt,
+    RayOpt,
+    ray_options,
+)
 from .score_parts import (
     Extras,
     keys_as_paths,
@@ -137,6 +144,7 @@ def score(
     ray_address: RayAddressOpt = None,
     ray_actors: RayActorsOpt = 0,
     ray_gpus_per_actor: RayGpusOpt = None,
+    ray_decode_threads: RayDecodeOpt = 0,
     quiet: c.QuietOpt = False,
 ) -> None:
     """Score every trial by cosine; EER / minDCF when the trials have labels.
@@ -157,7 +165,8 @@ def score(
                     mean_from, embeddings, score_scale.value if score_scale else None,
                     gen_dir=gen_dir, model_config=model_config,
                     mvector_lists=mvector_lists, backend=backend.value),
-            ray_opts=ray_options(ray, ray_address, ray_actors, ray_gpus_per_actor, device),
+            ray_opts=ray_options(ray, ray_address, ray_actors, ray_gpus_per_actor, device,
+                                 ray_decode_threads),
         )  # fmt: skip
 
 

@@ -54,6 +54,8 @@ def _node_id() -> str:
     try:
         import ray
 
+        if not ray.is_initialized():  # built outside Ray (tests): asking would start one
+            return "?"
         return str(ray.get_runtime_context().get_node_id())
     except Exception:
         return "?"
