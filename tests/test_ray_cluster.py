@@ -164,7 +164,7 @@ def test_poison_recording_is_retried_then_fails_alone(cluster, local, shared, tm
     with trials.open() as f:
         used = {r[k] for r in csv.DictReader(f) for k in ("enrollment", "test")}
     assert rep["counts"]["failed_recordings"] == 1
-    assert rep["counts"]["embedded"] == len(used) - 1
+    assert rep["counts"]["embedded"] == len(used) - 1 and rep["counts"]["from_cache"] == 0
     assert rep["ray"]["worker_crashes"] == MAX_CRASHES
     text = json.dumps(rep)
     assert "poison-crash.wav" in text and "worker process died" in text

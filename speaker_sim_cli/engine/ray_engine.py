@@ -285,9 +285,8 @@ class RayRun:
             "ingredients": self.cache.ingredients, "threads": 1, "decode_threads": threads,
             "crash_pattern": os.environ.get(CRASH_ENV, ""), "standin": self.standin,
         }  # fmt: skip
-        spec_ref = ray.put(kwargs)  # once, not pickled again for every replacement actor
         need = {"CPU": cpus, "GPU": gpa}
-        pool = ActorPool(ray, lambda: remote.remote(**ray.get(spec_ref)),
+        pool = ActorPool(ray, lambda: remote.remote(**kwargs),
                          lambda: self._want(ray, gpa, cpus), stall,
                          lambda: self._describe_cluster(ray, need))  # fmt: skip
 

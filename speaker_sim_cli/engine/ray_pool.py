@@ -69,6 +69,7 @@ class ActorPool:
         self.slots: dict[Any, _Slot] = {}  # actor id -> slot
         self.work: dict[Any, tuple[Any, Unit]] = {}  # run() ref -> (actor id, unit)
         self.retry: deque[Unit] = deque()
+        self.rows: deque[dict[str, Any]] = deque()
         self.failed: list[tuple[Unit, str]] = []  # single recordings given up on
         self.lost_actors = 0
         self.crashes = 0
@@ -92,10 +93,17 @@ class ActorPool:
             while self.failed:
                 unit, why = self.failed.pop()
                 yield {"lo": unit.lo, "n": 1, "given_up": why}
-            if source is None and not self.work and not self.retry:
+            while self.rows:  # results of an actor that died after returning them
+                row = self.rows.popleft()
+                if row.get("fatal"):
+                    raise SpeakerSimError(row["fatal"])
+                yield row
+            if source is None and not self.work and not self.retry and not self.rows:
                 return
             refs = list(self.work) + list(self.starting)
-            done, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            if not refs:  # nothing running and no actor starting: retried units wait for one
+                time.sleep(0.2)
+            done, _ = ray.wait(refs, num_returns=1, timeout=1.0) if refs else ([], [])
             for ref in done:
                 if ref in self.starting:
                     if self._started(ref):
@@ -169,10 +177,22 @@ class ActorPool:
         with _quiet():
             self.ray.kill(slot.handle, no_restart=True)
         node_lost = _node_died(exc) or not self._node_alive(slot.info.get("node_id"))
-        for k, r in enumerate(slot.queue):
+        lost: list[Unit] = []
+        for r in slot.queue:
             u = unit if r == ref else self.work.pop(r, (None, None))[1]
             if u is None:
                 continue
+            if r != ref:  # a unit it finished before dying: its row may be here already
+                done, _ = self.ray.wait([r], timeout=0.5)
+                if done:
+                    try:
+                        self.rows.append(self.ray.get(r))
+                        continue
+                    except Exception as other:
+                        if not _actor_gone(other):
+                            raise
+            lost.append(u)
+        for k, u in enumerate(lost):
             self.retried_units += 1
             if k == 0 and not node_lost:
                 self._crashed(u, exc)
