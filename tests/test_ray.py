@@ -372,3 +372,36 @@ def test_sigterm_leaves_nothing_partial_and_a_rerun_resumes(cluster, local, shar
     counts = json.loads(report.read_text())["counts"]
     assert counts["from_cache"] == done and counts["embedded"] == SUBSET - done
     assert _close(_scores(out), ref) <= 1e-5
+
+
+class _FakeRay:
+    """What RayRun's sizing asks of Ray: the cluster's resources."""
+
+    def __init__(self, **res: float) -> None:
+        self.res = res
+
+    def cluster_resources(self) -> dict[str, float]:
+        return dict(self.res)
+
+
+@pytest.mark.parametrize(
+    ("gpus_per_actor", "res", "actors", "cpus"),
+    [
+        (None, {"CPU": 8.0}, 8, 1.0),  # CPU only: one actor per CPU, decoding in line
+        (None, {"CPU": 32.0, "GPU": 4.0}, 4, 4.0),  # one per GPU, 4 decode threads each
+        (0.5, {"CPU": 32.0, "GPU": 4.0}, 8, 4.0),  # two per GPU
+        (0.5, {"CPU": 12.0, "GPU": 4.0}, 3, 4.0),  # as far as the decode CPUs go
+    ],
+)
+def test_pool_sizing_follows_the_cluster(gpus_per_actor, res, actors, cpus):
+    from speaker_sim_cli.engine.config import EngineConfig
+    from speaker_sim_cli.engine.ray_connect import Connection
+    from speaker_sim_cli.engine.ray_engine import RayOptions, RayRun
+
+    run = RayRun(RayOptions(gpus_per_actor=gpus_per_actor), None, Path("/x"),
+                 EngineConfig(device="cpu"), None)  # fmt: skip
+    ray = _FakeRay(**res)
+    conn = Connection(ray, "h:1", False, res["CPU"], res.get("GPU", 0.0), 1)
+    gpa, got_cpus, device, _threads = run._sizing(conn)
+    assert got_cpus == cpus and device == ("cuda" if "GPU" in res else "cpu")
+    assert run._want(ray, gpa, got_cpus) == actors

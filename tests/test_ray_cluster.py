@@ -136,13 +136,16 @@ def test_node_removed_mid_run_and_node_added_mid_run(cluster, local, shared, tmp
     assert _close(_scores(tmp_path / "s.csv"), local) <= 1e-5
     assert len(_scores(tmp_path / "s.csv")) == len(local)
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["counts"]["embedded"] == ALL and rep["counts"]["failed_recordings"] == 0
+    counts = rep["counts"]
+    assert counts["failed_recordings"] == 0
+    # A unit the lost node finished but could not answer is found in the store by its retry.
+    assert counts["embedded"] + counts["from_cache"] == ALL and counts["from_cache"] <= 2
     assert len(_entries(cache)) == ALL
     ray = rep["ray"]
     assert ray["lost_actors"] >= 1
     per_node = {n["node"]: n for n in ray["per_node"]}
     assert per_node[added.node_id]["recordings"] >= 1, per_node
-    assert sum(n["recordings"] for n in per_node.values()) == ALL
+    assert sum(n["recordings"] + n["from_cache"] for n in per_node.values()) == ALL
 
 
 def test_poison_recording_is_retried_then_fails_alone(cluster, local, shared, tmp_path,

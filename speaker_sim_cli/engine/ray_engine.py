@@ -234,9 +234,10 @@ class RayRun:
             res = ray.cluster_resources()
         except Exception:
             return 1
-        if gpa > 0:
-            return int(float(res.get("GPU", 0.0)) // gpa + 1e-9)
-        return int(float(res.get("CPU", 0.0)) // cpus + 1e-9)
+        by_cpu = int(float(res.get("CPU", 0.0)) // cpus + 1e-9)
+        if gpa > 0:  # one per GPU share, as far as the CPUs of their decode threads go
+            return max(1, min(int(float(res.get("GPU", 0.0)) // gpa + 1e-9), by_cpu))
+        return by_cpu
 
     def _describe_cluster(self, ray: Any, need: dict[str, float]) -> str:
         try:
