@@ -291,10 +291,10 @@ class RayRun:
                          lambda: self._want(ray, gpa, cpus), stall,
                          lambda: self._describe_cluster(ray, need))  # fmt: skip
 
-        def units() -> Iterator[Unit]:
+        def units() -> Iterator[Unit]:  # absolute paths (URLs and commands as they are)
             for lo in range(0, total, rows):
-                yield Unit(lo, [p if p.rstrip().endswith("|") else os.path.abspath(p)
-                                for p in paths[lo:lo + rows]])  # fmt: skip
+                yield Unit(lo, [p if p[:1] == "/" or "://" in p or p.rstrip().endswith("|")
+                                else os.path.abspath(p) for p in paths[lo:lo + rows]])  # fmt: skip
 
         done = failed = 0
         audio = 0.0
