@@ -115,7 +115,9 @@ class Synthetic:
         return [f"/corpus/{i:09d}.wav" for i in range(*k.indices(self.n))]
 
 
-def driver_cost(sizes: list[int], rows: int, actors: int, mean_seconds: float) -> dict[str, Any]:
+def driver_cost(
+    sizes: list[int], rows: int, actors: int, mean_seconds: float, api: str
+) -> dict[str, Any]:
     """Driver CPU-us, bytes and peak RSS per synthetic item through the real scheduling path."""
     import pickle
     import resource
@@ -126,7 +128,7 @@ def driver_cost(sizes: list[int], rows: int, actors: int, mean_seconds: float) -
     from speaker_sim_cli.engine.config import EngineConfig
     from speaker_sim_cli.engine.ray_engine import RayOptions, RayRun
 
-    out: dict[str, Any] = {"unit_rows": rows, "actors": actors, "sizes": []}
+    out: dict[str, Any] = {"unit_rows": rows, "actors": actors, "api": api, "sizes": []}
     with tempfile.TemporaryDirectory(prefix="bench-ray-", dir="/tmp") as tmp:
         os.environ.setdefault("RAY_TMPDIR", tmp)
         ray.init(num_cpus=actors, include_dashboard=False, logging_level="WARNING")
@@ -149,8 +151,12 @@ def driver_cost(sizes: list[int], rows: int, actors: int, mean_seconds: float) -
                 run._count = count  # type: ignore[method-assign]
                 got = 0
                 c0, t0 = time.process_time(), time.perf_counter()
-                for _i, digest, _why, _c in run.embed_items(Synthetic(n)):
-                    got += digest is not None
+                if api == "units":  # what a driver at scale consumes: one row per unit
+                    for _lo, status, _digests, _reasons in run.embed_units(Synthetic(n)):
+                        got += len(status) - status.count(2)
+                else:  # one Python tuple per recording (what Extractor.embed_paths uses)
+                    for _i, digest, _why, _c in run.embed_items(Synthetic(n)):
+                        got += digest is not None
                 cpu, wall = time.process_time() - c0, time.perf_counter() - t0
                 if got != n:
                     sys.exit(f"driver bench: {got} of {n} items came back")
@@ -200,12 +206,13 @@ def main() -> None:
     )
     ap.add_argument("--unit-rows", type=int, default=256)
     ap.add_argument("--mean-seconds", type=float, default=8.0)
+    ap.add_argument("--api", choices=["units", "items"], default="units")
     args = ap.parse_args()
     if args.driver is not None:
         doc = {"what": "driver cost per work item (synthetic items, stand-in actors)",
                "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
                **driver_cost(args.driver or [10_000, 100_000, 1_000_000], args.unit_rows,
-                             2, args.mean_seconds)}  # fmt: skip
+                             2, args.mean_seconds, args.api)}  # fmt: skip
         text = json.dumps(doc, indent=2)
         print(text)
         if args.out:

@@ -40,8 +40,10 @@ __all__ = ["RAY_SPEC", "EmbedActor", "RayOptions", "RayRun", "_refused", "load_w
 
 #: The Ray this adapter is tested with (the ``speaker-sim[ray]`` extra pins the same range).
 RAY_SPEC = "ray[data]>=2.60,<2.61"
-# A unit (one actor call) holds at most --batch-size recordings (default per device).
-UNIT_ROWS = {"cpu": 32, "cuda": 256}
+# A unit (one actor call) holds at most --batch-size recordings (default per device); it is the
+# scheduling grain only (the actor embeds it in sub-batches), and the driver's cost per
+# recording falls with it (benchmarks/bench_ray.py --driver).
+UNIT_ROWS = {"cpu": 32, "cuda": 1024}
 # No result and no new actor for this long stops the job (a lost cluster, no room for any
 # actor): a message, never a hang. $SPEAKER_SIM_RAY_STALL_S overrides it.
 STALL_S = 600.0
@@ -192,9 +194,27 @@ class RayRun:
         stop_on_error: bool = False,
     ) -> Iterator[tuple[int, bytes | None, str | None, bool]]:
         """Yield ``(index into paths, 32-byte digest | None, reason | None, from the store)``
-        once for every path, in completion order. The workers wrote each new vector to the
-        store under its digest (``digest.hex()``). A worker that cannot serve (store or
-        checkpoint out of its reach) stops the job with a SpeakerSimError naming it."""
+        once for every path, in completion order (:meth:`embed_units`, one item at a time)."""
+        for lo, status, digest, reasons in self.embed_units(paths, progress):
+            for j, s in enumerate(status):
+                if s == FAILED:
+                    yield lo + j, None, reasons.get(j) or "unknown error", False
+                    if stop_on_error:
+                        return
+                else:
+                    yield lo + j, digest[32 * j : 32 * j + 32], None, s == CACHED
+
+    def embed_units(
+        self,
+        paths: Sequence[str],
+        progress: Callable[[int, float], None] | None = None,
+    ) -> Iterator[tuple[int, bytes, bytes, dict[int, str]]]:
+        """Yield one ``(lo, status, digests, reasons)`` per work unit: items ``lo ..
+        lo+len(status)-1`` have a status byte each (OK, CACHED, FAILED), a 32-byte digest each
+        in ``digests`` (the key under which the worker wrote the vector to the store), and a
+        reason by offset when they failed. Every path comes back exactly once. A worker that
+        cannot serve (store or checkpoint out of its reach) stops the job with a
+        SpeakerSimError naming its node and the path."""
         if self.cache.root is None:
             raise UsageError("--ray needs the embedding cache (the workers hand the embeddings "
                              "back through it): drop --no-cache")  # fmt: skip
@@ -203,7 +223,7 @@ class RayRun:
         t0 = time.perf_counter()
         conn = connect(self.opts)
         try:
-            yield from self._run(conn, paths, progress, stop_on_error, t0)
+            yield from self._run(conn, paths, progress, t0)
         finally:
             self.stats.wall_seconds += time.perf_counter() - t0
             if conn.started_here:
@@ -256,9 +276,8 @@ class RayRun:
         conn: Connection,
         paths: Sequence[str],
         progress: Callable[[int, float], None] | None,
-        stop_on_error: bool,
         t0: float,
-    ) -> Iterator[tuple[int, bytes | None, str | None, bool]]:
+    ) -> Iterator[tuple[int, bytes, bytes, dict[int, str]]]:
         ray = conn.ray
         gpa, cpus, device, threads = self._sizing(conn)
         n_actors = max(1, self._want(ray, gpa, cpus))
@@ -306,24 +325,14 @@ class RayRun:
                     first = time.perf_counter() - t_exec
                     self.info["first_result_s"] = round(first, 3)
                     self.info["connect_s"] = round(t_exec - t0, 3)
-                n_ok = n_cached = n_failed = 0
                 lo, n = int(row["lo"]), int(row["n"])
                 if "given_up" in row:
-                    n_failed = 1
-                    yield lo, None, row["given_up"], False
-                else:
-                    status, digest, reasons = row["status"], row["digest"], row["reasons"]
-                    for j in range(n):
-                        s = status[j]
-                        if s == FAILED:
-                            n_failed += 1
-                            yield lo + j, None, reasons.get(j) or "unknown error", False
-                            if stop_on_error:
-                                return
-                        else:
-                            n_cached += s == CACHED
-                            n_ok += s != CACHED
-                            yield lo + j, digest[32 * j : 32 * j + 32], None, s == CACHED
+                    row.update(status=bytes([FAILED]), digest=bytes(32),
+                               reasons={0: row["given_up"]})  # fmt: skip
+                status = row["status"]
+                n_cached, n_failed = status.count(CACHED), status.count(FAILED)
+                n_ok = n - n_cached - n_failed
+                yield lo, status, row["digest"], row["reasons"]
                 self._count(row, n_ok, n_cached, n_failed)
                 done += n
                 failed += n_failed

@@ -117,7 +117,7 @@ class ActorPool:
                     row = ray.get(ref)
                 except Exception as exc:
                     if not _actor_gone(exc):
-                        raise
+                        raise SpeakerSimError(f"a Ray worker failed: {_first_line(exc)}") from None
                     self._lost(aid, slot, ref, unit, exc)
                     continue
                 if slot is not None and ref in slot.queue:
@@ -156,8 +156,13 @@ class ActorPool:
         try:
             info = self.ray.get(ref)
         except Exception as exc:  # its node went away while it started: replace it
+            if "No module named" in str(exc):
+                raise SpeakerSimError(
+                    "a Ray worker node cannot import speaker-sim: install the same version on "
+                    f"every node (pip install 'speaker-sim[ray]'): {_first_line(exc)}"
+                ) from None
             if not _actor_gone(exc):
-                raise
+                raise SpeakerSimError(f"a Ray worker failed to start: {_first_line(exc)}") from None
             self.lost_actors += 1
             return False
         if info.get("fatal"):

@@ -33,6 +33,9 @@ CACHE_HINT = (
 # decoder segfault would. HIDE_ENV (read in the worker's own environment, i.e. per node): a
 # path prefix this node behaves as if it could not see (a node without the shared mount).
 CRASH_ENV = "SPEAKER_SIM_TEST_RAY_CRASH"
+# A unit is embedded in sub-batches of at most this many recordings / seconds of audio.
+SUB_ROWS = {"cpu": 32, "cuda": 128}
+SUB_SECONDS = {"cpu": 600.0, "cuda": 4_000.0}
 HIDE_ENV = "SPEAKER_SIM_TEST_RAY_HIDE"
 
 
@@ -194,24 +197,49 @@ class EmbedActor:
         reasons: dict[int, str],
         row: dict[str, Any],
     ) -> None:
-        from ..paths import map_in_threads
+        from collections import deque
+        from concurrent.futures import Future, ThreadPoolExecutor
 
         for p in paths:
             self._maybe_crash(p)
-        loaded = map_in_threads(self._load, paths, self.decode_threads)
-        waves, where = [], []
-        for j, (digest, wave, why, cached) in enumerate(loaded):
-            if digest is not None:
-                digests[32 * j : 32 * j + 32] = bytes.fromhex(digest)
-            if why is not None:
-                status[j], reasons[j] = FAILED, why
-            elif cached:
-                status[j] = CACHED
-            else:
-                waves.append(wave)
-                where.append(j)
-        if waves:
-            self._embed(waves, where, paths, status, digests, reasons, row)
+        # The CPU stage (hash, probe, decode) runs ahead in its threads while the model embeds
+        # the previous sub-batch; a unit is embedded in sub-batches, so its size sets only the
+        # scheduling grain, never the memory.
+        dev = "cuda" if self.cfg.device == "cuda" else "cpu"
+        rows, seconds = SUB_ROWS[dev], SUB_SECONDS[dev]
+        sr = self.spec.sample_rate
+        waves: list[Any] = []
+        where: list[int] = []
+        held = 0.0
+        todo = iter(enumerate(paths))
+        ahead: deque[tuple[int, Future[Any]]] = deque()
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
+
+            def fill() -> None:
+                while len(ahead) < 2 * self.decode_threads:
+                    nxt = next(todo, None)
+                    if nxt is None:
+                        return
+                    ahead.append((nxt[0], pool.submit(self._load, nxt[1])))
+
+            fill()
+            while ahead:
+                j, fut = ahead.popleft()
+                fill()
+                digest, wave, why, cached = fut.result()
+                if digest is not None:
+                    digests[32 * j : 32 * j + 32] = bytes.fromhex(digest)
+                if why is not None:
+                    status[j], reasons[j] = FAILED, why
+                elif cached:
+                    status[j] = CACHED
+                else:
+                    waves.append(wave)
+                    where.append(j)
+                    held += int(wave.shape[0]) / sr
+                if waves and (len(waves) >= rows or held >= seconds or not ahead):
+                    self._embed(waves, where, paths, status, digests, reasons, row)
+                    waves, where, held = [], [], 0.0
         flush = getattr(self.cache, "flush", None)  # the sharded store commits its shard here
         if flush is not None:
             flush()
