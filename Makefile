@@ -59,6 +59,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_serve.py --out bench-results/serve.json
 	$(BIN)/python benchmarks/bench_warm.py --out bench-results/warm.json
 	$(BIN)/python benchmarks/bench_ray.py --out bench-results/ray.json
+	$(BIN)/python benchmarks/bench_ray.py --driver --unit-rows 1024 --out bench-results/ray-driver.json
 	$(BIN)/python benchmarks/bench_wavlm.py --seconds 30 --out bench-results/wavlm.json
 	$(BIN)/python benchmarks/bench_voiceprints.py --out bench-results/voiceprints.json
 
