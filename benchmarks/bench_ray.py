@@ -177,8 +177,9 @@ def driver_cost(
         slope_rss = float(np.polyfit(xs, rss, 1)[0]) * 1e6  # MB per million items
         out["slope_cpu_us_per_item"] = round(slope_cpu, 2)
         out["slope_rss_mb_per_million_items"] = round(slope_rss, 2)
-        out["rss_10M_items_mb_extrapolated"] = round(
-            float(rss[-1]) + slope_rss * (10 - xs[-1] / 1e6), 1
+        how = "measured" if xs[-1] >= 1e7 else "extrapolated"
+        out[f"rss_10M_items_mb_{how}"] = round(
+            float(rss[-1]) + slope_rss * max(0.0, 10 - xs[-1] / 1e6), 1
         )
         per_gpu = 10_000 / mean_seconds  # recordings per second one GPU embeds
         out["cost_model"] = {
