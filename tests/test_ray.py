@@ -405,3 +405,35 @@ def test_pool_sizing_follows_the_cluster(gpus_per_actor, res, actors, cpus):
     gpa, got_cpus, device, _threads = run._sizing(conn)
     assert got_cpus == cpus and device == ("cuda" if "GPU" in res else "cpu")
     assert run._want(ray, gpa, got_cpus) == actors
+
+
+@pytest.mark.shared
+@pytest.mark.weights
+def test_a_worker_hashes_decodes_embeds_and_finds_its_work_in_the_store(shared, real_ckpt,
+                                                                        tmp_path):  # fmt: skip
+    """The file work on the worker side, without Ray: one unit of good, missing and broken
+    files -> status bytes, digests, reasons, store entries; the same unit again -> all cached."""
+    from speaker_sim_cli.engine.ray_worker import CACHED, FAILED, OK
+
+    good = sorted(str(p) for p in (shared / "audio/dev_hard").rglob("*.wav"))[:3]
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 4)
+    paths = [good[0], str(tmp_path / "missing.wav"), good[1], str(broken), good[2]]
+    cache = tmp_path / "cache"
+    actor = _actor(real_ckpt, cache)
+    assert actor.ready()["fatal"] == ""
+    row = actor.run(7, paths)
+    assert row["lo"] == 7 and row["n"] == 5 and not row["fatal"]
+    assert list(row["status"]) == [OK, FAILED, OK, FAILED, OK]
+    from speaker_sim_cli.audio.decode import probe
+    from speaker_sim_cli.errors import AudioError
+
+    with pytest.raises(AudioError) as local_reason:  # the local engine's reason for it
+        probe(broken)
+    assert row["reasons"][1] == "file not found" and row["reasons"][3] == local_reason.value.reason
+    assert len(_entries(cache)) == 3 and row["audio_s"] > 0
+    digests = [row["digest"][32 * j : 32 * j + 32].hex() for j in (0, 2, 4)]
+    assert {p.stem for p in _entries(cache)} == set(digests)
+    again = actor.run(0, paths)
+    assert list(again["status"]) == [CACHED, FAILED, CACHED, FAILED, CACHED]
+    assert again["digest"] == row["digest"] and again["audio_s"] == 0.0
