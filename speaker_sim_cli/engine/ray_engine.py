@@ -9,11 +9,16 @@ recording. The driver's memory and CPU per recording stay small and flat; it rea
 back from the store only when the caller asks for it, which is why the store (``--cache-dir``)
 must be a location every node and the driver reach.
 
-Node loss: Ray Data's fixed actor pool (what this module used before) waits for a lost actor
-to be restarted in place, which never happens when no node has room, and for the blocks it
-held; so a node removed mid-run hung the job. The pool here creates actors without Ray-level
-restarts, replaces a lost one wherever there is room (a node added later included), puts its
-units back in the queue, and stops with a message after ``stall_s`` without progress.
+Node loss: this module used Ray Data (CPU decode tasks, then ``ActorPoolStrategy(size=N)``
+with Ray-level ``max_restarts`` / ``max_task_retries``). On a head + two 1-CPU nodes that
+made no progress at all with two actors (0.75 CPU each, one per node, left 0.25 CPU where the
+0.5-CPU decode tasks needed 0.5), and a node removed under the one actor spent the task
+retries against the restarting actor ("temporarily unavailable") and failed the job, or, as
+first reported, waited for a restart in place. The pool here creates actors with no Ray-level
+restarts and owns the retry policy: it knows which units a lost actor held, replaces the actor
+wherever there is room (a node added later included), and stops with a message after
+``stall_s`` without progress. No waveform travels through the object store (the actors decode
+themselves) and result rows are small, so no object is lost with a node.
 Connecting lives in :mod:`.ray_connect`; every Ray call of the project is in these modules
 (the tested range is :data:`RAY_SPEC`).
 """
