@@ -225,6 +225,13 @@ class Extractor:
         failures: dict[str, str] = {}
         by_digest: dict[str, list[str]] = {}
         unique = list(dict.fromkeys(str(x) for x in paths))
+        if self.ray is not None:  # the Ray workers hash, look up, decode, embed and store
+            from .engine.ray_engine import RayRun, embed_unique
+
+            self._ray_run = RayRun(self.ray, self.spec, self.found.path, self.engine_cfg,
+                                   self.cache)  # fmt: skip
+            on_ray = embed_unique(self._ray_run, unique, progress, on_start, stop_on_error)
+            return EmbedResult(*on_ray, time.perf_counter() - t0)
         files = [p for p in unique if not is_command(p)]
         # Hashing (memoised: a stat and a small read when the file is known) in threads.
         hashed = dict(zip(files, self.cache.file_hashes([Path(p) for p in files])))
@@ -273,15 +280,7 @@ class Extractor:
         embedded = 0
         if todo and not (stop_on_error and failures):
             files = [by_digest[d][0] for d in todo]
-            remote = self.ray is not None  # the Ray workers write the cache themselves
-            if remote:
-                from .engine.ray_engine import RayRun
-
-                assert self.ray is not None
-                self._ray_run = RayRun(self.ray, self.spec, self.found.path, self.engine_cfg,
-                                       self.cache)  # fmt: skip
-                stream = self._ray_run.embed(files, todo, est, progress)
-            elif len(self.devices) > 1:
+            if len(self.devices) > 1:
                 stream = embed_sharded(
                     self.spec, self.found.path, self.engine_cfg, files, est, progress
                 )
@@ -303,8 +302,7 @@ class Extractor:
                             if stop_on_error:
                                 break
                             continue
-                        if not remote:
-                            writer.submit(self.cache.put, todo[i], emb)
+                        writer.submit(self.cache.put, todo[i], emb)
                         embedded += 1
                         for p in ps:
                             embeddings[p] = emb
@@ -312,8 +310,7 @@ class Extractor:
                     close = getattr(stream, "close", None)
                     if close is not None:  # stops shard processes when the run stops early
                         close()
-            if not remote:
-                self.cache.flush()  # commit the buffered embeddings as one shard
+            self.cache.flush()  # commit the buffered embeddings as one shard
         return EmbedResult(embeddings, failures, embedded, cached, time.perf_counter() - t0)
 
 

@@ -29,7 +29,7 @@ from typer.testing import CliRunner
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.cli.ray_opt import split_ray_address
 
-ACTOR = "MapWorker(MapBatches(EmbedActor))"
+ACTOR = "ray::EmbedActor"
 SUBSET = 24  # recordings of the fault tests
 
 
@@ -120,14 +120,12 @@ def _actor(real_ckpt: Path, cache_root: Path, **change: Any) -> Any:
 @pytest.mark.weights
 def test_a_worker_refuses_an_unwritable_cache_or_another_checkpoint(real_ckpt, tmp_path):
     """What a worker on another node says when it cannot serve: the job stops with it."""
-    import pyarrow as pa
-
     not_a_dir = tmp_path / "cache-is-a-file"
     not_a_dir.write_text("")
     actor = _actor(real_ckpt, not_a_dir)
     assert "cannot write the cache" in actor.fatal and "every node" in actor.fatal
-    unit = pa.table({"idx": [[0]], "digest": [["0" * 64]], "wave": [[b""]], "reason": [[""]]})
-    assert [r["fatal"] for r in actor(unit).to_pylist()] == [actor.fatal]
+    assert actor.ready()["fatal"] == actor.fatal
+    assert actor.run(0, [str(tmp_path / "a.wav")])["fatal"] == actor.fatal
     other = _actor(real_ckpt, tmp_path / "cache", checkpoint_sha256="f" * 64)
     assert "differs from the driver's" in other.fatal and other.embedder is None
 
@@ -253,13 +251,14 @@ def test_score_on_ray_equals_the_local_engine(cluster, local, shared, tmp_path):
     assert sum(a["recordings"] for a in ray["per_actor"]) == 80
     assert all(a["x_realtime"] > 0 for a in ray["per_actor"] if a["recordings"])
     assert rep["counts"]["embedded"] == 80 and len(_entries(tmp_path / "cache")) == 80
-    # Warm: everything from the cache, no Ray job at all.
+    # Warm: the workers find everything in the store (the driver hashes nothing itself).
     warm = tmp_path / "warm"
     warm.mkdir()
     again = _invoke(_score_args(shared, tmp_path / "cache", warm, "--ray"))
     assert again.exit_code == 0, again.output
     rep2 = json.loads((warm / "r.json").read_text())
-    assert rep2["counts"]["from_cache"] == 80 and rep2["ray"]["started"] is False
+    assert rep2["counts"]["from_cache"] == 80 and rep2["counts"]["embedded"] == 0
+    assert sum(a["from_cache"] for a in rep2["ray"]["per_actor"]) == 80
     assert _scores(warm / "s.csv") == got
 
 
@@ -373,3 +372,68 @@ def test_sigterm_leaves_nothing_partial_and_a_rerun_resumes(cluster, local, shar
     counts = json.loads(report.read_text())["counts"]
     assert counts["from_cache"] == done and counts["embedded"] == SUBSET - done
     assert _close(_scores(out), ref) <= 1e-5
+
+
+class _FakeRay:
+    """What RayRun's sizing asks of Ray: the cluster's resources."""
+
+    def __init__(self, **res: float) -> None:
+        self.res = res
+
+    def cluster_resources(self) -> dict[str, float]:
+        return dict(self.res)
+
+
+@pytest.mark.parametrize(
+    ("gpus_per_actor", "res", "actors", "cpus"),
+    [
+        (None, {"CPU": 8.0}, 8, 1.0),  # CPU only: one actor per CPU, decoding in line
+        (None, {"CPU": 32.0, "GPU": 4.0}, 4, 4.0),  # one per GPU, 4 decode threads each
+        (0.5, {"CPU": 32.0, "GPU": 4.0}, 8, 4.0),  # two per GPU
+        (0.5, {"CPU": 12.0, "GPU": 4.0}, 3, 4.0),  # as far as the decode CPUs go
+    ],
+)
+def test_pool_sizing_follows_the_cluster(gpus_per_actor, res, actors, cpus):
+    from speaker_sim_cli.engine.config import EngineConfig
+    from speaker_sim_cli.engine.ray_connect import Connection
+    from speaker_sim_cli.engine.ray_engine import RayOptions, RayRun
+
+    run = RayRun(RayOptions(gpus_per_actor=gpus_per_actor), None, Path("/x"),
+                 EngineConfig(device="cpu"), None)  # fmt: skip
+    ray = _FakeRay(**res)
+    conn = Connection(ray, "h:1", False, res["CPU"], res.get("GPU", 0.0), 1)
+    gpa, got_cpus, device, _threads = run._sizing(conn)
+    assert got_cpus == cpus and device == ("cuda" if "GPU" in res else "cpu")
+    assert run._want(ray, gpa, got_cpus) == actors
+
+
+@pytest.mark.shared
+@pytest.mark.weights
+def test_a_worker_hashes_decodes_embeds_and_finds_its_work_in_the_store(shared, real_ckpt,
+                                                                        tmp_path):  # fmt: skip
+    """The file work on the worker side, without Ray: one unit of good, missing and broken
+    files -> status bytes, digests, reasons, store entries; the same unit again -> all cached."""
+    from speaker_sim_cli.engine.ray_worker import CACHED, FAILED, OK
+
+    good = sorted(str(p) for p in (shared / "audio/dev_hard").rglob("*.wav"))[:3]
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 4)
+    paths = [good[0], str(tmp_path / "missing.wav"), good[1], str(broken), good[2]]
+    cache = tmp_path / "cache"
+    actor = _actor(real_ckpt, cache)
+    assert actor.ready()["fatal"] == ""
+    row = actor.run(7, paths)
+    assert row["lo"] == 7 and row["n"] == 5 and not row["fatal"]
+    assert list(row["status"]) == [OK, FAILED, OK, FAILED, OK]
+    from speaker_sim_cli.audio.decode import probe
+    from speaker_sim_cli.errors import AudioError
+
+    with pytest.raises(AudioError) as local_reason:  # the local engine's reason for it
+        probe(broken)
+    assert row["reasons"][1] == "file not found" and row["reasons"][3] == local_reason.value.reason
+    assert len(_entries(cache)) == 3 and row["audio_s"] > 0
+    digests = [row["digest"][32 * j : 32 * j + 32].hex() for j in (0, 2, 4)]
+    assert {p.stem for p in _entries(cache)} == set(digests)
+    again = actor.run(0, paths)
+    assert list(again["status"]) == [CACHED, FAILED, CACHED, FAILED, CACHED]
+    assert again["digest"] == row["digest"] and again["audio_s"] == 0.0

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from . import common as c
 from .config_opt import config_record
-from .ray_opt import RayActorsOpt, RayAddressOpt, RayGpusOpt, RayOpt, ray_options
+from .ray_opt import RayActorsOpt, RayAddressOpt, RayDecodeOpt, RayGpusOpt, RayOpt, ray_options
 from .ui import EXIT_PARTIAL, STATE, EmbedProgress, errors_to_exit, say
 
 
@@ -48,6 +48,7 @@ def embed(
     ray_address: RayAddressOpt = None,
     ray_actors: RayActorsOpt = 0,
     ray_gpus_per_actor: RayGpusOpt = None,
+    ray_decode_threads: RayDecodeOpt = 0,
     quiet: c.QuietOpt = False,
 ) -> None:
     """Write OUT/embeddings.npy (N x D float32, not normalised) and OUT/index.csv (key,path),
@@ -64,7 +65,9 @@ def embed(
         from ..job import ModelSource
         from ..job.embed import EmbedJob
 
-        ray_opts = ray_options(ray, ray_address, ray_actors, ray_gpus_per_actor, device)
+        ray_opts = ray_options(
+            ray, ray_address, ray_actors, ray_gpus_per_actor, device, ray_decode_threads
+        )
         engine = partial(
             EngineConfig,
             device=device, precision=precision.value, batch_size=batch_size,

@@ -25,9 +25,10 @@ RayOpt = Annotated[
     typer.Option(
         "--ray",
         metavar="[ADDRESS]",
-        help="Embed on a Ray cluster (Ray Data, a pool of model actors): --ray alone uses "
-        "$RAY_ADDRESS if set, else a local Ray in this process; --ray auto or --ray HOST:PORT "
-        "joins a running cluster. --cache-dir must be a path every node sees. Needs "
+        help="Embed on a Ray cluster (a pool of model actors that hash, decode and embed): "
+        "--ray alone uses $RAY_ADDRESS if set, else a local Ray in this process; --ray auto or "
+        "--ray HOST:PORT joins a running cluster. --cache-dir must be a path every node sees. "
+        "Needs "
         "pip install 'speaker-sim\\[ray]'.",
         rich_help_panel=PANEL,
     ),
@@ -51,6 +52,16 @@ RayGpusOpt = Annotated[
         "actors on a GPU).",
         rich_help_panel=PANEL,
         show_default=False,
+    ),
+]
+RayDecodeOpt = Annotated[
+    int,
+    typer.Option(
+        "--ray-decode-threads",
+        min=0,
+        help="Threads that hash and decode in each actor, the CPU stage (0: 1 per CPU actor, 4 "
+        "per GPU actor, which reserves a CPU for each).",
+        rich_help_panel=PANEL,
     ),
 ]
 
@@ -89,16 +100,23 @@ class RayCommand(TyperCommand):
 
 
 def ray_options(
-    ray: bool, address: str | None, actors: int, gpus_per_actor: float | None, device: str
+    ray: bool,
+    address: str | None,
+    actors: int,
+    gpus_per_actor: float | None,
+    device: str,
+    decode_threads: int = 0,
 ) -> RayOptions | None:
     """The checked options, or None without ``--ray``. Raises UsageError (exit 2): a bad
     address, Ray not installed (with how to install it), options that need ``--ray``."""
     from ..errors import UsageError
 
     if not ray and address is None:
-        if actors or gpus_per_actor is not None:
-            raise UsageError("--ray-actors and --ray-gpus-per-actor need --ray")
+        if actors or gpus_per_actor is not None or decode_threads:
+            raise UsageError(
+                "--ray-actors, --ray-gpus-per-actor and --ray-decode-threads need --ray"
+            )
         return None
     from ..engine.ray_engine import RayOptions
 
-    return RayOptions.from_cli(address, actors, gpus_per_actor, device)
+    return RayOptions.from_cli(address, actors, gpus_per_actor, device, decode_threads)

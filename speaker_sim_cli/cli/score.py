@@ -9,7 +9,7 @@ import typer
 
 from . import common as c
 from .config_opt import config_record
-from .ray_opt import RayActorsOpt, RayAddressOpt, RayGpusOpt, RayOpt, ray_options
+from .ray_opt import RayActorsOpt, RayAddressOpt, RayDecodeOpt, RayGpusOpt, RayOpt, ray_options
 from .score_parts import render, trial_source
 from .ui import EXIT_PARTIAL, STATE, EmbedProgress, errors_to_exit
 
@@ -126,6 +126,7 @@ def score(
     ray_address: RayAddressOpt = None,
     ray_actors: RayActorsOpt = 0,
     ray_gpus_per_actor: RayGpusOpt = None,
+    ray_decode_threads: RayDecodeOpt = 0,
     quiet: c.QuietOpt = False,
 ) -> None:
     """Score every trial by cosine; EER / minDCF when the trials have labels.
@@ -153,7 +154,8 @@ def score(
             TrialSource(path, gen_dir=gen_dir, mvector_lists=mvector_lists, wav_scp=wav_scp,
                         root=root, allow_commands=allow_commands),
             ModelSource(model, model_dir, model_config, engine, cache_dir, not no_cache,
-                        ray_options(ray, ray_address, ray_actors, ray_gpus_per_actor, device),
+                        ray_options(ray, ray_address, ray_actors, ray_gpus_per_actor, device,
+                                    ray_decode_threads),
                         embeddings),
             ScoringSetup(p_target or [0.01, 0.05], on_error.value, enroll_map,
                          norm.value if norm else None, cohort, cohort_utt2spk, top_n, mean_from,

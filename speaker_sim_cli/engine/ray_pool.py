@@ -1,0 +1,270 @@
+"""Driver side of ``--ray``: hands work units to an elastic pool of model actors and survives
+their loss.
+
+An actor lost with its node is replaced (on a node that has room, or one added later) and its
+units go back to the queue; a unit whose actor *process* died is split into single recordings,
+and a recording that kills its worker ``MAX_CRASHES`` times fails alone with a reason. Nothing
+waits for an actor that cannot come back: no progress for ``stall_s`` stops the job with a
+message saying what the cluster lacks. The driver holds only the units in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import SpeakerSimError
+
+# A recording whose worker process died this many times (counting the crash of the unit it was
+# first part of) fails alone; a node lost with the actor does not count.
+MAX_CRASHES = 3
+# Units queued on each actor: one running, one waiting, so no actor idles for a round trip.
+IN_FLIGHT = 2
+# How often the pool compares its size with what the cluster has room for (nodes come and go).
+RESIZE_S = 2.0
+
+
+@dataclass
+class Unit:
+    """Work items ``lo .. lo+len(paths)-1`` (their paths) and the crashes they have caused."""
+
+    lo: int
+    paths: list[str]
+    crashes: int = 0
+    last: str = ""
+
+
+@dataclass
+class _Slot:
+    handle: Any
+    info: dict[str, Any]
+    queue: list[Any] = field(default_factory=list)  # refs in submission order
+
+
+class ActorPool:
+    """Runs ``units`` on actors made by ``make()``; yields each unit's result row.
+
+    ``want()`` is how many actors the pool should hold now (called every ``RESIZE_S``), so a
+    node added mid-run gets actors. Actors are created with no Ray-level restarts: a dead actor
+    is replaced here, where its units are known, instead of Ray waiting to restart it in place.
+    """
+
+    def __init__(
+        self,
+        ray: Any,
+        make: Callable[[], Any],
+        want: Callable[[], int],
+        stall_s: float,
+        describe: Callable[[], str],
+    ) -> None:
+        self.ray = ray
+        self.make = make
+        self.want = want
+        self.stall_s = stall_s
+        self.describe = describe
+        self.starting: dict[Any, Any] = {}  # ready() ref -> handle
+        self.slots: dict[Any, _Slot] = {}  # actor id -> slot
+        self.work: dict[Any, tuple[Any, Unit]] = {}  # run() ref -> (actor id, unit)
+        self.retry: deque[Unit] = deque()
+        self.rows: deque[dict[str, Any]] = deque()
+        self.failed: list[tuple[Unit, str]] = []  # single recordings given up on
+        self.lost_actors = 0
+        self.crashes = 0
+        self.retried_units = 0
+        self.target = 0
+
+    def run(self, units: Iterator[Unit]) -> Iterator[dict[str, Any]]:
+        ray = self.ray
+        source: Iterator[Unit] | None = units
+        last_progress = time.monotonic()
+        next_resize = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_resize:
+                self.target = max(1, self.want())
+                next_resize = now + RESIZE_S
+            while len(self.slots) + len(self.starting) < self.target:
+                handle = self.make()
+                self.starting[handle.ready.remote()] = handle
+            source = self._assign(source)
+            while self.failed:
+                unit, why = self.failed.pop()
+                yield {"lo": unit.lo, "n": 1, "given_up": why}
+            while self.rows:  # results of an actor that died after returning them
+                row = self.rows.popleft()
+                if row.get("fatal"):
+                    raise SpeakerSimError(row["fatal"])
+                yield row
+            if source is None and not self.work and not self.retry and not self.rows:
+                return
+            refs = list(self.work) + list(self.starting)
+            if not refs:  # nothing running and no actor starting: retried units wait for one
+                time.sleep(0.2)
+            done, _ = ray.wait(refs, num_returns=1, timeout=1.0) if refs else ([], [])
+            for ref in done:
+                if ref in self.starting:
+                    if self._started(ref):
+                        last_progress = time.monotonic()
+                    continue
+                if ref not in self.work:  # its actor died and its unit went back to the queue
+                    continue
+                aid, unit = self.work.pop(ref)
+                slot = self.slots.get(aid)
+                try:
+                    row = ray.get(ref)
+                except Exception as exc:
+                    if not _actor_gone(exc):
+                        raise SpeakerSimError(f"a Ray worker failed: {_first_line(exc)}") from None
+                    self._lost(aid, slot, ref, unit, exc)
+                    continue
+                if slot is not None and ref in slot.queue:
+                    slot.queue.remove(ref)
+                last_progress = time.monotonic()
+                if row.get("fatal"):
+                    raise SpeakerSimError(row["fatal"])
+                yield row
+            if time.monotonic() - last_progress > self.stall_s:
+                raise SpeakerSimError(
+                    f"the Ray job made no progress for {self.stall_s:.0f} s "
+                    f"({len(self.slots)} actors ready, {len(self.starting)} waiting for room, "
+                    f"{len(self.work)} units running, {len(self.retry)} to retry): "
+                    f"{self.describe()}"
+                )
+
+    def _assign(self, source: Iterator[Unit] | None) -> Iterator[Unit] | None:
+        for aid, slot in list(self.slots.items()):
+            while len(slot.queue) < IN_FLIGHT:
+                if self.retry:
+                    unit = self.retry.popleft()
+                elif source is not None:
+                    got = next(source, None)
+                    if got is None:
+                        return None
+                    unit = got
+                else:
+                    return source
+                ref = slot.handle.run.remote(unit.lo, unit.paths)
+                slot.queue.append(ref)
+                self.work[ref] = (aid, unit)
+        return source
+
+    def _started(self, ref: Any) -> bool:
+        handle = self.starting.pop(ref)
+        try:
+            info = self.ray.get(ref)
+        except Exception as exc:  # its node went away while it started: replace it
+            if "No module named" in str(exc):
+                raise SpeakerSimError(
+                    "a Ray worker node cannot import speaker-sim: install the same version on "
+                    f"every node (pip install 'speaker-sim[ray]'): {_first_line(exc)}"
+                ) from None
+            if not _actor_gone(exc):
+                raise SpeakerSimError(f"a Ray worker failed to start: {_first_line(exc)}") from None
+            self.lost_actors += 1
+            return False
+        if info.get("fatal"):
+            raise SpeakerSimError(info["fatal"])
+        self.slots[handle._actor_id] = _Slot(handle, info)
+        return True
+
+    def _lost(self, aid: Any, slot: _Slot | None, ref: Any, unit: Unit, exc: BaseException
+              ) -> None:  # fmt: skip
+        """``ref``'s actor died: every unit queued on it goes back to the queue; the one it was
+        running (the first) is charged a crash, unless the actor went down with its node."""
+        if slot is None:
+            self.retry.appendleft(unit)
+            return
+        self.slots.pop(aid, None)
+        self.lost_actors += 1
+        with _quiet():
+            self.ray.kill(slot.handle, no_restart=True)
+        node_lost = _node_died(exc) or not self._node_alive(slot.info.get("node_id"))
+        lost: list[Unit] = []
+        for r in slot.queue:
+            u = unit if r == ref else self.work.pop(r, (None, None))[1]
+            if u is None:
+                continue
+            if r != ref:  # a unit it finished before dying: its row may be here already
+                done, _ = self.ray.wait([r], timeout=0.5)
+                if done:
+                    try:
+                        self.rows.append(self.ray.get(r))
+                        continue
+                    except Exception as other:
+                        if not _actor_gone(other):
+                            raise
+            lost.append(u)
+        for k, u in enumerate(lost):
+            self.retried_units += 1
+            if k == 0 and not node_lost:
+                self._crashed(u, exc)
+            else:
+                self.retry.appendleft(u)
+
+    def _crashed(self, unit: Unit, exc: BaseException) -> None:
+        self.crashes += 1
+        why = _first_line(exc)
+        if len(unit.paths) > 1:  # isolate the recording that kills its worker
+            for k, p in enumerate(unit.paths):
+                self.retry.appendleft(Unit(unit.lo + k, [p], 1, why))
+            return
+        unit.crashes += 1
+        unit.last = why
+        if unit.crashes >= MAX_CRASHES:
+            self.failed.append((unit, (
+                f"the Ray worker process died while processing this recording "
+                f"({unit.crashes} tries; last: {why})")))  # fmt: skip
+        else:
+            self.retry.appendleft(unit)
+
+    def _node_alive(self, node_id: str | None) -> bool:
+        if not node_id:
+            return True
+        try:
+            return any(n.get("NodeID") == node_id and n.get("Alive") for n in self.ray.nodes())
+        except Exception:
+            return True
+
+    def shutdown(self) -> None:
+        for slot in self.slots.values():
+            with _quiet():
+                self.ray.kill(slot.handle, no_restart=True)
+        for handle in self.starting.values():
+            with _quiet():
+                self.ray.kill(handle, no_restart=True)
+        self.slots.clear()
+        self.starting.clear()
+
+
+class _quiet:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+def _actor_gone(exc: BaseException) -> bool:
+    """A Ray error that means the actor (or its node) is gone, not a bug in our code."""
+    names = {c.__name__ for c in type(exc).__mro__}
+    return bool(names & {"RayActorError", "ActorDiedError", "ActorUnavailableError",
+                         "ActorUnschedulableError", "NodeDiedError", "OwnerDiedError",
+                         "ObjectLostError", "WorkerCrashedError"})  # fmt: skip
+
+
+def _node_died(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "node has died" in text or "node died" in text or "raylet" in text
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    for marker in ("unexpectedly", "exit"):
+        for line in text.splitlines():
+            if marker in line.lower() and line.strip():
+                return line.strip()[:200]
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
+    return first[:200]

@@ -1,0 +1,307 @@
+"""Worker side of ``--ray``: the actor that does all the file work for its work items.
+
+For each path it is handed it stats and content-hashes the file (the cache key), looks it up in
+the embedding store, probes and decodes the misses, embeds them and writes the store; the driver
+gets back one small row per unit (status bytes, 32-byte digests, failure reasons). Runs on the
+cluster's nodes, so it must stay importable from the installed package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import EngineConfig
+
+# One status byte per recording in a result row.
+OK, CACHED, FAILED = 0, 1, 2
+NON_FINITE = "the model produced a non-finite embedding"
+CACHE_HINT = (
+    "with --ray, --cache-dir must be a path that every node and this machine can read and "
+    "write (NFS, a mounted bucket): the workers write the embeddings there and this process "
+    "reads them back"
+)
+# Test hooks, off unless the variable is set. CRASH_ENV (read on the driver, handed to the
+# actors): a regex; a work item whose path matches makes the worker process os._exit, as a
+# decoder segfault would. HIDE_ENV (read in the worker's own environment, i.e. per node): a
+# path prefix this node behaves as if it could not see (a node without the shared mount).
+CRASH_ENV = "SPEAKER_SIM_TEST_RAY_CRASH"
+# A unit is embedded in sub-batches of at most this many recordings / seconds of audio.
+SUB_ROWS = {"cpu": 32, "cuda": 128}
+SUB_SECONDS = {"cpu": 600.0, "cuda": 4_000.0}
+HIDE_ENV = "SPEAKER_SIM_TEST_RAY_HIDE"
+
+
+def read_failure(exc: OSError) -> str:
+    """The reason a file that cannot be stat'ed or read fails with (as the local engine)."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory, not an audio file"
+    return f"cannot read ({exc.strerror or exc})"
+
+
+def _hidden(path: str | Path) -> bool:
+    prefix = os.environ.get(HIDE_ENV)
+    return bool(prefix) and str(path).startswith(prefix)  # type: ignore[arg-type]
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if not ray.is_initialized():  # built outside Ray (tests): asking would start one
+            return "?"
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return "?"
+
+
+class EmbedActor:
+    """Ray actor: the model on this actor's device; runs work units and writes the store.
+
+    The constructor never raises: a node that cannot serve (checkpoint missing or different,
+    store not writable, model does not load) says so in :meth:`ready`, and the driver stops the
+    job with that message (naming the node and the path) instead of a restart loop.
+    ``standin=True`` (benchmarks only) replaces the file work and the network by a hash of the
+    item's key, so that the driver's own cost per item can be measured on synthetic items.
+    """
+
+    def __init__(
+        self,
+        spec: Any,
+        checkpoint: str,
+        cfg: EngineConfig,
+        cache_root: str,
+        ingredients: dict[str, Any],
+        threads: int = 1,
+        decode_threads: int = 2,
+        crash_pattern: str = "",
+        standin: bool = False,
+    ) -> None:
+        self.host = socket.gethostname()
+        self.node_id = _node_id()
+        self.key = f"{self.host}:{os.getpid()}"
+        self.where = f"Ray worker {self.key} (node {self.node_id[:12]})"
+        self.fatal = ""
+        self.embedder: Any = None
+        self.cache: Any = None
+        self.cfg = cfg
+        self.spec = spec
+        self.decode_threads = max(1, decode_threads)
+        self.crash = re.compile(crash_pattern) if crash_pattern else None
+        self.standin = standin
+        if standin:
+            return
+        try:
+            self._setup(spec, Path(checkpoint), cfg, Path(cache_root), ingredients, threads)
+        except Exception as exc:
+            self.fatal = self.fatal or (
+                f"{self.where}: cannot load the model: {type(exc).__name__}: {exc}"
+            )
+
+    def _setup(
+        self,
+        spec: Any,
+        checkpoint: Path,
+        cfg: EngineConfig,
+        root: Path,
+        ingredients: dict[str, Any],
+        threads: int,
+    ) -> None:
+        import torch
+
+        from ..models.weights import checkpoint_hash
+        from ..paths import atomic_write_bytes
+        from .cache import EmbeddingCache
+        from .embedder import Embedder
+
+        torch.set_num_threads(max(1, threads))
+        if not checkpoint.is_file() or _hidden(checkpoint):
+            self.fatal = (f"{self.where}: checkpoint {checkpoint} not found on that node: every "
+                          "node needs the checkpoint at the same path (or pass --model-dir with "
+                          "a shared folder)")  # fmt: skip
+            return
+        want = ingredients.get("checkpoint_sha256")
+        if want and checkpoint_hash(checkpoint) != want:
+            self.fatal = (f"{self.where}: checkpoint {checkpoint} differs from the driver's "
+                          f"(sha256 {want[:12]}...): use the same file on every node")  # fmt: skip
+            return
+        try:
+            if _hidden(root):
+                raise FileNotFoundError(2, "No such file or directory")
+            cache = EmbeddingCache(root, ingredients, spec.dim)
+            if cache.write_error:
+                raise OSError(cache.write_error)
+            probe = cache.dir / f".probe-{self.host}-{os.getpid()}"
+            atomic_write_bytes(probe, b"")
+            probe.unlink()
+        except OSError as exc:
+            self.fatal = (f"{self.where}: cannot write the cache {root} "
+                          f"({exc.strerror or exc}); {CACHE_HINT}")  # fmt: skip
+            return
+        module = spec.build()
+        from .ray_engine import load_weights
+
+        load_weights(module, checkpoint, spec)
+        embedder = Embedder(spec, module, cfg)
+        if list(embedder.fp32_modules) != list(ingredients.get("fp32_modules", [])):
+            self.fatal = f"{self.where}: fp32 submodules {embedder.fp32_modules} differ"
+            return
+        self.cache = cache
+        self.embedder = embedder
+
+    def ready(self) -> dict[str, Any]:
+        """Who this actor is, and the reason it cannot serve ("" when it can)."""
+        return {"key": self.key, "host": self.host, "node_id": self.node_id, "fatal": self.fatal}
+
+    # -- one work unit ---------------------------------------------------------------------
+    def run(self, lo: int, paths: list[str]) -> dict[str, Any]:
+        """Process items ``lo .. lo+len(paths)-1``; returns the unit's small result row."""
+        t0 = time.perf_counter()
+        n = len(paths)
+        status = bytearray(n)
+        digests = bytearray(32 * n)
+        reasons: dict[int, str] = {}
+        row: dict[str, Any] = {"lo": lo, "n": n, "actor": self.key, "host": self.host,
+                               "node_id": self.node_id, "fatal": self.fatal, "audio_s": 0.0,
+                               "frames": 0, "padded": 0.0, "chunked": 0, "batches": 0}  # fmt: skip
+        if self.fatal:
+            return row
+        if self.standin:
+            for j, p in enumerate(paths):
+                self._maybe_crash(p)
+                digests[32 * j : 32 * j + 32] = hashlib.sha256(p.encode()).digest()
+        else:
+            self._files(paths, status, digests, reasons, row)
+        row.update(status=bytes(status), digest=bytes(digests), reasons=reasons,
+                   busy_s=time.perf_counter() - t0)  # fmt: skip
+        return row
+
+    def _maybe_crash(self, path: str) -> None:
+        if self.crash is not None and self.crash.search(path):
+            os._exit(70)  # test hook (CRASH_ENV): what a decoder segfault does to the worker
+
+    def _files(
+        self,
+        paths: list[str],
+        status: bytearray,
+        digests: bytearray,
+        reasons: dict[int, str],
+        row: dict[str, Any],
+    ) -> None:
+        from collections import deque
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        for p in paths:
+            self._maybe_crash(p)
+        # The CPU stage (hash, probe, decode) runs ahead in its threads while the model embeds
+        # the previous sub-batch; a unit is embedded in sub-batches, so its size sets only the
+        # scheduling grain, never the memory.
+        dev = "cuda" if self.cfg.device == "cuda" else "cpu"
+        rows, seconds = SUB_ROWS[dev], SUB_SECONDS[dev]
+        sr = self.spec.sample_rate
+        waves: list[Any] = []
+        where: list[int] = []
+        held = 0.0
+        todo = iter(enumerate(paths))
+        ahead: deque[tuple[int, Future[Any]]] = deque()
+        with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
+
+            def fill() -> None:
+                while len(ahead) < 2 * self.decode_threads:
+                    nxt = next(todo, None)
+                    if nxt is None:
+                        return
+                    ahead.append((nxt[0], pool.submit(self._load, nxt[1])))
+
+            fill()
+            while ahead:
+                j, fut = ahead.popleft()
+                fill()
+                digest, wave, why, cached = fut.result()
+                if digest is not None:
+                    digests[32 * j : 32 * j + 32] = bytes.fromhex(digest)
+                if why is not None:
+                    status[j], reasons[j] = FAILED, why
+                elif cached:
+                    status[j] = CACHED
+                else:
+                    waves.append(wave)
+                    where.append(j)
+                    held += int(wave.shape[0]) / sr
+                if waves and (len(waves) >= rows or held >= seconds or not ahead):
+                    self._embed(waves, where, paths, status, digests, reasons, row)
+                    waves, where, held = [], [], 0.0
+        flush = getattr(self.cache, "flush", None)  # the sharded store commits its shard here
+        if flush is not None:
+            flush()
+        if self.cache.write_error:
+            row["fatal"] = (f"{self.where}: cannot write the cache "
+                            f"({self.cache.write_error}); {CACHE_HINT}")  # fmt: skip
+
+    def _load(self, path: str) -> tuple[str | None, Any, str | None, bool]:
+        """(digest, waveform, failure reason, already in the store) of one work item."""
+        from ..audio.decode import is_command, probe
+        from ..errors import AudioError
+        from .data import AudioDataset
+
+        cfg, sr = self.cfg, self.spec.sample_rate
+        if is_command(path):
+            digest = hashlib.sha256(f"command:{path}".encode()).hexdigest()
+        else:
+            try:
+                if _hidden(path):
+                    raise FileNotFoundError(2, "No such file or directory", path)
+                digest = self.cache.file_hash(Path(path))
+            except OSError as exc:
+                return None, None, read_failure(exc), False
+        if self.cache.get(digest) is not None:
+            return digest, None, None, True
+        try:
+            info = probe(path)
+        except AudioError as exc:
+            return digest, None, exc.reason, False
+        if cfg.max_duration and info.duration > cfg.max_duration:
+            why = (f"too long: {info.duration:.0f} s > --max-duration {cfg.max_duration:g} s "
+                   "(split it, or raise the limit)")  # fmt: skip
+            return digest, None, why, False
+        fe = self.spec.frontend
+        got = AudioDataset([path], sr, int(cfg.min_duration * sr), int(cfg.max_duration * sr),
+                           fe.channel, fe.loudness_db, fe.resampler)[0]  # fmt: skip
+        if got.wave is None:
+            return digest, None, got.error or "unknown error", False
+        return digest, got.wave, None, False
+
+    def _embed(
+        self,
+        waves: list[Any],
+        where: list[int],
+        paths: list[str],
+        status: bytearray,
+        digests: bytearray,
+        reasons: dict[int, str],
+        row: dict[str, Any],
+    ) -> None:
+        st = self.embedder.stats
+        before = (st.frames, st.padded_frames, st.chunked, st.batches)
+        embs = self.embedder.embed_waves(waves)
+        row["frames"] += st.frames - before[0]
+        row["padded"] += st.padded_frames - before[1]
+        row["chunked"] += st.chunked - before[2]
+        row["batches"] += st.batches - before[3]
+        sr = self.embedder.frontend.sample_rate
+        for k, j in enumerate(where):
+            emb = np.asarray(embs[k], dtype=np.float32)
+            if not np.isfinite(emb).all():
+                status[j], reasons[j] = FAILED, NON_FINITE
+                continue
+            self.cache.put(digests[32 * j : 32 * j + 32].hex(), emb)
+            row["audio_s"] += int(waves[k].shape[0]) / sr

@@ -1,0 +1,245 @@
+"""``--ray`` on a multi-node cluster on this host: node loss, node added, driver killed, a node
+that cannot reach the store or the weights, a recording that kills its worker.
+
+One ``ray.cluster_utils.Cluster`` for the module: a head with 0 CPUs and 1-CPU worker nodes,
+each its own raylet; tests add and remove nodes on it. Every job is compared with the local
+engine on the same recordings: scores within 1e-5, one store entry per recording, the same
+failures.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from speaker_sim_cli.cli.main import app
+
+pytestmark = [pytest.mark.slow, pytest.mark.shared, pytest.mark.weights]
+ALL = 80  # recordings of dev_hard
+STORE_MB = 100 * 2**20
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head (0 CPUs) + two 1-CPU worker nodes; this process is connected to it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    keys = ("RAY_TMPDIR", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "SPEAKER_SIM_RAY_STALL_S")
+    saved = {k: os.environ.get(k) for k in keys}
+    tmp = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # Ray's socket paths must stay short
+    (Path(tmp) / "ray").mkdir()
+    os.environ["RAY_TMPDIR"] = tmp
+    os.environ.pop("RAY_AUTH_MODE", None)
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # the subprocess driver inherits it
+    os.environ["SPEAKER_SIM_RAY_STALL_S"] = "120"
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0,
+                                                      "object_store_memory": STORE_MB})  # fmt: skip
+    try:
+        nodes = {k: c.add_node(num_cpus=1, object_store_memory=STORE_MB) for k in ("w1", "w2")}
+        ray.init(address=c.address, logging_level="WARNING")
+        yield c, nodes
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _score_args(shared: Path, trials: Path, cache: Path, out: Path, *extra: str) -> list[str]:
+    return ["score", str(trials), "--root", str(shared), "--cache-dir", str(cache), "-o",
+            str(out / "s.csv"), "--report", str(out / "r.json"), "-q", *extra]  # fmt: skip
+
+
+def _scores(path: Path) -> dict[tuple[str, str], float]:
+    with path.open() as f:
+        return {(r["enrollment"], r["test"]): float(r["score"] or "nan") for r in csv.DictReader(f)}
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted(cache.glob("emb/*/*/*.npy"))
+
+
+def _subset(shared: Path, tmp: Path, n: int, extra: list[str] | None = None) -> Path:
+    """dev_hard's trials among its first ``n`` recordings, plus ``extra`` (absolute paths) as
+    test sides against the first one."""
+    with (shared / "audio/dev_hard/trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    keep = sorted({r[k] for r in rows for k in ("enrollment", "test")})[:n]
+    rows = [r for r in rows if r["enrollment"] in keep and r["test"] in keep]
+    rows += [{"enrollment": keep[0], "test": e, "label": "0"} for e in extra or []]
+    path = tmp / "trials.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, ["enrollment", "test", "label"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local(shared, real_ckpt, tmp_path_factory):
+    """The local engine's scores on all of dev_hard: the reference."""
+    d = tmp_path_factory.mktemp("local")
+    res = CliRunner().invoke(app, _score_args(shared, shared / "audio/dev_hard/trials.csv",
+                                              d / "cache", d))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return _scores(d / "s.csv")
+
+
+def _close(got: dict, ref: dict) -> float:
+    assert set(got) <= set(ref)
+    return max(abs(got[k] - ref[k]) for k in got)
+
+
+def test_node_removed_mid_run_and_node_added_mid_run(cluster, local, shared, tmp_path):
+    """Remove a worker node (no grace) while units are in flight, then add one: the job
+    finishes, every recording has one store entry, scores equal the local engine's, nothing
+    failed, and the new node got work."""
+    c, nodes = cluster
+    cache = tmp_path / "cache"
+    args = _score_args(shared, shared / "audio/dev_hard/trials.csv", cache, tmp_path, "--ray",
+                       "--batch-size", "1")  # fmt: skip
+    box: dict[str, Any] = {}
+    job = threading.Thread(target=lambda: box.setdefault("res", CliRunner().invoke(app, args)))
+    job.start()
+    added = None
+    deadline = time.monotonic() + 300
+    while job.is_alive() and time.monotonic() < deadline:
+        if len(_entries(cache)) >= 8:
+            c.remove_node(nodes.pop("w1"), allow_graceful=False)
+            added = nodes["w3"] = c.add_node(num_cpus=1, object_store_memory=STORE_MB)
+            break
+        time.sleep(0.02)
+    job.join(300)
+    assert added is not None, "the job ended before a node could be removed"
+    res = box["res"]
+    assert res.exit_code == 0, res.output
+    assert _close(_scores(tmp_path / "s.csv"), local) <= 1e-5
+    assert len(_scores(tmp_path / "s.csv")) == len(local)
+    rep = json.loads((tmp_path / "r.json").read_text())
+    counts = rep["counts"]
+    assert counts["failed_recordings"] == 0
+    # A unit the lost node finished but could not answer is found in the store by its retry.
+    assert counts["embedded"] + counts["from_cache"] == ALL and counts["from_cache"] <= 2
+    assert len(_entries(cache)) == ALL
+    ray = rep["ray"]
+    assert ray["lost_actors"] >= 1
+    per_node = {n["node"]: n for n in ray["per_node"]}
+    assert per_node[added.node_id]["recordings"] >= 1, per_node
+    assert sum(n["recordings"] + n["from_cache"] for n in per_node.values()) == ALL
+
+
+def test_poison_recording_is_retried_then_fails_alone(cluster, local, shared, tmp_path,
+                                                      monkeypatch):  # fmt: skip
+    """A file whose decoding kills the worker process (os._exit, via the package's test hook):
+    tried MAX_CRASHES times, then failed alone with a reason; the rest is scored."""
+    from speaker_sim_cli.engine.ray_pool import MAX_CRASHES
+    from speaker_sim_cli.engine.ray_worker import CRASH_ENV
+
+    src = sorted((shared / "audio/dev_hard").rglob("*.wav"))[0]
+    poison = tmp_path / "poison-crash.wav"
+    shutil.copy(src, poison)
+    trials = _subset(shared, tmp_path, 16, [str(poison)])
+    monkeypatch.setenv(CRASH_ENV, "poison-crash")
+    res = CliRunner().invoke(app, _score_args(shared, trials, tmp_path / "cache", tmp_path,
+                                              "--ray", "--batch-size", "4"))  # fmt: skip
+    assert res.exit_code == 3, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    with trials.open() as f:
+        used = {r[k] for r in csv.DictReader(f) for k in ("enrollment", "test")}
+    assert rep["counts"]["failed_recordings"] == 1
+    assert rep["counts"]["embedded"] == len(used) - 1 and rep["counts"]["from_cache"] == 0
+    assert rep["ray"]["worker_crashes"] == MAX_CRASHES
+    text = json.dumps(rep)
+    assert "poison-crash.wav" in text and "worker process died" in text
+    got = _scores(tmp_path / "s.csv")
+    ok = {k: v for k, v in got.items() if not np.isnan(v)}
+    assert len(ok) == len(got) - 1 and _close(ok, local) <= 1e-5
+
+
+@pytest.mark.parametrize("hide", ["store", "weights"])
+def test_a_node_that_cannot_reach_the_store_or_weights_stops_the_job(
+    cluster, shared, real_ckpt, tmp_path, hide
+):
+    """A node that does not see the store (or the checkpoint): exit 1 in bounded time with a
+    message naming the node and the path; no score file, no report."""
+    from speaker_sim_cli.engine.ray_worker import HIDE_ENV
+
+    c, _nodes = cluster
+    cache = tmp_path / "cache"
+    path = str(cache.resolve()) if hide == "store" else str(real_ckpt.parent.resolve())
+    bad = c.add_node(num_cpus=1, object_store_memory=STORE_MB, env_vars={HIDE_ENV: path})
+    try:
+        trials = _subset(shared, tmp_path, 12)
+        t0 = time.monotonic()
+        # One 1-CPU actor per node: the pool must place one on the bad node.
+        res = CliRunner().invoke(app, _score_args(shared, trials, cache, tmp_path, "--ray",
+                                                  "--ray-actors", "3"))  # fmt: skip
+        took = time.monotonic() - t0
+    finally:
+        c.remove_node(bad, allow_graceful=False)
+    assert res.exit_code == 1, res.output
+    msg = " ".join(res.output.split())
+    assert bad.node_id[:12] in msg and path in msg, msg
+    assert took < 120
+    assert not (tmp_path / "s.csv").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_driver_killed_then_rerun_runs_only_what_is_missing(cluster, local, shared, tmp_path):
+    """SIGKILL the driver (a process of its own, on the cluster by address) mid-run: its actors
+    go with it; a rerun against the same store embeds only the recordings not yet there."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    n = 32
+    trials = _subset(shared, tmp_path, n)
+    cache = tmp_path / "cache"
+    cmd = [
+        sys.executable,
+        "-m",
+        "speaker_sim_cli.cli.main",
+        *_score_args(shared, trials, cache, tmp_path, "--ray", address, "--batch-size", "1"),
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if len(_entries(cache)) >= 4:
+                os.kill(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "s.csv").exists()
+    time.sleep(3)  # the dead driver's actors are killed by Ray (they are owned by it)
+    done = len(_entries(cache))
+    assert 4 <= done < n
+    res = CliRunner().invoke(app, _score_args(shared, trials, cache, tmp_path, "--ray"))
+    assert res.exit_code == 0, res.output
+    counts = json.loads((tmp_path / "r.json").read_text())["counts"]
+    assert counts["from_cache"] == done and counts["embedded"] == n - done
+    assert len(_entries(cache)) == n
+    assert _close(_scores(tmp_path / "s.csv"), local) <= 1e-5
+    print(f"driver killed after {done}/{n} stored; the rerun embedded {n - done}")
