@@ -129,10 +129,10 @@ def test_frontend_in_a_padded_batch(mv: Path, tag: str) -> None:
         np.testing.assert_array_equal(feats[i, : int(n[i])].numpy(), alone[0].numpy())
         assert rel_l2(feats[i, : int(n[i])].numpy(), ref) <= FEAT_RL2, i
         assert not feats[i, int(n[i]) :].any()
-        if len(rows[i]) < waves.shape[1] - 16000:  # a second or more of padding
+        if len(rows[i]) < waves.shape[1] - 8000:  # half a second or more of padding
             assert rel_l2(unmasked[i, : int(n[i])].numpy(), ref) > FEAT_RL2 * 10, i
             padded_rows += 1
-    assert padded_rows >= 3
+    assert padded_rows == 4
 
 
 def test_frontend_dims_and_frames() -> None:
