@@ -3,7 +3,9 @@
 Reference: ``fixtures/wavlm_sim/sim_{tiny,large}.npz``, made by running UniSpeech's
 ``ECAPA_TDNN_SMALL`` on s3prl's WavLM with the weights of ``tools/synth_sim_weights.py``
 (``specs/wavlm_ecapa_sim.md``). Synthetic embeddings are mutually 0.97-0.99 cosine, so every
-check is element-wise (relative L2), not by cosine.
+check is element-wise (relative L2), not by cosine. TOL = 5e-5 is about 10x the largest spread
+measured across CPU kernel settings and against the fixtures (5.3e-6, WavLM-Large geometry;
+docs/portability.md).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from speaker_sim_cli.models.weights import load_checkpoint_into
 
 pytestmark = [pytest.mark.shared]
 
-TOL = 1e-4
+TOL = 5e-5  # relative L2 (spread 5.3e-6)
 LOSS_KEY = "loss_calculator.projection.weight"
 
 
