@@ -5,8 +5,9 @@ saved once per module as ``sv.pb`` in a model folder beside the fixture's ``sv.y
 Parity is relative L2 <= FIXTURE_RL2 = 1e-5 (about 8x the spread measured across CPU kernel
 settings and against the fixture, 1.2e-6; docs/portability.md): the network on FunASR's
 features (``feats_i -> emb_i``) and the whole pipeline (``e2e/<path>``: decode, int16-scale
-fbank without CMN, network) through :class:`Extractor`. Batches are exact: each stride-2 layer pads by the parity of the row's own
-length, and rows of every parity pattern batch like lone rows. Longer cases are marked slow.
+fbank without CMN, network) through :class:`Extractor`. Batches are exact: each stride-2 layer
+pads by the parity of the row's own length, and rows of every parity pattern batch like lone
+rows. Longer cases are marked slow.
 """
 
 from __future__ import annotations
