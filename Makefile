@@ -11,7 +11,7 @@ DEFAULT_MODEL := speech_campplus_sv_zh_en_16k-common_advanced
 # Ray cluster stay in one process. PYTEST_XDIST= runs everything in one process.
 PYTEST_XDIST ?= -n 2 --dist loadfile
 
-.PHONY: install pretrained demo test test-fast lint format bench clean
+.PHONY: install pretrained demo test test-fast test-portable lint format bench clean
 
 $(BIN)/speaker-sim: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,20 @@ test: install
 
 test-fast: install
 	SPEAKER_SIM_SHARED=$(SHARED) $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_XDIST) $(PYTEST_ARGS)
+
+# The parity tests (stored reference fixtures) under every CPU kernel this machine can emulate:
+# torch's dispatch levels and numpy without its AVX-512 paths (docs/portability.md).
+PARITY_TESTS := tests/test_mvector.py tests/test_parity.py tests/test_features.py \
+	tests/test_funasr.py tests/test_wavlm_sim.py tests/test_archs.py \
+	tests/test_mvector_backbones.py tests/test_audio.py
+NPY_NO_AVX512 := X86_V4 AVX512_ICL AVX512_SPR AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL
+test-portable: install
+	set -e; for cap in default avx2 avx512; do echo "== ATEN_CPU_CAPABILITY=$$cap"; \
+	  ATEN_CPU_CAPABILITY=$$cap SPEAKER_SIM_SHARED=$(SHARED) \
+	    $(BIN)/python -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS) $(PARITY_TESTS); done
+	@echo "== numpy without AVX-512, OpenBLAS Haswell kernels"
+	NPY_DISABLE_CPU_FEATURES="$(NPY_NO_AVX512)" OPENBLAS_CORETYPE=Haswell SPEAKER_SIM_SHARED=$(SHARED) \
+	  $(BIN)/python -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS) $(PARITY_TESTS)
 
 lint: install
 	$(BIN)/ruff check speaker_sim_cli tests benchmarks

@@ -1,4 +1,9 @@
-"""The torch Kaldi fbank against 3D-Speaker's front end (torchaudio's Kaldi fbank)."""
+"""The torch Kaldi fbank against 3D-Speaker's front end (torchaudio's Kaldi fbank).
+
+The fixture was made by torchaudio on another CPU: log-mel values of near-empty bands move with
+the CPU's float32 summation order, measured up to 5.1e-4 here, so fixture comparisons hold to
+FIXTURE_ABS = 2.5e-3 (about 5x; docs/portability.md). torchaudio in the same process: 1e-3.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from speaker_sim_cli.audio.features import (
     num_frames,
 )
 
+FIXTURE_ABS = 2.5e-3  # log-mel, max abs against the stored fixture (spread 5.1e-4)
+
 
 @pytest.fixture(scope="module")
 def fixture_waves(shared):
@@ -27,7 +34,7 @@ def test_matches_fixture_one_by_one(fixture_waves, device):
         feats, n = fbank(torch.from_numpy(wav).to(device))
         assert feats.shape[1:] == ref.shape
         assert int(n[0]) == ref.shape[0]
-        assert np.abs(feats[0].cpu().numpy() - ref).max() <= 1e-3
+        assert np.abs(feats[0].cpu().numpy() - ref).max() <= FIXTURE_ABS
 
 
 def test_batched_equals_fixture(fixture_waves, device):
@@ -37,7 +44,7 @@ def test_batched_equals_fixture(fixture_waves, device):
     feats, n = fbank(batch, lengths)
     for i, (_, ref) in enumerate(fixture_waves):
         assert int(n[i]) == ref.shape[0]
-        assert np.abs(feats[i, : n[i]].cpu().numpy() - ref).max() <= 1e-3
+        assert np.abs(feats[i, : n[i]].cpu().numpy() - ref).max() <= FIXTURE_ABS
         assert torch.all(feats[i, n[i] :] == 0)
 
 
@@ -49,7 +56,7 @@ def test_mean_normalisation_is_per_utterance(fixture_waves):
     )
     for i, (_, ref) in enumerate(fixture_waves[:2]):
         want = ref - ref.mean(axis=0, keepdims=True)
-        assert np.abs(feats[i, : n[i]].numpy() - want).max() <= 1e-3
+        assert np.abs(feats[i, : n[i]].numpy() - want).max() <= FIXTURE_ABS
         assert feats[i, : n[i]].mean(0).abs().max() < 1e-4
 
 

@@ -2,10 +2,12 @@
 
 Weights: ``tools/synth_weights.py`` on ``funasr_xvector.schema.json`` (the conftest fixture),
 saved once per module as ``sv.pb`` in a model folder beside the fixture's ``sv.yaml``.
-Parity is relative L2 <= 1e-4: the network on FunASR's features (``feats_i -> emb_i``) and the
-whole pipeline (``e2e/<path>``: decode, int16-scale fbank without CMN, network) through
-:class:`Extractor`. Batches are exact: each stride-2 layer pads by the parity of the row's own
-length, and rows of every parity pattern batch like lone rows. Longer cases are marked slow.
+Parity is relative L2 <= FIXTURE_RL2 = 1e-5 (about 8x the spread measured across CPU kernel
+settings and against the fixture, 1.2e-6; docs/portability.md): the network on FunASR's
+features (``feats_i -> emb_i``) and the whole pipeline (``e2e/<path>``: decode, int16-scale
+fbank without CMN, network) through :class:`Extractor`. Batches are exact: each stride-2 layer
+pads by the parity of the row's own length, and rows of every parity pattern batch like lone
+rows. Longer cases are marked slow.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from speaker_sim_cli.scoring.scales import funasr_percent
 pytestmark = pytest.mark.shared
 
 ID = "iic/speech_xvector_sv-zh-cn-cnceleb-16k-spk3465-pytorch"
-TOL = 1e-4
+TOL = 1e-4  # relative L2, one process (batch vs lone rows)
+FIXTURE_RL2 = 1e-5  # relative L2 against FunASR's stored outputs (spread 1.2e-6)
 ENGINE = EngineConfig(device="cpu", batch_size=32, workers=0)
 
 
@@ -128,7 +131,7 @@ def test_feats_to_embedding(model, fixture, i: int) -> None:
     with torch.no_grad():
         emb = model(feats[None])[0]
     err = rel_l2(emb, fixture[f"emb_{i}"])
-    assert err <= TOL, f"feats_{i} ({feats.shape[0]} frames): relative L2 {err:.3g}"
+    assert err <= FIXTURE_RL2, f"feats_{i} ({feats.shape[0]} frames): relative L2 {err:.3g}"
 
 
 # --- exact batches ----------------------------------------------------------------------------
@@ -213,7 +216,7 @@ def test_whole_pipeline(model_dir: Path, fixture, shared: Path, folder: str) -> 
     assert not res.failures
     errs = {k: rel_l2(res.embeddings[p], fixture[k]) for k, p in zip(keys, paths)}
     worst = max(errs, key=errs.__getitem__)
-    assert errs[worst] <= TOL, f"{worst}: relative L2 {errs[worst]:.3g}"
+    assert errs[worst] <= FIXTURE_RL2, f"{worst}: relative L2 {errs[worst]:.3g}"
 
 
 def test_sv_pth_is_accepted(model_dir: Path, state, fixture, shared: Path, tmp_path: Path):
@@ -223,7 +226,7 @@ def test_sv_pth_is_accepted(model_dir: Path, state, fixture, shared: Path, tmp_p
     key = "e2e/audio/speechbrain_samples/spk2_snt4.wav"
     path = str(shared / key.removeprefix("e2e/"))
     emb = ex.embed_paths([path]).embeddings[path]
-    assert rel_l2(emb, fixture[key]) <= TOL
+    assert rel_l2(emb, fixture[key]) <= FIXTURE_RL2
     # Where both are present, sv.pb (the name the hub's configuration.json gives) wins.
     assert Extractor(ID, model_dir=model_dir, engine=ENGINE).found.path.name == "sv.pb"
 

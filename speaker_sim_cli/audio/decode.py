@@ -84,7 +84,8 @@ def load(
     ``channel``: an index, ``"first"`` (0) or ``"mean"`` (the average of all channels, as
     mvector reads audio).
 
-    ``resampler``: ``"soxr"`` (HQ) or ``"kaiser_best"`` (resampy's filter, as mvector).
+    ``resampler``: ``"soxr"`` (HQ), ``"kaiser_best"`` (resampy's filter, as mvector) or
+    ``"sinc_hann"`` (torchaudio's default, as seed-tts-eval before the SIM model).
 
     ``path`` may be a wav.scp command (``sox a.sph -t wav - |``), run through the shell. Returns a
     1-D float32 array (samples,). Raises AudioError for a missing, empty, undecodable,
@@ -212,16 +213,20 @@ def _looks_like_text(head: bytes) -> bool:
 
 
 def resample(wav: np.ndarray, rate: int, target: int, method: str = "soxr") -> np.ndarray:
-    """Resample a 1-D float32 waveform with soxr (HQ) or resampy's ``kaiser_best``
-    (``method``); a no-op at the same rate."""
+    """Resample a 1-D float32 waveform with soxr (HQ), resampy's ``kaiser_best`` or
+    torchaudio's default ``sinc_hann`` (``method``); a no-op at the same rate."""
     if rate == target:
         return wav.astype(np.float32, copy=False)
     if method == "kaiser_best":
         from .kaiser import kaiser_best_resample
 
         return kaiser_best_resample(wav, rate, target)
+    if method == "sinc_hann":
+        from .sinc import sinc_hann_resample
+
+        return sinc_hann_resample(wav, rate, target)
     if method != "soxr":
-        raise ValueError(f"unknown resampler {method!r} (soxr or kaiser_best)")
+        raise ValueError(f"unknown resampler {method!r} (soxr, kaiser_best or sinc_hann)")
     import soxr
 
     out = soxr.resample(wav, rate, target)

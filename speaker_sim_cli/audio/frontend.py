@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
 CHANNELS = ("first", "mean")
-RESAMPLERS = ("soxr", "kaiser_best")
+RESAMPLERS = ("soxr", "kaiser_best", "sinc_hann")
 
 
 @dataclass(frozen=True)
@@ -27,8 +27,9 @@ class Frontend:
     sample_rate: int = 16000
     channel: str = "first"  # "first" (channel 0) or "mean" (average of the channels)
     loudness_db: float | None = None  # normalise the waveform to this loudness (mvector: -20)
-    #: How other rates are brought to ``sample_rate``: ``soxr`` (HQ) or ``kaiser_best``
-    #: (resampy's filter, which mvector reads audio with; audio/kaiser.py).
+    #: How other rates are brought to ``sample_rate``: ``soxr`` (HQ), ``kaiser_best``
+    #: (resampy's filter, which mvector reads audio with; audio/kaiser.py) or ``sinc_hann``
+    #: (torchaudio's default Resample, which seed-tts-eval feeds the SIM model; audio/sinc.py).
     resampler: str = "soxr"
 
     kind: ClassVar[str] = "frontend"

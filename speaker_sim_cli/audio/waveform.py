@@ -1,21 +1,14 @@
-"""Raw-waveform front end for self-supervised models (WavLM), and torchaudio's resampler.
+"""Raw-waveform front end for self-supervised models (WavLM).
 
 :func:`waveform_features` is :class:`~speaker_sim_cli.audio.frontend.WaveformConfig`'s compute:
 each row is normalised as s3prl does it before WavLM (``F.layer_norm(wav, wav.shape)``: zero
 mean, unit biased variance, eps 1e-5, no affine), over the row's own valid samples only, so a
 padded row gets exactly what it would get alone. Padded samples stay 0.
-
-:func:`sinc_resample` reproduces ``torchaudio.transforms.Resample(orig, new)`` with its defaults
-(``sinc_interp_hann``, ``lowpass_filter_width=6``, ``rolloff=0.99``), the resampler seed-tts-eval
-runs before the SIM model. It is written from the published algorithm (a windowed-sinc
-polyphase filter bank on the gcd-reduced rates), not copied, and it is tested against the
-reference's output pairs in ``fixtures/wavlm_sim``.
+Non-16 kHz input is resampled at decode, as seed-tts-eval does (audio/sinc.py).
 """
 
 from __future__ import annotations
 
-import math
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,7 +17,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from .frontend import WaveformConfig
 
-__all__ = ["normalize_waveform", "sinc_resample", "waveform_features"]
+__all__ = ["normalize_waveform", "waveform_features"]
 
 
 def normalize_waveform(
@@ -57,42 +50,3 @@ def waveform_features(
     lengths = lengths.to(device=waves.device, dtype=torch.long)
     out = normalize_waveform(waves, lengths, cfg.eps) if cfg.normalize else waves
     return out, lengths
-
-
-@lru_cache(maxsize=16)
-def _sinc_kernel(orig: int, new: int, width: int, rolloff: float) -> tuple[torch.Tensor, int]:
-    """(new, 1, K) float64 Hann-windowed sinc filters, one per output phase; and the pad."""
-    base = min(orig, new) * rolloff
-    half = math.ceil(width * orig / base)
-    idx = torch.arange(-half, half + orig, dtype=torch.float64)[None, :] / orig
-    # torchaudio divides the phase offsets in float32 (default dtype) before adding idx.
-    t = (torch.arange(0, -new, -1) / new).to(torch.float64)[:, None] + idx
-    t = (t * base).clamp(-width, width)
-    window = torch.cos(t * math.pi / width / 2) ** 2
-    t = t * math.pi
-    scale = base / orig
-    sinc = torch.where(t == 0, torch.ones_like(t), torch.sin(t) / torch.where(t == 0, 1.0, t))
-    return (sinc * window * scale)[:, None, :], half
-
-
-def sinc_resample(
-    wave: torch.Tensor, orig: int, new: int, width: int = 6, rolloff: float = 0.99
-) -> torch.Tensor:
-    """Resample (..., N) from ``orig`` Hz to ``new`` Hz as torchaudio's ``Resample`` does.
-
-    Output length ``ceil(new * N / orig)``; computed in the input's dtype (float32 as
-    torchaudio's module defaults to).
-    """
-    if orig == new:
-        return wave
-    g = math.gcd(orig, new)
-    o, n = orig // g, new // g
-    kernel, half = _sinc_kernel(o, n, width, rolloff)
-    shape = wave.shape
-    x = wave.reshape(-1, shape[-1])
-    length = x.shape[-1]
-    x = F.pad(x[:, None, :], (half, half + o))
-    y = F.conv1d(x, kernel.to(dtype=wave.dtype, device=wave.device), stride=o)
-    y = y.transpose(1, 2).reshape(x.shape[0], -1)
-    target = math.ceil(n * length / o)
-    return y[:, :target].reshape(*shape[:-1], target)

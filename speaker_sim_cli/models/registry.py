@@ -173,7 +173,9 @@ MODELS: tuple[ModelSpec, ...] = (
     # pretrained/wavlm_large_finetune/.
     ModelSpec("microsoft/wavlm_large_finetune", "wavlm-ecapa-sim", "",
               "wavlm_large_finetune.pth", "wavlm_large_ecapa", 256,
-              "VoxCeleb2 (UniSpeech WavLM-Large + ECAPA-TDNN)", frontend=WaveformConfig()),
+              "VoxCeleb2 (UniSpeech WavLM-Large + ECAPA-TDNN)",
+              # seed-tts-eval resamples with torchaudio's default Resample (audio/sinc.py).
+              frontend=WaveformConfig(resampler="sinc_hann")),
 )  # fmt: skip
 
 _BY_KEY: dict[str, ModelSpec] = {}
