@@ -3,7 +3,8 @@
 - ``csv``: ``enrollment,test[,label],score[,error]`` (ours; header; rows in input order);
 - ``kaldi``: ``enroll test label score`` as Kaldi / 3D-Speaker write them (label 1/0), or
   ``enroll test score`` without labels;
-- ``wespeaker``: ``enroll test score target|nontarget`` (or ``enroll test score``).
+- ``wespeaker``: ``enroll test score target|nontarget`` (or ``enroll test score``);
+- ``parquet``: columns enrollment, test[, label], score[, error] (score null where it failed).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..errors import UsageError
 from .trials import ENROLL_NAMES, LABEL_NAMES, TARGET_WORDS, TEST_NAMES, parse_label, read_text
 
 FORMATS = ("csv", "kaldi", "wespeaker")
+STREAM_FORMATS = (*FORMATS, "parquet")
 
 
 @dataclass
@@ -52,13 +54,18 @@ def write_scores(
     fmt: str = "csv",
     skip_failed: bool = False,
     extra: dict[str, np.ndarray] | None = None,
+    header: bool = True,
+    error_column: bool | None = None,
 ) -> int:
     """Write rows in input order; returns how many rows were written.
 
     ``extra``: more score columns (name -> values per trial, e.g. ``score_funasr``) written after
-    ``score``; csv only.
+    ``score``; csv only. A streamed file is written a part at a time: ``header`` for the first
+    part only, and ``error_column`` (whether the whole file has one) decided up front.
     """
     has_err = errors is not None and any(e is not None for e in errors)
+    if error_column is not None:
+        has_err = error_column
     text = [_fmt(x) for x in scores.tolist()]  # floats once, not numpy scalars per row
     extra = extra or {}
     if extra and fmt != "csv":
@@ -67,13 +74,15 @@ def write_scores(
     extra_text = [[_fmt(x) for x in v.tolist()] for v in extra.values()]
     labs = labels.tolist() if labels is not None else None
     rows = 0
+    write_header = header
     if fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
-        header = ["enrollment", "test"] + (["label"] if labels is not None else []) + ["score"]
-        header += list(extra)
+        names = ["enrollment", "test"] + (["label"] if labels is not None else []) + ["score"]
+        names += list(extra)
         if has_err and not skip_failed:
-            header.append("error")
-        w.writerow(header)
+            names.append("error")
+        if write_header:
+            w.writerow(names)
         for i in range(len(enroll)):
             err = errors[i] if errors is not None else None
             if err is not None and skip_failed:
@@ -276,3 +285,124 @@ def attach_labels(table: ScoreTable, trials_path: str | Path) -> np.ndarray:
             )
         out[i] = lab
     return out
+
+
+class StreamedScores:
+    """A score file written a chunk at a time, atomically: into a temp file beside ``path``,
+    renamed over it by :meth:`commit`; :meth:`abort` (or leaving the ``with`` block by an
+    exception) removes the temp file, so a run that fails late leaves nothing half written.
+    ``path`` None writes text to stdout as it comes."""
+
+    def __init__(
+        self, path: Path | None, fmt: str, labelled: bool, error_column: bool,
+        skip_failed: bool = False, extra_names: tuple[str, ...] = (),
+    ) -> None:  # fmt: skip
+        if fmt not in STREAM_FORMATS:
+            raise UsageError(f"unknown score format {fmt!r}: use one of "
+                             f"{', '.join(STREAM_FORMATS)}")  # fmt: skip
+        if fmt == "parquet" and path is None:
+            raise UsageError("--format parquet needs --out FILE (Parquet is not written to stdout)")
+        if extra_names and fmt not in ("csv", "parquet"):
+            raise UsageError(f"the {fmt} score format has no place for {', '.join(extra_names)}: "
+                             "use --format csv")  # fmt: skip
+        self.path, self.fmt, self.labelled = path, fmt, labelled
+        self.error_column = error_column and not skip_failed
+        self.skip_failed = skip_failed
+        self.extra_names = extra_names
+        self._first = True
+        self._tmp: str | None = None
+        self._text: IO[str] | None = None
+        self._pq: object = None
+        if path is None:
+            self._text = sys.stdout
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        if fmt == "parquet":
+            os.close(fd)
+            import pyarrow.parquet as pq
+
+            self._pq = pq.ParquetWriter(self._tmp, self._schema())
+        else:
+            self._text = os.fdopen(fd, "w", encoding="utf-8", newline="")
+
+    def _schema(self) -> object:
+        import pyarrow as pa
+
+        cols = [("enrollment", pa.string()), ("test", pa.string())]
+        cols += [("label", pa.int8())] if self.labelled else []
+        cols += [("score", pa.float64())] + [(n, pa.float64()) for n in self.extra_names]
+        cols += [("error", pa.string())] if self.error_column else []
+        return pa.schema(cols)
+
+    def write(
+        self, enroll: object, test: object, scores: np.ndarray, labels: np.ndarray | None,
+        errors: list[str | None] | None, extra: dict[str, np.ndarray] | None = None,
+    ) -> int:  # fmt: skip
+        """One chunk, in input order; the number of rows written."""
+        if self._pq is not None:
+            return self._write_parquet(enroll, test, scores, labels, errors, extra)
+        assert self._text is not None
+        e = enroll if isinstance(enroll, list) else enroll.to_pylist()  # type: ignore[attr-defined]
+        t = test if isinstance(test, list) else test.to_pylist()  # type: ignore[attr-defined]
+        n = write_scores(self._text, e, t, scores, labels, errors, self.fmt, self.skip_failed,
+                         extra, header=self._first, error_column=self.error_column)  # fmt: skip
+        self._first = False
+        return n
+
+    def _write_parquet(
+        self, enroll: object, test: object, scores: np.ndarray, labels: np.ndarray | None,
+        errors: list[str | None] | None, extra: dict[str, np.ndarray] | None,
+    ) -> int:  # fmt: skip
+        import pyarrow as pa
+
+        ok = ~np.isnan(scores)
+        cols: list[object] = [pa.array(enroll, pa.string()), pa.array(test, pa.string())]
+        if self.labelled:
+            cols.append(pa.array(labels, pa.int8()))
+        cols.append(pa.array(scores, pa.float64(), mask=~ok))
+        cols += [pa.array(v, pa.float64(), mask=np.isnan(v)) for v in (extra or {}).values()]
+        if self.error_column:
+            cols.append(pa.array(errors if errors is not None else [None] * len(scores),
+                                 pa.string()))  # fmt: skip
+        table = pa.Table.from_arrays(cols, schema=self._schema())  # type: ignore[arg-type]
+        if self.skip_failed and not ok.all():
+            table = table.filter(pa.array(ok))
+        self._pq.write_table(table)  # type: ignore[attr-defined]
+        return table.num_rows
+
+    def commit(self) -> None:
+        """Finish the file and move it into place (an empty score file has its header)."""
+        if self._first and self._text is not None and self.fmt == "csv":
+            self.write([], [], np.empty(0), np.empty(0, np.int8) if self.labelled else None,
+                       None)  # fmt: skip
+        if self._pq is not None:
+            self._pq.close()  # type: ignore[attr-defined]
+        elif self._text is not None and self._text is not sys.stdout:
+            self._text.close()
+        else:
+            sys.stdout.flush()
+        if self._tmp is not None:
+            assert self.path is not None
+            os.replace(self._tmp, self.path)
+            self._tmp = None
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            if self._pq is not None:
+                self._pq.close()  # type: ignore[attr-defined]
+            elif self._text is not None and self._text is not sys.stdout:
+                self._text.close()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self._tmp)
+            self._tmp = None
+
+    def __enter__(self) -> StreamedScores:
+        return self
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.abort()

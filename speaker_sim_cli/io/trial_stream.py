@@ -1,0 +1,432 @@
+"""Trial lists read in chunks (CSV/TSV, Kaldi, VoxCeleb, Parquet) as compact arrays; no torch.
+
+Each chunk holds its two key columns as Arrow string arrays and its labels as int8, never a
+Python object per trial. The format rules and messages are :mod:`.trials`' own: a block of
+lines the fast Arrow parser cannot take as is (tabs, odd whitespace, quotes, blank lines, a bad
+line) is read by that module's line reader, which names the bad line.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from ..errors import UsageError
+from ..records import TrialList
+from . import trials as T
+
+BLOCK_BYTES = 32 << 20  # text read per chunk (about 1 M Kaldi lines)
+PARQUET_ROWS = 1 << 20
+
+# A block the Arrow parser reads exactly as the line reader would: only single spaces (or the
+# delimiter) between fields, no other whitespace, no blank line, no leading / trailing space.
+_ODD_WS = re.compile(r"[^\S \n]|  |^ | $|\n\n", re.M)
+_LINE_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+_ODD_CSV = re.compile(r'[^\S \n]|"|\n\n', re.M)
+_ODD_TSV = re.compile(r'[^\S\t\n]|"|\n\n', re.M)
+
+
+@dataclass
+class TrialChunk:
+    """Consecutive trials: keys as Arrow strings, labels int8 (or None), and where they are."""
+
+    enroll: pa.Array
+    test: pa.Array
+    labels: np.ndarray | None
+    first_line: int  # line (text) or row (Parquet) of the first trial, 1-based
+    lines: np.ndarray | None = None  # each trial's line where they are not consecutive
+
+    def __len__(self) -> int:
+        return len(self.enroll)
+
+    def line_of(self, i: int) -> int:
+        return int(self.lines[i]) if self.lines is not None else self.first_line + i
+
+
+def _strings(values: list[str]) -> pa.Array:
+    return pa.array(values, type=pa.string())
+
+
+def _label_codes(col: pa.Array, where: str) -> np.ndarray:
+    """int8 labels of a string column, each distinct spelling parsed once by parse_label."""
+    enc = pc.dictionary_encode(col)
+    if isinstance(enc, pa.ChunkedArray):
+        enc = enc.combine_chunks()
+    words = enc.dictionary.to_pylist()
+    table = np.array([T.parse_label(w, where) for w in words], dtype=np.int8)
+    return table[enc.indices.to_numpy(zero_copy_only=False)]
+
+
+def _longest(col: pa.Array) -> int:
+    n = pc.max(pc.binary_length(col)).as_py()
+    return int(n or 0)
+
+
+class TrialStream:
+    """A trial list read chunk by chunk. Iterating twice reads the file twice.
+
+    ``format`` is the in-memory reader's name for it (kaldi, voxceleb, csv, tsv, parquet);
+    ``has_labels`` says whether chunks carry labels.
+    """
+
+    def __init__(self, path: str | Path, block_bytes: int = BLOCK_BYTES) -> None:
+        self.path = Path(path)
+        self.source = str(self.path)
+        self.block_bytes = block_bytes
+        p = self.path
+        if not p.exists():
+            raise UsageError(f"{p}: file not found")
+        if p.is_dir():
+            raise UsageError(f"{p}: is a directory, expected a file")
+        if T.is_parquet(p):
+            self.format = "parquet"
+            self._pq_cols = _parquet_columns(p)
+            self.has_labels = self._pq_cols[2] is not None
+            return
+        head = self._first_lines()
+        if not head:
+            raise UsageError(f"{p}: the trial list is empty")
+        first = head[0][1]
+        from .pairs import looks_like_pairs
+
+        if looks_like_pairs(first):
+            raise UsageError(f"{p}: a seed-tts-eval pair list is read whole, not streamed")
+        self.delim: str | None = None
+        if "," in first or ("\t" in first and T._header_columns(first.split("\t")) is not None):
+            self.delim = "," if "," in first else "\t"
+            rows = T.csv_rows(p, first, self.delim, head[0][0])
+            header = rows[0][1]
+            cols = T._header_columns(header)
+            self.width = len(header)
+            self.format = "csv" if self.delim == "," else "tsv"
+            if cols is None:
+                if len(header) not in (2, 3):
+                    raise UsageError(
+                        f"{p}:{head[0][0]}: no header naming the enrollment and test columns "
+                        f"(expected e.g. 'enrollment,test,label'), and {len(header)} fields"
+                    )
+                cols = (0, 1, 2 if len(header) == 3 else None)
+                self.format += " (no header)"
+                self.header_line = 0  # the first line is a trial
+            else:
+                self.header_line = head[0][0]
+            self.cols = cols
+            self.has_labels = cols[2] is not None
+        else:
+            f = first.split()
+            self.vox = (
+                len(f) == 3
+                and f[0].lower() in T.TARGET_WORDS
+                and f[2].lower() not in T.TARGET_WORDS
+            )
+            self.format = "voxceleb" if self.vox else "kaldi"
+            self.width = 3 if self.vox else len(f)
+            self.has_labels = self.vox or len(f) == 3
+            self.first_entry = head[0]  # given to the line reader with every later block
+
+    def _first_lines(self) -> list[tuple[int, str]]:
+        with open(self.path, "rb") as f:
+            data = f.read(1 << 20)
+        cut = data.rfind(b"\n")
+        if cut >= 0 and len(data) == 1 << 20:
+            data = data[: cut + 1]
+        text = T.decode_text(self.path, data)
+        return [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()][:1]
+
+    # -- text ----------------------------------------------------------------------------------
+
+    def _blocks(self) -> Iterator[tuple[int, bytes, str]]:
+        """(first line, raw bytes, text) of consecutive whole lines."""
+        line = 1
+        rest = b""
+        first = True
+        with open(self.path, "rb") as f:
+            while True:
+                data = f.read(self.block_bytes)
+                buf = rest + data
+                if not data:
+                    if buf:
+                        yield line, buf, T.decode_text(self.path, buf, line, first)
+                    return
+                cut = buf.rfind(b"\n")
+                if cut < 0:
+                    rest = buf
+                    continue
+                block, rest = buf[: cut + 1], buf[cut + 1 :]
+                text = T.decode_text(self.path, block, line, first)
+                if first and block.startswith(b"\xef\xbb\xbf"):
+                    block = block[3:]
+                first = False
+                yield line, block, text
+                # as the in-memory reader counts lines: splitlines (\x0c, \u2028, ... too)
+                odd = _LINE_BREAKS.search(text) is not None
+                line += len(text.splitlines()) if odd else block.count(b"\n")
+
+    def __iter__(self) -> Iterator[TrialChunk]:
+        if self.format == "parquet":
+            yield from _parquet_chunks(self.path, self._pq_cols)
+            return
+        for line, block, text in self._blocks():
+            chunk = self._fast(line, block, text) if self.delim is None else None
+            if self.delim is not None:
+                chunk = self._fast_delimited(line, block, text)
+            if chunk is None:
+                chunk = self._slow(line, text)
+            if chunk is not None and len(chunk):
+                yield chunk
+
+    def _fast(self, line: int, block: bytes, text: str) -> TrialChunk | None:
+        if _ODD_WS.search(text) is not None or text.startswith("\n"):
+            return None
+        names = [f"c{i}" for i in range(self.width)]
+        try:
+            tab = pacsv.read_csv(
+                io.BytesIO(block),
+                read_options=pacsv.ReadOptions(column_names=names, block_size=1 << 24),
+                parse_options=pacsv.ParseOptions(delimiter=" ", quote_char=False),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=dict.fromkeys(names, pa.string())
+                ),
+            )
+        except pa.ArrowInvalid:
+            return None
+        cols = [tab.column(i).combine_chunks() for i in range(self.width)]
+        if any(_longest(c) > T.FIELD_LIMIT for c in cols):
+            return None
+        e, t, lab = (cols[1], cols[2], cols[0]) if self.vox else (cols[0], cols[1], None)
+        if not self.vox and self.width == 3:
+            lab = cols[2]
+        try:
+            labels = _label_codes(lab, self.source) if lab is not None else None
+        except UsageError:
+            return None  # the line reader names the line
+        return TrialChunk(e, t, labels, line)
+
+    def _fast_delimited(self, line: int, block: bytes, text: str) -> TrialChunk | None:
+        assert self.delim is not None
+        odd = _ODD_CSV if self.delim == "," else _ODD_TSV
+        if odd.search(text) is not None or text.startswith("\n"):
+            return None
+        skip = 1 if line == self.header_line else 0
+        names = [f"c{i}" for i in range(self.width)]
+        try:
+            tab = pacsv.read_csv(
+                io.BytesIO(block),
+                read_options=pacsv.ReadOptions(
+                    column_names=names, skip_rows=skip, block_size=1 << 24
+                ),  # fmt: skip
+                parse_options=pacsv.ParseOptions(delimiter=self.delim, quote_char=False),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=dict.fromkeys(names, pa.string())
+                ),
+            )
+        except pa.ArrowInvalid:
+            return None
+        e_i, t_i, l_i = self.cols
+        cols = [tab.column(i).combine_chunks() for i in range(self.width)]
+        if any(_longest(c) > T.FIELD_LIMIT for c in cols):
+            return None
+        e = pc.utf8_trim(cols[e_i], characters=" ")
+        t = pc.utf8_trim(cols[t_i], characters=" ")
+        if len(e) and (pc.min(pc.binary_length(e)).as_py() == 0
+                       or pc.min(pc.binary_length(t)).as_py() == 0):  # fmt: skip
+            return None
+        try:
+            labels = _label_codes(cols[l_i], self.source) if l_i is not None else None
+        except UsageError:
+            return None
+        return TrialChunk(e, t, labels, line + skip)
+
+    def _slow(self, line: int, text: str) -> TrialChunk | None:
+        """The block read by :mod:`.trials`' line reader (it raises naming the bad line)."""
+        p = self.path
+        if self.delim is not None:
+            rows = T.csv_rows(p, text, self.delim, line, allow_empty=True)
+            rows = [r for r in rows if r[0] != self.header_line]
+            e_i, t_i, l_i = self.cols
+            enroll, test, labels, numbers = T.delimited_body(p, rows, e_i, t_i, l_i, self.width)
+            labs = np.asarray(labels, dtype=np.int8) if l_i is not None else None
+        else:
+            lines = [(line + i, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
+            prefix = [] if line <= self.first_entry[0] else [self.first_entry]
+            tl = T._read_whitespace(p, prefix + lines)
+            k = len(prefix)
+            enroll, test, numbers = tl.enroll[k:], tl.test[k:], tl.line_numbers[k:]
+            labs = tl.labels[k:] if tl.labels is not None else None
+        if not enroll:
+            return None
+        return TrialChunk(_strings(enroll), _strings(test), labs, numbers[0],
+                          np.asarray(numbers, dtype=np.int64))  # fmt: skip
+
+
+# -- Parquet -----------------------------------------------------------------------------------
+
+
+def _parquet_columns(p: Path) -> tuple[str, str, str | None]:
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(p).names
+    except (pa.ArrowException, OSError) as exc:
+        raise UsageError(f"{p}: not a readable Parquet file ({exc})") from None
+    cols = T._header_columns(names)
+    if cols is None:
+        raise UsageError(f"{p}: no columns naming the enrollment and test items (found "
+                         f"{', '.join(names[:8]) or 'none'}; expected e.g. enrollment, test, "
+                         "label)")  # fmt: skip
+    e, t, lab = cols
+    return names[e], names[t], None if lab is None else names[lab]
+
+
+def _parquet_keys(col: pa.Array, p: Path, name: str, row0: int) -> pa.Array:
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise UsageError(f"{p}: column {name!r} is {col.type}, expected text")
+    col = pc.utf8_trim_whitespace(col.cast(pa.string()))
+    bad = pc.or_(pc.is_null(col), pc.equal(pc.binary_length(col), 0))
+    if pc.any(bad).as_py():
+        i = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
+        raise UsageError(f"{p}: row {row0 + i}: empty enrollment or test field")
+    if _longest(col) > T.FIELD_LIMIT:
+        lens = pc.binary_length(col).to_numpy(zero_copy_only=False)
+        i = int(np.flatnonzero(lens > T.FIELD_LIMIT)[0])
+        raise UsageError(f"{p}: row {row0 + i}: a field is longer than {T.FIELD_LIMIT:,} bytes")
+    return col
+
+
+def _parquet_labels(col: pa.Array, p: Path, name: str, row0: int) -> np.ndarray:
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if col.null_count:
+        i = int(np.flatnonzero(pc.is_null(col).to_numpy(zero_copy_only=False))[0])
+        raise UsageError(f"{p}: row {row0 + i}: no label")
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        words = col.cast(pa.string())
+        try:
+            return _label_codes(words, f"{p}: column {name!r}")
+        except UsageError:
+            for i, w in enumerate(words.to_pylist()):
+                T.parse_label(w, f"{p}: row {row0 + i}")
+            raise
+    if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)
+            or pa.types.is_boolean(col.type)):  # fmt: skip
+        raise UsageError(f"{p}: column {name!r} is {col.type}, expected 0/1 labels")
+    v = col.to_numpy(zero_copy_only=False)
+    ok = (v == 0) | (v == 1)
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise UsageError(f"{p}: row {row0 + i}: unknown label {v[i]!r} (use 1/0)")
+    return v.astype(np.int8)
+
+
+def _parquet_chunks(p: Path, cols: tuple[str, str, str | None]) -> Iterator[TrialChunk]:
+    import pyarrow.parquet as pq
+
+    e, t, lab = cols
+    row = 1
+    try:
+        f = pq.ParquetFile(p)
+        want = [e, t] + ([lab] if lab else [])
+        for batch in f.iter_batches(batch_size=PARQUET_ROWS, columns=want):
+            n = batch.num_rows
+            a = _parquet_keys(batch.column(e), p, e, row)
+            b = _parquet_keys(batch.column(t), p, t, row)
+            labels = _parquet_labels(batch.column(lab), p, lab, row) if lab else None
+            yield TrialChunk(a, b, labels, row)
+            row += n
+    except (pa.ArrowException, OSError) as exc:
+        raise UsageError(f"{p}: row {row}: cannot read the Parquet file ({exc})") from None
+
+
+def read_parquet_trials(p: Path) -> TrialList:
+    """A whole Parquet trial list as a :class:`TrialList` (the in-memory path)."""
+    s = TrialStream(p)
+    enroll: list[str] = []
+    test: list[str] = []
+    labels: list[np.ndarray] = []
+    for ch in s:
+        enroll += ch.enroll.to_pylist()
+        test += ch.test.to_pylist()
+        if ch.labels is not None:
+            labels.append(ch.labels)
+    if not enroll:
+        raise UsageError(f"{p}: the trial list is empty")
+    arr = np.concatenate(labels) if s.has_labels else None
+    return TrialList(enroll, test, arr, str(p), "parquet", list(range(1, len(enroll) + 1)))
+
+
+# -- keys --------------------------------------------------------------------------------------
+
+
+class KeyTable:
+    """Unique keys as one Arrow string array; a key's id is its row (int64, -1 if absent)."""
+
+    def __init__(self, keys: pa.Array) -> None:
+        self.keys = keys.cast(pa.string())
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def ids(self, *cols: pa.Array) -> list[np.ndarray]:
+        """The id of every key of each column: one hash of the table for all of them."""
+        both = pa.chunked_array([c.cast(pa.string()) for c in cols], type=pa.string())
+        got = pc.index_in(both, value_set=self.keys).combine_chunks()
+        ids = got.fill_null(-1).to_numpy().astype(np.int64)
+        parts, lo = [], 0
+        for c in cols:
+            parts.append(ids[lo : lo + len(c)])
+            lo += len(c)
+        return parts
+
+    def to_list(self) -> list[str]:
+        return self.keys.to_pylist()
+
+
+@dataclass
+class ListSummary:
+    """What a first pass over a list found: its unique keys and its counts."""
+
+    keys: KeyTable
+    trials: int
+    targets: int | None
+    enroll_keys: KeyTable
+
+
+def scan(stream: TrialStream) -> ListSummary:
+    """Read the whole list once: every line checked (a bad one raises naming it, before any
+    model work), its unique keys collected as Arrow strings, its trials counted."""
+    parts: list[pa.Array] = []
+    enroll_parts: list[pa.Array] = []
+    pending = 0
+    n = 0
+    targets = 0
+    for ch in stream:
+        n += len(ch)
+        if ch.labels is not None:
+            targets += int(ch.labels.sum(dtype=np.int64))
+        ue = pc.unique(ch.enroll)
+        enroll_parts.append(ue)
+        parts += [ue, pc.unique(ch.test)]
+        pending += len(parts[-1]) + len(parts[-2])
+        if pending > 4 << 20:  # fold what was collected: memory stays ~ the unique keys
+            parts = [pc.unique(pa.chunked_array(parts, type=pa.string())).combine_chunks()]
+            enroll_parts = [pc.unique(pa.chunked_array(enroll_parts, type=pa.string()))]
+            pending = len(parts[0])
+    if n == 0:
+        raise UsageError(f"{stream.path}: the trial list has no trials")
+
+    def fold(ps: list[pa.Array]) -> pa.Array:
+        u = pc.unique(pa.chunked_array(ps, type=pa.string()))
+        return u.combine_chunks() if isinstance(u, pa.ChunkedArray) else u
+
+    return ListSummary(KeyTable(fold(parts)), n, targets if stream.has_labels else None,
+                       KeyTable(fold(enroll_parts)))  # fmt: skip
