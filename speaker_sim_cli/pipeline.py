@@ -1,4 +1,6 @@
-"""trials -> unique recordings -> cache lookup -> embed the misses -> score -> metrics."""
+"""The extractor: unique recordings -> content hashes -> cache lookup -> embed the misses on
+the chosen engine (in-process, one process per device, or Ray) -> cache. Scoring lives above,
+in :mod:`speaker_sim_cli.job`."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -20,7 +22,18 @@ from .errors import AudioError, UsageError
 from .models.registry import ModelSpec, resolve_model
 from .models.weights import Found, checkpoint_hash, load_spec_checkpoint, resolve_checkpoint
 from .paths import default_cache_dir, map_in_threads
-from .records import EmbedResult, Failure, Recording, TrialList
+from .records import EmbedResult
+from .scoring.cosine import cosine_pairs, index_pairs, l2_normalize, trial_errors
+
+# The cosine helpers' old home (scoring/cosine.py now): kept importable from here.
+__all__ = [
+    "EmbeddingSource",
+    "Extractor",
+    "cosine_pairs",
+    "index_pairs",
+    "l2_normalize",
+    "trial_errors",
+]
 
 if TYPE_CHECKING:
     from .engine.embedder import Embedder
@@ -331,198 +344,3 @@ class EmbeddingSource(Protocol):
         on_start: Callable[[int, float], None] | None = None,
         stop_on_error: bool = False,
     ) -> EmbedResult: ...
-
-
-@dataclass
-class ScoreResult:
-    """Per-trial scores (NaN where a recording failed) with the reason, and the failures."""
-
-    trials: TrialList
-    scores: np.ndarray
-    errors: list[str | None]
-    failures: list[Failure]
-    embed: EmbedResult
-    recordings: int
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> np.ndarray:
-        return ~np.isnan(self.scores)
-
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return x / np.maximum(norms, 1e-12)
-
-
-def cosine_pairs(emb: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """Cosine of rows ``emb[a[i]]`` and ``emb[b[i]]`` in float64, in chunks.
-
-    Small chunks keep the gathered rows in the CPU caches: 1 M trials of 192-dim vectors take
-    0.2-0.5 s in chunks of 2k, 2.1 s in chunks of 200k (measured on 2 cores).
-    """
-    e = l2_normalize(emb.astype(np.float64))
-    out = np.empty(len(a), dtype=np.float64)
-    for s in range(0, len(a), chunk):
-        out[s : s + chunk] = np.einsum("ij,ij->i", e[a[s : s + chunk]], e[b[s : s + chunk]])
-    return out
-
-
-def index_pairs(
-    keys: Sequence[str], enroll: Sequence[str], test: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row in ``keys`` of each trial's two sides (-1 when absent), and where both exist."""
-    index = {k: i for i, k in enumerate(keys)}
-    n = len(enroll)
-    a = np.fromiter((index.get(x, -1) for x in enroll), dtype=np.int64, count=n)
-    b = np.fromiter((index.get(x, -1) for x in test), dtype=np.int64, count=n)
-    return a, b, (a >= 0) & (b >= 0)
-
-
-def trial_errors(
-    enroll: Sequence[str], test: Sequence[str], ok: np.ndarray, reason: dict[str, str]
-) -> list[str | None]:
-    """Per trial: None when scored, else the reasons of its failed sides."""
-    errors: list[str | None] = [None] * len(enroll)
-    for i in np.flatnonzero(~ok).tolist():
-        bad = dict.fromkeys(x for x in (enroll[i], test[i]) if x in reason)
-        errors[i] = "; ".join(f"{x}: {reason[x]}" for x in bad)
-    return errors
-
-
-@dataclass
-class ScoringOptions:
-    """How trials are scored beyond plain cosine.
-
-    enroll_map: enrolment speaker -> its recordings (Kaldi spk2utt); a trial whose enrolment
-        item is such a speaker scores against the L2-normalised mean of their embeddings.
-    norm: "asnorm" or "snorm" against ``cohort`` (WeSpeaker's recipe); ``cohort_speakers``
-        (one id per cohort recording) averages the cohort per speaker first.
-    mean_from: recordings whose mean embedding is subtracted from every embedding.
-    """
-
-    enroll_map: dict[str, list[Recording]] | None = None
-    norm: str | None = None
-    cohort: list[Recording] | None = None
-    cohort_speakers: list[str] | None = None
-    top_n: int = 300
-    mean_from: list[Recording] | None = None
-
-
-def score_trials(
-    trials: TrialList,
-    recordings: dict[str, Recording],
-    missing: dict[str, str],
-    extractor: EmbeddingSource,
-    progress: Callable[[int, float], None] | None = None,
-    on_start: Callable[[int, float], None] | None = None,
-    stop_on_error: bool = False,
-    options: ScoringOptions | None = None,
-) -> ScoreResult:
-    """Embed every unique recording once and score each trial by cosine.
-
-    A trial whose recordings are not embedded (failed, or never reached when the run stopped
-    at the first failure) gets NaN and the reason.
-    """
-    opt = options or ScoringOptions()
-    enroll_map = opt.enroll_map or {}
-    extra = [r for rs in enroll_map.values() for r in rs]
-    extra += list(opt.cohort or []) + list(opt.mean_from or [])
-    own = [str(r.path) for k, r in recordings.items() if k not in enroll_map]
-    paths = list(dict.fromkeys(own + [str(r.path) for r in extra]))
-    res = extractor.embed_paths(paths, progress, on_start, stop_on_error)
-
-    def reason_of(path: str) -> str | None:
-        if path in res.failures:
-            return res.failures[path]
-        if path not in res.embeddings:
-            return "not embedded: the run stopped at the first failure"
-        return None
-
-    dim = extractor.dim
-    mean = None
-    info: dict[str, Any] = {}
-    if opt.mean_from:
-        got = [res.embeddings[str(r.path)] for r in opt.mean_from if str(r.path) in res.embeddings]
-        if not got:
-            raise ValueError("--mean-from: none of its recordings could be embedded")
-        mean = np.mean(np.stack(got).astype(np.float64), axis=0)
-        info["mean_from"] = len(got)
-
-    def vec(path: str) -> np.ndarray:
-        v = res.embeddings[path].astype(np.float64)
-        return v - mean if mean is not None else v
-
-    # Entities: every trial item is a recording, or (enrolment side) a speaker of enroll_map.
-    vectors: dict[str, np.ndarray] = {}
-    enroll_side = set(trials.enroll)
-    # An enrolment speaker of enroll_map is no recording: not being one (e.g. not in wav.scp)
-    # is no failure.
-    item_reason = {k: why for k, why in missing.items()
-                   if not (k in enroll_map and k in enroll_side)}  # fmt: skip
-    for k in trials.items():
-        if k in item_reason:
-            continue
-        if k in enroll_map and k in enroll_side:
-            bad = [(r.key, reason_of(str(r.path))) for r in enroll_map[k]]
-            bad = [(key, why) for key, why in bad if why is not None]
-            if bad:
-                item_reason[k] = "enrolment recording " + "; ".join(f"{a}: {b}" for a, b in bad)
-            else:
-                # The mean of the raw embeddings; cosine scoring normalises it.
-                vectors[k] = np.mean([vec(str(r.path)) for r in enroll_map[k]], axis=0)
-            continue
-        rec = recordings.get(k)
-        if rec is None:
-            item_reason[k] = "not a recording or an enrolment speaker"
-            continue
-        why = reason_of(str(rec.path))
-        if why is not None:
-            item_reason[k] = why
-        else:
-            vectors[k] = vec(str(rec.path))
-    good = list(vectors)
-    mat = np.stack([vectors[k] for k in good]) if good else np.zeros((0, dim))
-    a, b, ok = index_pairs(good, trials.enroll, trials.test)
-    scores = np.full(len(trials), np.nan)
-    if ok.any():
-        scores[ok] = cosine_pairs(mat, a[ok], b[ok])
-        if opt.norm:
-            scores[ok] = _normalise(scores[ok], np.stack([a[ok], b[ok]], 1), mat, opt, res,
-                                    vec, info)  # fmt: skip
-    errors = trial_errors(trials.enroll, trials.test, ok, item_reason)
-    failures = [Failure(k, str(recordings[k].path) if k in recordings else k, r)
-                for k, r in item_reason.items()]  # fmt: skip
-    seen = {f.path for f in failures}
-    for r in extra:  # enrolment-map, cohort and mean recordings that failed
-        why = res.failures.get(str(r.path))
-        if why is not None and str(r.path) not in seen:
-            failures.append(Failure(r.key, str(r.path), why))
-            seen.add(str(r.path))
-    return ScoreResult(trials, scores, errors, failures, res, len(paths), info)
-
-
-def _normalise(
-    scores: np.ndarray,
-    pairs: np.ndarray,
-    mat: np.ndarray,
-    opt: ScoringOptions,
-    res: EmbedResult,
-    vec: Callable[[str], np.ndarray],
-    info: dict[str, Any],
-) -> np.ndarray:
-    from .scoring.norm import asnorm, snorm, speaker_mean_cohort
-
-    cohort = opt.cohort or []
-    keep = [i for i, r in enumerate(cohort) if str(r.path) in res.embeddings]
-    if not keep:
-        raise ValueError("--cohort: none of its recordings could be embedded")
-    cemb = np.stack([vec(str(cohort[i].path)) for i in keep])
-    if opt.cohort_speakers is not None:
-        _, cemb = speaker_mean_cohort(cemb, [opt.cohort_speakers[i] for i in keep])
-    info["norm"] = {"method": opt.norm, "cohort": len(cemb), "top_n": min(opt.top_n, len(cemb))}
-    if opt.norm == "snorm":
-        return snorm(scores, pairs, mat, mat, cemb)
-    if opt.norm == "asnorm":
-        return asnorm(scores, pairs, mat, mat, cemb, top_n=opt.top_n)
-    raise ValueError(f"unknown score normalisation {opt.norm!r}: use asnorm or snorm")

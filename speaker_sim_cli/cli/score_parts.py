@@ -1,97 +1,45 @@
-"""The parts of ``speaker-sim score`` below its option list: the extra scoring inputs, the
-trial source, the enrolment / cohort options and the human summary."""
+"""The parts of ``speaker-sim score`` below its option list: the trial source and the
+rendering of a :class:`~speaker_sim_cli.job.ScoreReport` (summary, tables, warnings)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 
 from . import common as c
-from .ui import STATE, err_console, say, warn
+from .ui import STATE, err_console, fail, say, warn
 
 if TYPE_CHECKING:
-    from ..pipeline import Extractor, ScoreResult, ScoringOptions
+    from ..job import ScoreReport
 
 
-class Extras(NamedTuple):
-    enroll_map: Path | None
-    norm: str | None
-    cohort: Path | None
-    cohort_utt2spk: Path | None
-    top_n: int
-    mean_from: Path | None
-    embeddings: Path | None = None
-    score_scale: str | None = None  # --score-scale: an extra rescaled column (scoring/scales.py)
-    gen_dir: Path | None = None  # --gen-dir: generated wavs of a seed-tts-eval meta.lst
-    model_config: Path | None = None  # --model-config: mvector's training config.yml
-    mvector_lists: tuple[Path, Path] | None = None  # --mvector-lists ENROLL TRIALS
-    backend: str = "auto"  # --backend: torch, onnxruntime or auto (engine/config.py)
+def render(rep: ScoreReport, embeddings: Path | None) -> None:
+    """Everything ``score`` tells the user about a finished job, on stderr."""
+    for note in rep.notes:
+        warn(note)
+    summary(rep, embeddings)
+    mv = rep.mvector
+    if mv is not None and not STATE["quiet"]:
+        say(f"mvector eval.py: threshold:{mv.threshold:.5f}, EER:{mv.eer:.5f}, "
+            f"MinDCF:{mv.min_dcf:.5f}")  # fmt: skip
+    if rep.sim is not None:
+        say_sim(rep.sim)
+    ex = rep.extractor
+    if ex is not None and ex.cache.write_error:
+        warn(f"the cache could not be written ({ex.cache.write_error}); ran without it")
+    if rep.counts["duplicate_trials"]:
+        warn(f"{rep.counts['duplicate_trials']} duplicate trials (each scored and written)")
+    if rep.stopped is not None:
+        f = rep.stopped
+        fail(f"stopped at the first bad recording (--on-error fail): {f.path}: {f.reason}")
 
 
-def keys_as_paths(opt: ScoringOptions) -> None:
-    """With --embeddings, every recording of the options is looked up by its key as written."""
-    from ..records import Recording
-
-    def keyed(rs: list[Recording]) -> list[Recording]:
-        return [Recording(r.key, Path(r.key)) for r in rs]
-
-    if opt.enroll_map is not None:
-        opt.enroll_map = {spk: keyed(rs) for spk, rs in opt.enroll_map.items()}
-    if opt.cohort is not None:
-        opt.cohort = keyed(opt.cohort)
-    if opt.mean_from is not None:
-        opt.mean_from = keyed(opt.mean_from)
-
-
-def scoring_options(
-    x: Extras, root: Path, scp: dict[str, str] | None, scp_dir: Path | None
-) -> ScoringOptions:
-    from ..errors import UsageError
-    from ..io.trials import read_inputs, read_spk2utt, read_utt2spk, resolve_path
-    from ..pipeline import ScoringOptions
-    from ..records import Recording
-
-    def rec(item: str) -> Recording:
-        if scp is not None:
-            if item not in scp:
-                raise UsageError(f"{x.enroll_map}: utterance id {item!r} is not in wav.scp")
-            return Recording(item, resolve_path(scp[item], scp_dir or Path.cwd()))
-        return Recording(item, resolve_path(item, root))
-
-    if x.norm and x.cohort is None:
-        raise UsageError(f"--norm {x.norm} needs --cohort (a list of cohort recordings)")
-    if x.cohort_utt2spk is not None and x.cohort is None:
-        raise UsageError("--cohort-utt2spk needs --cohort")
-    opt = ScoringOptions(norm=x.norm, top_n=x.top_n)
-    if x.enroll_map is not None:
-        opt.enroll_map = {
-            spk: [rec(u) for u in utts] for spk, utts in read_spk2utt(x.enroll_map).items()
-        }
-    if x.cohort is not None:
-        opt.cohort = read_inputs([str(x.cohort)])
-        if x.cohort_utt2spk is not None:
-            u2s = read_utt2spk(x.cohort_utt2spk)
-            lost = [r.key for r in opt.cohort if r.key not in u2s]
-            if lost:
-                raise UsageError(f"{x.cohort_utt2spk}: no speaker for cohort item {lost[0]!r}")
-            opt.cohort_speakers = [u2s[r.key] for r in opt.cohort]
-    if x.mean_from is not None:
-        opt.mean_from = read_inputs([str(x.mean_from)])
-    return opt
-
-
-def summary(
-    res: ScoreResult,
-    counts: dict[str, Any],
-    timing: dict[str, Any],
-    metrics: Any,
-    ex: Extractor | None,
-    embeddings: Path | None,
-) -> None:
+def summary(rep: ScoreReport, embeddings: Path | None) -> None:
     if STATE["quiet"]:
         return
+    counts, timing, metrics, ex = rep.counts, rep.timing, rep.metrics, rep.extractor
     if ex is None:
         say(
             f"{counts['scored']}/{counts['trials']} trials scored from the embeddings in "
@@ -107,14 +55,14 @@ def summary(
         )
     if metrics is not None:
         err_console.print(c.metrics_table([("scores", metrics)], "Metrics (NIST SRE16 scorer)"))
-    if res.failures:
+    if rep.failures:
         from rich.table import Table
 
-        t = Table(title=f"{len(res.failures)} recordings failed "
+        t = Table(title=f"{len(rep.failures)} recordings failed "
                   f"({counts['failed']} trials not scored)", title_style="red")  # fmt: skip
         t.add_column("recording")
         t.add_column("reason")
-        for f in res.failures:
+        for f in rep.failures:
             t.add_row(escape(f.path), escape(f.reason))
         err_console.print(t)
     if ex is not None and ex.stats.chunked:

@@ -144,3 +144,20 @@ class EmbedProgress:
     @property
     def callbacks(self) -> tuple[Callable[[int, float], None], Callable[[int, float], None]]:
         return self.update, self.start
+
+    def on_event(self, ev: Any) -> None:
+        """Draw a job's :class:`~speaker_sim_cli.job.Progress` event (embedding only)."""
+        if ev.stage != "embed":
+            return
+        if ev.event == "start":
+            self.start(ev.n, ev.seconds)
+        elif ev.event == "advance":
+            self.update(ev.n, ev.seconds)
+        else:
+            self.stop()
+
+    def __enter__(self) -> EmbedProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

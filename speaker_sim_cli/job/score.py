@@ -1,0 +1,231 @@
+"""``ScoreJob``: one scoring run, the same for ``speaker-sim score``, ``SpeakerSim.score``
+and Ray: trial list -> recordings -> embedding stage (cache, then the engine) -> scoring stage
+(cosine, normalisation, scores written) -> metrics -> one :class:`ScoreReport`.
+
+The job never prints and never exits: usage problems raise
+:class:`~speaker_sim_cli.errors.UsageError` before any model work, a failed recording costs
+only its trials (the report lists it), and progress goes to an optional callback.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from ..engine.config import EngineStats
+from ..errors import UsageError
+from ..pipeline import EmbeddingSource, Extractor
+from ..records import Recording, TrialList
+from .events import Progress, ProgressFn, embed_callbacks
+from .items import Embedded, ScoringOptions, embed_items
+from .report import ScoreReport, write_json
+from .setup import ModelSource, Outputs, ScoringSetup, TrialSource, keys_as_paths, scoring_options
+from .stage import ScoreWriter, StageResult, score_stage
+
+
+class ScoreJob:
+    """A trial list scored by one model, written to its outputs; :meth:`run` does it."""
+
+    def __init__(
+        self,
+        trials: TrialSource | TrialList | str | Path,
+        model: ModelSource | None = None,
+        scoring: ScoringSetup | None = None,
+        outputs: Outputs | None = None,
+    ) -> None:
+        if isinstance(trials, TrialList):
+            trials = TrialSource(trials=trials)
+        elif not isinstance(trials, TrialSource):
+            trials = TrialSource(path=Path(trials))
+        self.source = trials
+        self.model = model or ModelSource()
+        self.scoring = scoring or ScoringSetup()
+        self.outputs = outputs or Outputs()
+        self.extractor: Extractor | None = None  # set by run() when a model is used
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self, progress: ProgressFn | None = None) -> ScoreReport:
+        """Score every trial; write the scores and the report; return the report."""
+        t0 = time.perf_counter()
+        tl, scp, options = self._prepare()
+        t_load = time.perf_counter()
+        source, recs, missing = self._embedding_source(tl, scp, options)
+        load_s = time.perf_counter() - t_load
+        advance, start = embed_callbacks(progress)
+        stop = self.scoring.on_error == "fail"
+        emb = embed_items(tl, recs, missing, source, advance, start, stop, options)
+        if progress is not None:
+            progress(Progress("embed", "done"))
+            progress(Progress("score", "start", len(tl)))
+        stage = score_stage(tl.enroll, tl.test, emb.vectors, self._writer(tl),
+                            options.norm, options.top_n)  # fmt: skip
+        if progress is not None:
+            progress(Progress("score", "done", len(tl)))
+        report = self._report(tl, source, emb, stage, t0, load_s)
+        if self.outputs.report is not None:
+            write_json(self.outputs.report, report.to_dict())
+        return report
+
+    # -- stages -------------------------------------------------------------------------
+    def _prepare(self) -> tuple[TrialList, dict[str, str] | None, ScoringOptions]:
+        """Read and check every input before any model work (usage errors first)."""
+        from ..io.scorefiles import check_whitespace_safe
+        from ..io.trials import read_wav_scp
+
+        src, m, out = self.source, self.model, self.outputs
+        tl = src.load()
+        if m.embeddings is not None and src.wav_scp is not None:
+            raise UsageError("--embeddings and --wav-scp do not go together: trial items are keys")
+        if m.embeddings is not None and m.ray is not None:
+            raise UsageError("--embeddings and --ray do not go together: nothing is embedded")
+        scp = read_wav_scp(src.wav_scp, src.allow_commands) if src.wav_scp else None
+        if src.root is not None and not src.root.is_dir():
+            raise UsageError(f"--root {src.root}: not a folder")
+        check_whitespace_safe(tl.items(), out.fmt)
+        if self.scoring.score_scale and out.fmt != "csv":
+            raise UsageError(f"--score-scale adds a column, which the {out.fmt} format has no "
+                             "place for: use --format csv")  # fmt: skip
+        root = src.root or Path(tl.source).resolve().parent
+        return tl, scp, scoring_options(self.scoring, root, scp, src.scp_dir)
+
+    def _embedding_source(
+        self, tl: TrialList, scp: dict[str, str] | None, options: ScoringOptions
+    ) -> tuple[EmbeddingSource, dict[str, Recording], dict[str, str]]:
+        """The vectors' source (precomputed, given, or a new Extractor) and the recordings."""
+        from ..io.trials import resolve_trial_items
+
+        m = self.model
+        if m.embeddings is not None:
+            from ..io.precomputed import PrecomputedEmbeddings
+
+            keys_as_paths(options)  # items are the source's keys: no path resolution anywhere
+            recs = {k: Recording(k, Path(k)) for k in tl.items()}
+            return PrecomputedEmbeddings.load(m.embeddings), recs, {}
+        recs, missing = resolve_trial_items(tl, self.source.root, scp, self.source.scp_dir)
+        source = m.source
+        if source is None:
+            source = Extractor(m.model, m.model_dir, m.engine_config(), m.cache_dir,
+                               use_cache=m.use_cache, ray=m.ray,
+                               model_config=m.model_config)  # fmt: skip
+        ex = source if isinstance(source, Extractor) else getattr(source, "extractor", None)
+        self.extractor = ex if isinstance(ex, Extractor) else None
+        return source, recs, missing
+
+    def _writer(self, tl: TrialList) -> ScoreWriter | None:
+        """The scoring stage's ``write``: the score file (atomic) or stdout, in input order."""
+        out = self.outputs
+        if out.out is None and not out.stdout:
+            return None
+
+        def write(scores: np.ndarray, errors: list[str | None]) -> int:
+            from ..io.scorefiles import atomic_text_output, write_scores
+            from ..scoring.scales import rescaled_columns
+
+            def to(stream: IO[str]) -> int:
+                return write_scores(
+                    stream, tl.enroll, tl.test, scores, tl.labels, errors, out.fmt,
+                    skip_failed=self.scoring.on_error == "skip",
+                    extra=rescaled_columns(self.scoring.score_scale, scores),
+                )  # fmt: skip
+
+            return atomic_text_output(out.out, to)
+
+        return write
+
+    def _metrics(self, tl: TrialList, stage: StageResult, notes: list[str]) -> tuple[Any, Any]:
+        """EER / minDCF from the scored trials' scores and labels, and mvector's block."""
+        labels = tl.labels
+        if labels is None:
+            return None, None
+        from ..scoring.metrics import evaluate
+
+        ok = stage.ok
+        try:
+            metrics = evaluate(stage.scores[ok], labels[ok], p_targets=self.scoring.p_targets)
+        except ValueError as exc:
+            notes.append(f"no metrics: {exc}")
+            return None, None
+        if tl.format != "mvector-lists":
+            return metrics, None
+        from ..scoring.mvector_eval import mvector_metrics
+
+        return metrics, mvector_metrics(stage.scores[ok], labels[ok])
+
+    def _report(
+        self,
+        tl: TrialList,
+        source: EmbeddingSource,
+        emb: Embedded,
+        stage: StageResult,
+        t0: float,
+        load_s: float,
+    ) -> ScoreReport:
+        res, ex, labels = emb.result, self.extractor, tl.labels
+        notes: list[str] = []
+        metrics, mv = self._metrics(tl, stage, notes)
+        sim = None
+        if tl.format.startswith("seed-tts-eval"):
+            from ..io.pairs import sim_summary
+
+            sim = sim_summary(tl, stage.scores, {f.key: f.reason for f in emb.failures})
+        counts = {
+            "trials": len(tl),
+            "scored": int(stage.ok.sum()),
+            "failed": int((~stage.ok).sum()),
+            "written": stage.written,
+            "targets": int(labels.sum()) if labels is not None else None,
+            "nontargets": int(len(labels) - labels.sum()) if labels is not None else None,
+            "recordings": emb.recordings,
+            "failed_recordings": len(emb.failures),
+            "embedded": res.embedded,
+            "from_cache": res.cached,
+            "duplicate_trials": len(tl) - len(set(zip(tl.enroll, tl.test))),
+        }
+        st = ex.stats if ex is not None else EngineStats()
+        timing = {
+            "total_s": round(time.perf_counter() - t0, 3),
+            "model_load_s": round(load_s + (ex.load_seconds if ex is not None else 0.0), 3),
+            "embed_s": round(res.seconds, 3),
+            "audio_s": round(st.audio_seconds, 3),
+            "x_realtime": round(st.audio_seconds / res.seconds, 1)
+            if res.seconds > 0 and st.audio_seconds
+            else None,
+        }
+        scale = self.scoring.score_scale
+        out = self.outputs
+        stopped = emb.failures[0] if self.scoring.on_error == "fail" and emb.failures else None
+        return ScoreReport(
+            trials=tl.describe(),
+            metrics=metrics,
+            counts=counts,
+            model=source.describe(),
+            engine=ex.engine_report() if ex is not None else {},
+            extraction={
+                "chunked_recordings": st.chunked,
+                "padding_overhead": round(st.padded_frames / st.frames - 1, 4)
+                if st.frames
+                else 0.0,
+            },
+            failures=emb.failures,
+            sim=sim,
+            mvector=mv,
+            scoring={
+                "method": "cosine",
+                **emb.vectors.info,
+                **stage.info,
+                **({"score_scale": scale} if scale else {}),
+            },
+            timing=timing,
+            scores_to=str(out.out) if out.out else ("stdout" if out.stdout else "none"),
+            score_format=out.fmt,
+            invocation=out.invocation,
+            trial_list=tl,
+            scores=stage.scores,
+            errors=stage.errors,
+            notes=notes,
+            stopped=stopped,
+            extractor=ex,
+        )
