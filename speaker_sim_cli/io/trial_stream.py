@@ -393,40 +393,51 @@ class KeyTable:
 
 @dataclass
 class ListSummary:
-    """What a first pass over a list found: its unique keys and its counts."""
+    """What a first pass over a list found: its unique keys in first-seen order (enrolment
+    and test interleaved, as TrialList.items gives them), the enrolment side's, and counts."""
 
     keys: KeyTable
+    enroll_keys: KeyTable
     trials: int
     targets: int | None
-    enroll_keys: KeyTable
+    format: str
+    source: str
+
+    def describe(self) -> dict[str, object]:
+        """TrialList.describe of the same list."""
+        out: dict[str, object] = {"source": self.source, "format": self.format,
+                                  "trials": self.trials}  # fmt: skip
+        if self.targets is not None:
+            out["targets"] = self.targets
+            out["nontargets"] = self.trials - self.targets
+        return out
+
+
+def _unique(parts: list[pa.Array]) -> pa.Array:
+    """Distinct strings of the parts, in first-seen order."""
+    u = pc.unique(pa.chunked_array(parts, type=pa.string()))
+    return u.combine_chunks() if isinstance(u, pa.ChunkedArray) else u
 
 
 def scan(stream: TrialStream) -> ListSummary:
     """Read the whole list once: every line checked (a bad one raises naming it, before any
     model work), its unique keys collected as Arrow strings, its trials counted."""
-    parts: list[pa.Array] = []
-    enroll_parts: list[pa.Array] = []
-    pending = 0
-    n = 0
-    targets = 0
+    keys: list[pa.Array] = []
+    enroll: list[pa.Array] = []
+    n = targets = 0
     for ch in stream:
-        n += len(ch)
+        m = len(ch)
+        n += m
         if ch.labels is not None:
             targets += int(ch.labels.sum(dtype=np.int64))
-        ue = pc.unique(ch.enroll)
-        enroll_parts.append(ue)
-        parts += [ue, pc.unique(ch.test)]
-        pending += len(parts[-1]) + len(parts[-2])
-        if pending > 4 << 20:  # fold what was collected: memory stays ~ the unique keys
-            parts = [pc.unique(pa.chunked_array(parts, type=pa.string())).combine_chunks()]
-            enroll_parts = [pc.unique(pa.chunked_array(enroll_parts, type=pa.string()))]
-            pending = len(parts[0])
+        both = pa.concat_arrays([ch.enroll.cast(pa.string()), ch.test.cast(pa.string())])
+        order = np.empty(2 * m, dtype=np.int64)  # e0 t0 e1 t1 ...: first-seen as in items()
+        order[0::2] = np.arange(m)
+        order[1::2] = np.arange(m, 2 * m)
+        keys = [_unique([*keys, pc.unique(both.take(pa.array(order)))])]
+        enroll = [_unique([*enroll, pc.unique(ch.enroll.cast(pa.string()))])]
     if n == 0:
         raise UsageError(f"{stream.path}: the trial list has no trials")
-
-    def fold(ps: list[pa.Array]) -> pa.Array:
-        u = pc.unique(pa.chunked_array(ps, type=pa.string()))
-        return u.combine_chunks() if isinstance(u, pa.ChunkedArray) else u
-
-    return ListSummary(KeyTable(fold(parts)), n, targets if stream.has_labels else None,
-                       KeyTable(fold(enroll_parts)))  # fmt: skip
+    return ListSummary(KeyTable(keys[0]), KeyTable(enroll[0]), n,
+                       targets if stream.has_labels else None, stream.format,
+                       stream.source)  # fmt: skip

@@ -99,6 +99,9 @@ class Outputs:
     report: Path | None = None
     stdout: bool = False
     invocation: dict[str, Any] | None = None  # the CLI's resolved options, for the report
+    # A trial file is scored in chunks (job/stream_stage.py): the report then has no per-trial
+    # arrays (trial_list, scores, errors). False scores it whole and keeps them.
+    stream: bool = True
 
 
 def scoring_options(

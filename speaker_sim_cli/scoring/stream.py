@@ -67,13 +67,17 @@ class CohortNorm:
     std: np.ndarray
 
     @classmethod
-    def build(cls, vt: VectorTable, cohort: np.ndarray, top_n: int | None) -> CohortNorm:
+    def build(
+        cls, vt: VectorTable, cohort: np.ndarray, top_n: int | None, rows: np.ndarray | None = None
+    ) -> CohortNorm:
+        """Statistics of ``rows`` (default: every row with a vector) against ``cohort``."""
         from .norm import cohort_stats
 
         n = len(vt)
         mean = np.zeros(n)
         std = np.ones(n)
-        rows = np.flatnonzero(vt.valid)
+        if rows is None:
+            rows = np.flatnonzero(vt.valid)
         step = 1024 * 32  # a multiple of norm's own row chunk: the same products, the same sums
         for lo in range(0, len(rows), step):
             r = rows[lo : lo + step]
