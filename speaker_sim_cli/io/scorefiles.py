@@ -365,7 +365,7 @@ class StreamedScores:
         if self.error_column:
             cols.append(pa.array(errors if errors is not None else [None] * len(scores),
                                  pa.string()))  # fmt: skip
-        table = pa.Table.from_arrays(cols, schema=self._schema())  # type: ignore[arg-type]
+        table = pa.Table.from_arrays(cols, schema=self._schema())
         if self.skip_failed and not ok.all():
             table = table.filter(pa.array(ok))
         self._pq.write_table(table)  # type: ignore[attr-defined]

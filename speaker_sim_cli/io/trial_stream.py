@@ -9,7 +9,6 @@ line) is read by that module's line reader, which names the bad line.
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,32 @@ PARQUET_ROWS = 1 << 20
 
 # A block the Arrow parser reads exactly as the line reader would: only single spaces (or the
 # delimiter) between fields, no other whitespace, no blank line, no leading / trailing space.
-_ODD_WS = re.compile(r"[^\S \n]|  |^ | $|\n\n", re.M)
-_LINE_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
-_ODD_CSV = re.compile(r'[^\S \n]|"|\n\n', re.M)
-_ODD_TSV = re.compile(r'[^\S\t\n]|"|\n\n', re.M)
+# Checked on the raw bytes (memchr-fast): ASCII, none of these control whitespace bytes (what
+# str.split and str.splitlines also split on), none of these byte pairs.
+_CONTROL = tuple(bytes([c]) for c in b"\t\r\x0b\x0c\x1c\x1d\x1e\x1f")
+
+
+def _plain(block: bytes, allowed: bytes, quotes: bool) -> bool:
+    """Whether the Arrow parser may read ``block`` as the line reader would. What this does
+    not rule out (double spaces, blank lines, a leading or trailing space) shows after the
+    parse as an empty field or a row count that is not the line count (:func:`_columns`)."""
+    if not block.isascii() or (quotes and b'"' in block):
+        return False
+    return not any(c in block for c in _CONTROL if c != allowed)
+
+
+def _columns(tab: pa.Table, lines: int, key_cols: list[int]) -> list[pa.Array] | None:
+    """The parsed columns, or None when the parse is not the line reader's: a blank line
+    (skipped by Arrow), an empty key field (two separators in a row), an overlong field."""
+    if tab.num_rows != lines:
+        return None
+    cols = [c.combine_chunks() for c in tab.columns]
+    for i in key_cols:
+        if len(cols[i]) and pc.min(pc.binary_length(cols[i])).as_py() == 0:
+            return None
+    if any(_longest(c) > T.FIELD_LIMIT for c in cols):
+        return None
+    return cols
 
 
 @dataclass
@@ -143,49 +164,56 @@ class TrialStream:
 
     # -- text ----------------------------------------------------------------------------------
 
-    def _blocks(self) -> Iterator[tuple[int, bytes, str]]:
-        """(first line, raw bytes, text) of consecutive whole lines."""
-        line = 1
+    def _blocks(self) -> Iterator[bytes]:
+        """Consecutive whole lines (the last one may lack its newline); no BOM."""
         rest = b""
         first = True
         with open(self.path, "rb") as f:
             while True:
                 data = f.read(self.block_bytes)
                 buf = rest + data
+                if first and buf.startswith(b"\xef\xbb\xbf"):
+                    buf = buf[3:]
+                first = False
                 if not data:
                     if buf:
-                        yield line, buf, T.decode_text(self.path, buf, line, first)
+                        yield buf
                     return
                 cut = buf.rfind(b"\n")
                 if cut < 0:
                     rest = buf
                     continue
-                block, rest = buf[: cut + 1], buf[cut + 1 :]
-                text = T.decode_text(self.path, block, line, first)
-                if first and block.startswith(b"\xef\xbb\xbf"):
-                    block = block[3:]
-                first = False
-                yield line, block, text
-                # as the in-memory reader counts lines: splitlines (\x0c, \u2028, ... too)
-                odd = _LINE_BREAKS.search(text) is not None
-                line += len(text.splitlines()) if odd else block.count(b"\n")
+                yield buf[: cut + 1]
+                rest = buf[cut + 1 :]
 
     def __iter__(self) -> Iterator[TrialChunk]:
         if self.format == "parquet":
             yield from _parquet_chunks(self.path, self._pq_cols)
             return
-        for line, block, text in self._blocks():
-            chunk = self._fast(line, block, text) if self.delim is None else None
-            if self.delim is not None:
-                chunk = self._fast_delimited(line, block, text)
+        line = 1
+        for block in self._blocks():
+            if self.delim is None:
+                plain = _plain(block, b"", quotes=False)
+            else:
+                plain = _plain(block, self.delim.encode(), quotes=True)
+            chunk = None
+            if plain:
+                n_lines = block.count(b"\n")
+                rows = n_lines + (not block.endswith(b"\n"))
+                if self.delim is None:
+                    chunk = self._fast(line, block, rows)
+                else:
+                    chunk = self._fast_delimited(line, block, rows)
+            else:  # as the in-memory reader counts lines: splitlines (\x0c, \u2028, ... too)
+                text = T.decode_text(self.path, block, line, bom=False)
+                n_lines = len(text.splitlines())
             if chunk is None:
-                chunk = self._slow(line, text)
+                chunk = self._slow(line, text if not plain else block.decode())
             if chunk is not None and len(chunk):
                 yield chunk
+            line += n_lines
 
-    def _fast(self, line: int, block: bytes, text: str) -> TrialChunk | None:
-        if _ODD_WS.search(text) is not None or text.startswith("\n"):
-            return None
+    def _fast(self, line: int, block: bytes, rows: int) -> TrialChunk | None:
         names = [f"c{i}" for i in range(self.width)]
         try:
             tab = pacsv.read_csv(
@@ -198,8 +226,8 @@ class TrialStream:
             )
         except pa.ArrowInvalid:
             return None
-        cols = [tab.column(i).combine_chunks() for i in range(self.width)]
-        if any(_longest(c) > T.FIELD_LIMIT for c in cols):
+        cols = _columns(tab, rows, list(range(self.width)))
+        if cols is None:
             return None
         e, t, lab = (cols[1], cols[2], cols[0]) if self.vox else (cols[0], cols[1], None)
         if not self.vox and self.width == 3:
@@ -210,11 +238,8 @@ class TrialStream:
             return None  # the line reader names the line
         return TrialChunk(e, t, labels, line)
 
-    def _fast_delimited(self, line: int, block: bytes, text: str) -> TrialChunk | None:
+    def _fast_delimited(self, line: int, block: bytes, rows: int) -> TrialChunk | None:
         assert self.delim is not None
-        odd = _ODD_CSV if self.delim == "," else _ODD_TSV
-        if odd.search(text) is not None or text.startswith("\n"):
-            return None
         skip = 1 if line == self.header_line else 0
         names = [f"c{i}" for i in range(self.width)]
         try:
@@ -222,7 +247,7 @@ class TrialStream:
                 io.BytesIO(block),
                 read_options=pacsv.ReadOptions(
                     column_names=names, skip_rows=skip, block_size=1 << 24
-                ),  # fmt: skip
+                ),
                 parse_options=pacsv.ParseOptions(delimiter=self.delim, quote_char=False),
                 convert_options=pacsv.ConvertOptions(
                     column_types=dict.fromkeys(names, pa.string())
@@ -231,8 +256,8 @@ class TrialStream:
         except pa.ArrowInvalid:
             return None
         e_i, t_i, l_i = self.cols
-        cols = [tab.column(i).combine_chunks() for i in range(self.width)]
-        if any(_longest(c) > T.FIELD_LIMIT for c in cols):
+        cols = _columns(tab, rows - skip, [])
+        if cols is None:
             return None
         e = pc.utf8_trim(cols[e_i], characters=" ")
         t = pc.utf8_trim(cols[t_i], characters=" ")

@@ -124,7 +124,7 @@ def _compact(job: ScoreJob, s: ListSummary, opt: ScoringOptions) -> _Lookup:
     res = EmbedResult({}, {}, 0, n_found, time.perf_counter() - t0)
     job.extractor = None
     return _Lookup(table, VectorTable(km.matrix), reasons, cohort, failures, res, n_paths,
-                   info, np.unique(ids[ids >= 0]), km)  # fmt: skip
+                   info, _distinct(ids[ids >= 0]), km)  # fmt: skip
 
 
 def _general(
@@ -173,10 +173,7 @@ def run_streamed(job: ScoreJob, progress: ProgressFn | None = None) -> ScoreRepo
     t_load = time.perf_counter()
     compact = (m.embeddings is not None and is_npy_folder(Path(m.embeddings))
                and opt.enroll_map is None and opt.mean_from is None)  # fmt: skip
-    if compact:
-        lk = _compact(job, summary, opt)
-    else:
-        lk = _general(job, summary, scp, opt, progress)
+    lk = _compact(job, summary, opt) if compact else _general(job, summary, scp, opt, progress)
     load_s = time.perf_counter() - t_load - lk.result.seconds
     if progress is not None:
         progress(Progress("embed", "done"))
@@ -233,8 +230,14 @@ def run_streamed(job: ScoreJob, progress: ProgressFn | None = None) -> ScoreRepo
     dup = None
     if pairs is not None:
         allp = np.concatenate(pairs) if pairs else np.empty(0, np.int64)
-        dup = int(len(allp) - len(np.unique(allp)))
+        dup = int(len(allp) - len(_distinct(allp)))
     return _report(job, summary, lk, st, stage_info, dup, t0, load_s)
+
+
+def _distinct(x: np.ndarray) -> np.ndarray:
+    """The distinct values, sorted (np.unique's hash path is several times slower here)."""
+    x = np.sort(x)
+    return x[np.concatenate([[True], x[1:] != x[:-1]])] if len(x) else x
 
 
 def _pair_codes(ch: Any, a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:

@@ -28,7 +28,7 @@ class ScoreCollector:
         self.count = 0
 
     def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
-        s = scores.astype(self.dtype, copy=False)
+        s: np.ndarray = scores.astype(self.dtype, copy=False)
         is_t = labels == 1
         self._t.append(s[is_t])
         self._n.append(s[~is_t])
@@ -107,7 +107,7 @@ def evaluate_sorted(
             hit = diff >= 0
             if hit.any():
                 x1 = int(np.argmax(hit))
-                f1, p1 = fnr[x1], fpr[x1]
+                f1 = fnr[x1]
                 if x1 > 0:
                     f2, p2 = fnr[x1 - 1], fpr[x1 - 1]
                 else:

@@ -8,6 +8,7 @@ computed once), one ``einsum`` per 2,048 trials, cohort statistics once per reco
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,7 +26,8 @@ class VectorTable:
     def __init__(self, vectors: np.ndarray, valid: np.ndarray | None = None) -> None:
         if vectors.ndim != 2:
             raise ValueError(f"vectors must be 2-D (n, D), got shape {vectors.shape}")
-        self.vectors = vectors
+        # a memmap's rows gathered as a plain array (np.memmap's own indexing is slow)
+        self.vectors = vectors.view(np.ndarray) if isinstance(vectors, np.memmap) else vectors
         self.valid = np.ones(len(vectors), bool) if valid is None else valid.astype(bool)
         self.norms = np.empty(len(vectors), dtype=np.float64)
         for lo in range(0, len(vectors), 65536):
@@ -40,20 +42,35 @@ class VectorTable:
         return self.vectors[idx].astype(np.float64) / self.norms[idx, None]
 
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _cosine_part(vt: VectorTable, ia: np.ndarray, ib: np.ndarray, res: np.ndarray) -> None:
+    for s in range(0, len(ia), COSINE_CHUNK):
+        x = vt.unit_rows(ia[s : s + COSINE_CHUNK])
+        y = vt.unit_rows(ib[s : s + COSINE_CHUNK])
+        res[s : s + COSINE_CHUNK] = np.einsum("ij,ij->i", x, y)
+
+
 def cosine_ids(vt: VectorTable, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine of rows ``a[i]`` and ``b[i]``, float64; NaN where a side is absent (-1) or
-    has no vector."""
+    has no vector. A long chunk is split between two threads (numpy's gathers and products
+    release the GIL; each score is computed alone, so the split changes nothing)."""
+    global _POOL
     out = np.full(len(a), np.nan)
     ok = (a >= 0) & (b >= 0)
     ok[ok] = vt.valid[a[ok]] & vt.valid[b[ok]]
     ia, ib = a[ok], b[ok]
     res = np.empty(len(ia))
-    for s in range(0, len(ia), COSINE_CHUNK):
-        res[s : s + COSINE_CHUNK] = np.einsum(
-            "ij,ij->i",
-            vt.unit_rows(ia[s : s + COSINE_CHUNK]),
-            vt.unit_rows(ib[s : s + COSINE_CHUNK]),
-        )
+    if len(ia) < 1 << 16:
+        _cosine_part(vt, ia, ib, res)
+    else:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(2, thread_name_prefix="speaker-sim-cosine")
+        half = (len(ia) // 2 // COSINE_CHUNK + 1) * COSINE_CHUNK
+        parts = [(ia[:half], ib[:half], res[:half]), (ia[half:], ib[half:], res[half:])]
+        for f in [_POOL.submit(_cosine_part, vt, *p) for p in parts]:
+            f.result()
     out[ok] = res
     return out
 
