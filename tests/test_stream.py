@@ -265,8 +265,9 @@ def test_streamed_scores_and_reports_are_the_in_memory_ones(shared, vectors, tmp
     assert p == docs["csv"]
     got = pq.read_table(tmp_path / "s.parquet").to_pydict()
     import csv
+    import io
 
-    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "m.csv").read_text())))
     assert got["enrollment"] == [r["enrollment"] for r in rows]
     assert [f"{x:.6f}" if x is not None else "" for x in got["score"]] == [r["score"] for r in rows]
 

@@ -317,7 +317,7 @@ def _parquet_keys(col: pa.Array, p: Path, name: str, row0: int) -> pa.Array:
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
         raise UsageError(f"{p}: column {name!r} is {col.type}, expected text")
     col = pc.utf8_trim_whitespace(col.cast(pa.string()))
-    bad = pc.or_(pc.is_null(col), pc.equal(pc.binary_length(col), 0))
+    bad = pc.fill_null(pc.equal(pc.binary_length(col), 0), True)  # null or empty
     if pc.any(bad).as_py():
         i = int(np.flatnonzero(bad.to_numpy(zero_copy_only=False))[0])
         raise UsageError(f"{p}: row {row0 + i}: empty enrollment or test field")
