@@ -294,3 +294,31 @@ def test_cli_streams_to_parquet_by_suffix_and_names_a_late_bad_line(shared, vect
     assert res.exit_code == 2
     assert f"{lst}:17002" in " ".join(res.output.split()) or "17002" in res.output
     assert not out2.parent.exists() or list(out2.parent.iterdir()) == []
+
+
+def test_eval_reads_csv_and_parquet_score_files_in_chunks(shared, vectors, tmp_path, monkeypatch):
+    """eval's chunked reader gives read_scores' arrays, so evaluate's metrics."""
+    from speaker_sim_cli.io import score_stream
+    from speaker_sim_cli.io.scorefiles import read_scores
+    from speaker_sim_cli.scoring.evaluation import evaluate_file
+
+    monkeypatch.setattr(score_stream, "BLOCK_BYTES", 4096)
+    lst = shared / SHARED_LISTS[1]
+    for name in ("s.csv", "s.parquet"):
+        fmt = name.split(".")[1]
+        run_job(lst, vectors, tmp_path / name, True, fmt)
+        table = read_scores(tmp_path / name)
+        got = score_stream.score_arrays(tmp_path / name)
+        assert got is not None and got[2] == fmt
+        assert np.array_equal(got[0], table.scores, equal_nan=True)
+        assert np.array_equal(got[1], table.labels)
+        ok = ~np.isnan(table.scores)
+        res = evaluate_file(tmp_path / name, None, [0.01, 0.05], 1.0, 1.0, 0.1)
+        assert res.metrics == evaluate(table.scores[ok], table.labels[ok], threshold=0.1)
+        assert res.failed == int((~ok).sum()) > 0
+    # a bad row late in a CSV score file is named
+    text = (tmp_path / "s.csv").read_text().splitlines()
+    text[3000] = text[3000].replace(",0,", ",maybe,").replace(",1,", ",maybe,")
+    (tmp_path / "b.csv").write_text("\n".join(text) + "\n")
+    with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'b.csv'}:3001: ")):
+        score_stream.score_arrays(tmp_path / "b.csv")

@@ -149,8 +149,14 @@ WriteFn = Callable[[IO[str]], int]
 
 
 def read_scores(path: str | Path) -> ScoreTable:
-    """Read a score file in any of the three formats (detected)."""
+    """Read a score file in any of the three formats, or Parquet (detected)."""
     p = Path(path)
+    from .trials import is_parquet
+
+    if p.is_file() and is_parquet(p):
+        from .score_stream import read_parquet_scores
+
+        return read_parquet_scores(p)
     text = read_text(p)
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     if not lines:
@@ -235,7 +241,25 @@ def _read_csv(p: Path, text: str) -> ScoreTable:
     from .trials import csv_rows
 
     rows = csv_rows(p, text)
-    head_line, head = rows[0]
+    cols = csv_score_columns(p, *rows[0])
+    enroll, test, scores, labels = csv_score_rows(p, rows[1:], cols)
+    arr = np.asarray(labels, dtype=np.int8) if cols.label is not None else None
+    return ScoreTable(enroll, test, np.asarray(scores, dtype=np.float64), arr, str(p), "csv")
+
+
+@dataclass(frozen=True)
+class CsvScoreColumns:
+    """Where a CSV score file keeps its columns (from its header)."""
+
+    header: list[str]
+    enroll: int
+    test: int
+    score: int
+    label: int | None
+    need: int  # fields a row must have at least
+
+
+def csv_score_columns(p: Path, head_line: int, head: list[str]) -> CsvScoreColumns:
     header = [h.strip().lower() for h in head]
     if "score" not in header:
         raise UsageError(f"{p}:{head_line}: no 'score' column in the header")
@@ -246,24 +270,34 @@ def _read_csv(p: Path, text: str) -> ScoreTable:
     s_col = header.index("score")
     lab = next((header.index(n) for n in LABEL_NAMES if n in header), None)
     need = max(e, t, s_col, lab if lab is not None else 0) + 1
-    enroll, test, scores, labels = [], [], [], []
-    for lineno, r in rows[1:]:
-        if len(r) < len(header) - (1 if header[-1] == "error" else 0) or len(r) < need:
+    return CsvScoreColumns(header, e, t, s_col, lab, need)
+
+
+def csv_score_rows(
+    p: Path, rows: list[tuple[int, list[str]]], c: CsvScoreColumns
+) -> tuple[list[str], list[str], list[float], list[int]]:
+    """enroll, test, scores (NaN where empty) and labels of CSV score rows (after the header)."""
+    header = c.header
+    enroll: list[str] = []
+    test: list[str] = []
+    scores: list[float] = []
+    labels: list[int] = []
+    for lineno, r in rows:
+        if len(r) < len(header) - (1 if header[-1] == "error" else 0) or len(r) < c.need:
             raise UsageError(f"{p}:{lineno}: expected {len(header)} fields, found {len(r)}")
         if len(r) > len(header):
             raise UsageError(f"{p}:{lineno}: expected {len(header)} fields, found {len(r)}")
-        val = r[s_col].strip()
+        val = r[c.score].strip()
         if val and not _is_float(val):
             raise UsageError(f"{p}:{lineno}: score {val!r} is not a number")
-        if not r[e].strip() or not r[t].strip():
+        if not r[c.enroll].strip() or not r[c.test].strip():
             raise UsageError(f"{p}:{lineno}: empty enrollment or test field")
-        enroll.append(r[e])
-        test.append(r[t])
+        enroll.append(r[c.enroll])
+        test.append(r[c.test])
         scores.append(float(val) if val else math.nan)
-        if lab is not None:
-            labels.append(parse_label(r[lab], f"{p}:{lineno}"))
-    arr = np.asarray(labels, dtype=np.int8) if lab is not None else None
-    return ScoreTable(enroll, test, np.asarray(scores, dtype=np.float64), arr, str(p), "csv")
+        if c.label is not None:
+            labels.append(parse_label(r[c.label], f"{p}:{lineno}"))
+    return enroll, test, scores, labels
 
 
 def attach_labels(table: ScoreTable, trials_path: str | Path) -> np.ndarray:

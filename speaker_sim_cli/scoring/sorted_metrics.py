@@ -34,7 +34,13 @@ class ScoreCollector:
         self._n.append(s[~is_t])
         self.count += len(s)
 
-    def evaluate(self, p_targets: Iterable[float] = (0.01, 0.05), **kw: float) -> Metrics:
+    def evaluate(
+        self,
+        p_targets: Iterable[float] = (0.01, 0.05),
+        c_miss: float = 1.0,
+        c_fa: float = 1.0,
+        threshold: float | None = None,
+    ) -> Metrics:
         """EER / minDCF as :func:`evaluate` gives them for these scores; the chunks are freed."""
         t = np.concatenate(self._t) if self._t else np.empty(0, self.dtype)
         self._t = []
@@ -43,10 +49,10 @@ class ScoreCollector:
         if len(t) + len(n) <= EXACT_LIMIT:
             labels = np.zeros(len(t) + len(n), dtype=np.int8)
             labels[: len(t)] = 1
-            return evaluate(np.concatenate([t, n]), labels, p_targets, **kw)
+            return evaluate(np.concatenate([t, n]), labels, p_targets, c_miss, c_fa, threshold)
         t.sort()
         n.sort()
-        return evaluate_sorted(t, n, p_targets, **kw)
+        return evaluate_sorted(t, n, p_targets, c_miss, c_fa, threshold)
 
 
 def evaluate_sorted(
