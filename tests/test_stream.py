@@ -164,11 +164,12 @@ def test_sorted_metrics_are_evaluate_bit_for_bit(monkeypatch):
         got = evaluate_sorted(np.sort(s[y == 1]), np.sort(s[y == 0]), (0.01, 0.05, 0.5),
                               threshold=thr)  # fmt: skip
         assert got == ref
-        col = ScoreCollector(dtype)
-        for lo in range(0, n, 999):
-            col.add(s[lo : lo + 999], y[lo : lo + 999])
-        monkeypatch.setattr(sorted_metrics, "EXACT_LIMIT", 0 if k % 3 else 10**9)
-        assert col.evaluate((0.01, 0.05, 0.5), threshold=thr) == ref
+        n_t = int(y.sum())
+        for col in (ScoreCollector(dtype), ScoreCollector(dtype, n_t + 5, n - n_t)):
+            for lo in range(0, n, 999):
+                col.add(s[lo : lo + 999], y[lo : lo + 999])
+            monkeypatch.setattr(sorted_metrics, "EXACT_LIMIT", 0 if k % 3 else 10**9)
+            assert col.evaluate((0.01, 0.05, 0.5), threshold=thr) == ref
     with pytest.raises(ValueError, match="no target trials"):
         evaluate_sorted(np.empty(0), np.zeros(3))
 

@@ -121,7 +121,7 @@ def _fast(
             io.BytesIO(block),
             read_options=pacsv.ReadOptions(
                 column_names=names, skip_rows=int(skip_header), block_size=1 << 24
-            ),  # fmt: skip
+            ),
             parse_options=pacsv.ParseOptions(delimiter=",", quote_char=False),
             convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys(names, pa.string())),
         )

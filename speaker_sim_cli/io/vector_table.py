@@ -33,6 +33,10 @@ class KeyedMatrix:
     def dim(self) -> int:
         return int(self.matrix.shape[1])
 
+    def release(self) -> None:
+        """Drop the matrix (unmap the file) once scoring is done; describe() still works."""
+        self.matrix = np.empty((0, self.dim), self.matrix.dtype)
+
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"embeddings": str(self.source), "format": "npy",
                                "entries": len(self.keys), "dim": self.dim}  # fmt: skip

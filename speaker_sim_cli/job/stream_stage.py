@@ -20,7 +20,7 @@ from ..engine.config import EngineStats
 from ..errors import UsageError
 from ..io.trial_stream import KeyTable, ListSummary, TrialStream, scan
 from ..records import EmbedResult, Failure
-from ..scoring.sorted_metrics import EXACT_LIMIT
+from ..scoring.sorted_metrics import ScoreCollector
 from ..scoring.stream import CohortNorm, StreamStats, VectorTable, score_chunks
 from .events import Progress, ProgressFn, embed_callbacks
 from .items import ScoringOptions, embed_items
@@ -29,6 +29,8 @@ from .setup import keys_as_paths, scoring_options
 
 if TYPE_CHECKING:
     from .score import ScoreJob
+
+DUPLICATES_LIMIT = 16_000_000  # 8 bytes a trial to count duplicate trials
 
 
 def streamable(job: ScoreJob) -> bool:
@@ -78,6 +80,13 @@ class _Lookup:
         self.failures, self.result, self.recordings = failures, result, recordings
         self.info, self.norm_rows = info, norm_rows
         self.source = source  # what the report's "model" block describes
+
+    def release(self) -> None:
+        """Let go of the vectors (a memory-mapped matrix is unmapped)."""
+        self.vt = VectorTable(np.zeros((0, 1), np.float32))
+        release = getattr(self.source, "release", None)
+        if release is not None:
+            release()
 
 
 def _compact(job: ScoreJob, s: ListSummary, opt: ScoringOptions) -> _Lookup:
@@ -197,13 +206,17 @@ def run_streamed(job: ScoreJob, progress: ProgressFn | None = None) -> ScoreRepo
         names = tuple(rescaled_columns(scale, np.zeros(1)))
         writer = StreamedScores(out.out, out.fmt, summary.targets is not None, bool(reasons),
                                 sc.on_error == "skip", names)  # fmt: skip
-    pairs: list[np.ndarray] | None = [] if summary.trials <= EXACT_LIMIT else None
+    # duplicate trials: one int64 per trial, for lists up to DUPLICATES_LIMIT
+    pairs = np.empty(summary.trials, np.int64) if summary.trials <= DUPLICATES_LIMIT else None
     table, n_keys = lk.table, max(len(lk.table), 1)
+    done = 0
 
     def ids(ch: Any) -> tuple[np.ndarray, np.ndarray]:
+        nonlocal done
         a, b = table.ids(ch.enroll, ch.test)
-        if pairs is not None:  # duplicate trials: the same two keys (absent ones by name)
-            pairs.append(_pair_codes(ch, a, b, n_keys))
+        if pairs is not None and done + len(a) <= len(pairs):  # the same two keys (keys with
+            pairs[done : done + len(a)] = _pair_codes(ch, a, b, n_keys)  # no row: by text)
+        done += len(a)
         return a, b
 
     def advance(n: int) -> None:
@@ -217,20 +230,26 @@ def run_streamed(job: ScoreJob, progress: ProgressFn | None = None) -> ScoreRepo
         def extra(s: np.ndarray) -> dict[str, np.ndarray]:
             return rescaled_columns(scale, s)
 
+    t = summary.targets
+    collector = None
+    if t is not None:
+        collector = ScoreCollector(np.float64, t, summary.trials - t)
     if progress is not None:
         progress(Progress("score", "start", summary.trials))
     with writer if writer is not None else contextlib.nullcontext():
         st = score_chunks(TrialStream(path), ids, lk.vt, reasons.get, writer, norm, advance,
-                          extra)  # fmt: skip
+                          extra, collector=collector)  # fmt: skip
+    lk.release()  # the vectors are no longer needed: the metrics get the memory
     if progress is not None:
         progress(Progress("score", "done", summary.trials))
     if st.trials != summary.trials:
         raise RuntimeError(f"{path}: changed while it was read ({summary.trials} trials, "
                            f"then {st.trials})")  # fmt: skip
     dup = None
-    if pairs is not None:
-        allp = np.concatenate(pairs) if pairs else np.empty(0, np.int64)
-        dup = int(len(allp) - len(_distinct(allp)))
+    if pairs is not None and done == len(pairs):
+        pairs.sort()
+        dup = int(np.count_nonzero(pairs[1:] == pairs[:-1]))
+        del pairs
     return _report(job, summary, lk, st, stage_info, dup, t0, load_s)
 
 
@@ -265,7 +284,7 @@ def _report(
         except ValueError as exc:
             notes.append(f"no metrics: {exc}")
     if dup is None:
-        notes.append(f"duplicate trials not counted above {EXACT_LIMIT:,} trials")
+        notes.append(f"duplicate trials not counted above {DUPLICATES_LIMIT:,} trials")
     ex = job.extractor
     res = lk.result
     counts = {

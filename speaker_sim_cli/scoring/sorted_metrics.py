@@ -12,8 +12,9 @@ import numpy as np
 
 from .metrics import Metrics, _check_dcf_params, evaluate
 
-# Up to this many trials the streamed scorer calls evaluate itself (about 40 bytes a trial).
-EXACT_LIMIT = 16_000_000
+# Up to this many trials the streamed scorer calls evaluate itself (about 40 bytes a trial);
+# past it, the sorted twin below (the scores' own 8 bytes a trial).
+EXACT_LIMIT = 4_000_000
 BLOCK = 1 << 20
 
 
@@ -21,18 +22,39 @@ class ScoreCollector:
     """Scores of scored, labelled trials, kept per class as float arrays (no labels, no
     Python object per trial)."""
 
-    def __init__(self, dtype: type = np.float64) -> None:
+    def __init__(
+        self, dtype: type = np.float64, targets: int | None = None, nontargets: int | None = None
+    ) -> None:
+        """``targets`` / ``nontargets``: at most how many of each will come (a first pass
+        counted them): one array each, filled in place, instead of chunks joined at the end
+        (which would hold the scores twice)."""
         self.dtype = dtype
         self._t: list[np.ndarray] = []
         self._n: list[np.ndarray] = []
+        self._fixed = targets is not None and nontargets is not None
+        if self._fixed:
+            self._t = [np.empty(targets or 0, dtype)]
+            self._n = [np.empty(nontargets or 0, dtype)]
+        self._fill = [0, 0]
         self.count = 0
 
     def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
         s: np.ndarray = scores.astype(self.dtype, copy=False)
         is_t = labels == 1
-        self._t.append(s[is_t])
-        self._n.append(s[~is_t])
+        for k, (parts, part) in enumerate(((self._t, s[is_t]), (self._n, s[~is_t]))):
+            if self._fixed:
+                lo = self._fill[k]
+                parts[0][lo : lo + len(part)] = part
+                self._fill[k] = lo + len(part)
+            else:
+                parts.append(part)
         self.count += len(s)
+
+    def _take(self, k: int) -> np.ndarray:
+        parts = self._t if k == 0 else self._n
+        if self._fixed:
+            return parts[0][: self._fill[k]]
+        return np.concatenate(parts) if parts else np.empty(0, self.dtype)
 
     def evaluate(
         self,
@@ -42,10 +64,8 @@ class ScoreCollector:
         threshold: float | None = None,
     ) -> Metrics:
         """EER / minDCF as :func:`evaluate` gives them for these scores; the chunks are freed."""
-        t = np.concatenate(self._t) if self._t else np.empty(0, self.dtype)
-        self._t = []
-        n = np.concatenate(self._n) if self._n else np.empty(0, self.dtype)
-        self._n = []
+        t, n = self._take(0), self._take(1)
+        self._t, self._n = [], []
         if len(t) + len(n) <= EXACT_LIMIT:
             labels = np.zeros(len(t) + len(n), dtype=np.int8)
             labels[: len(t)] = 1

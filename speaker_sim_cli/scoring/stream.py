@@ -30,9 +30,9 @@ class VectorTable:
         self.vectors = vectors.view(np.ndarray) if isinstance(vectors, np.memmap) else vectors
         self.valid = np.ones(len(vectors), bool) if valid is None else valid.astype(bool)
         self.norms = np.empty(len(vectors), dtype=np.float64)
-        for lo in range(0, len(vectors), 65536):
-            x = vectors[lo : lo + 65536].astype(np.float64)
-            self.norms[lo : lo + 65536] = np.maximum(np.linalg.norm(x, axis=-1), 1e-12)
+        for lo in range(0, len(vectors), 16384):
+            x = self.vectors[lo : lo + 16384].astype(np.float64)
+            self.norms[lo : lo + 16384] = np.maximum(np.linalg.norm(x, axis=-1), 1e-12)
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -173,6 +173,7 @@ def score_chunks(
     progress: Callable[[int], None] | None = None,
     extra: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
     keep_scores: bool = True,
+    collector: ScoreCollector | None = None,
 ) -> StreamStats:
     """Score every chunk, write it, keep its labelled scores for the metrics.
 
@@ -180,6 +181,8 @@ def score_chunks(
     key has no vector. Nothing is kept per trial but the two metric arrays.
     """
     st = StreamStats()
+    if collector is not None:
+        st.metrics = collector
     for ch in chunks:
         a, b = ids(ch)
         s = cosine_ids(vt, a, b)
