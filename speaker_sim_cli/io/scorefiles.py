@@ -321,6 +321,23 @@ def attach_labels(table: ScoreTable, trials_path: str | Path) -> np.ndarray:
     return out
 
 
+TEXT_ROWS = 65536
+
+
+def _pylist(col: object, lo: int, hi: int) -> list[str]:
+    if isinstance(col, list):
+        return col[lo:hi]
+    return col.slice(lo, hi - lo).to_pylist()  # type: ignore[attr-defined]
+
+
+def _arrow(col: object) -> object:
+    import pyarrow as pa
+
+    if isinstance(col, pa.ChunkedArray):
+        return col.combine_chunks().cast(pa.string())
+    return pa.array(col, pa.string())
+
+
 class StreamedScores:
     """A score file written a chunk at a time, atomically: into a temp file beside ``path``,
     renamed over it by :meth:`commit`; :meth:`abort` (or leaving the ``with`` block by an
@@ -377,11 +394,17 @@ class StreamedScores:
         if self._pq is not None:
             return self._write_parquet(enroll, test, scores, labels, errors, extra)
         assert self._text is not None
-        e = enroll if isinstance(enroll, list) else enroll.to_pylist()  # type: ignore[attr-defined]
-        t = test if isinstance(test, list) else test.to_pylist()  # type: ignore[attr-defined]
-        n = write_scores(self._text, e, t, scores, labels, errors, self.fmt, self.skip_failed,
-                         extra, header=self._first, error_column=self.error_column)  # fmt: skip
-        self._first = False
+        n = 0
+        for lo in range(0, len(scores), TEXT_ROWS):  # Python strings for a slice at a time
+            hi = min(len(scores), lo + TEXT_ROWS)
+            n += write_scores(
+                self._text, _pylist(enroll, lo, hi), _pylist(test, lo, hi), scores[lo:hi],
+                labels[lo:hi] if labels is not None else None,
+                errors[lo:hi] if errors is not None else None, self.fmt, self.skip_failed,
+                {k: v[lo:hi] for k, v in extra.items()} if extra else None,
+                header=self._first, error_column=self.error_column,
+            )  # fmt: skip
+            self._first = False
         return n
 
     def _write_parquet(
@@ -391,7 +414,7 @@ class StreamedScores:
         import pyarrow as pa
 
         ok = ~np.isnan(scores)
-        cols: list[object] = [pa.array(enroll, pa.string()), pa.array(test, pa.string())]
+        cols: list[object] = [_arrow(enroll), _arrow(test)]
         if self.labelled:
             cols.append(pa.array(labels, pa.int8()))
         cols.append(pa.array(scores, pa.float64(), mask=~ok))

@@ -9,7 +9,7 @@ line) is read by that module's line reader, which names the bad line.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,11 @@ from ..errors import UsageError
 from ..records import TrialList
 from . import trials as T
 
-BLOCK_BYTES = 32 << 20  # text read per chunk (about 1 M Kaldi lines)
+# Text parsed at a time (about 250 k Kaldi lines): the parser's working memory scales with it.
+# regroup() then joins parsed blocks into chunks of ~1 M trials for the key lookup, whose
+# cost per call (hashing the key table) does not.
+BLOCK_BYTES = 8 << 20
+CHUNK_TRIALS = 1 << 20
 PARQUET_ROWS = 1 << 20
 
 # A block the Arrow parser reads exactly as the line reader would: only single spaces (or the
@@ -292,6 +296,40 @@ class TrialStream:
                           np.asarray(numbers, dtype=np.int64))  # fmt: skip
 
 
+def regroup(chunks: Iterable[TrialChunk], trials: int = CHUNK_TRIALS) -> Iterator[TrialChunk]:
+    """Consecutive chunks joined into chunks of at least ``trials`` (the last one less): the
+    key columns become Arrow ChunkedArrays, nothing is copied."""
+    group: list[TrialChunk] = []
+    size = 0
+    for ch in chunks:
+        group.append(ch)
+        size += len(ch)
+        if size >= trials:
+            yield _join(group)
+            group, size = [], 0
+    if group:
+        yield _join(group)
+
+
+def _join(group: list[TrialChunk]) -> TrialChunk:
+    if len(group) == 1:
+        return group[0]
+
+    def col(name: str) -> pa.ChunkedArray:
+        parts = [getattr(c, name) for c in group]
+        flat = [x for p in parts for x in (p.chunks if isinstance(p, pa.ChunkedArray) else [p])]
+        return pa.chunked_array([x.cast(pa.string()) for x in flat], type=pa.string())
+
+    labels = None
+    if group[0].labels is not None:
+        labels = np.concatenate([c.labels for c in group if c.labels is not None])
+    lines = None
+    if any(c.lines is not None for c in group):
+        lines = np.concatenate([c.lines if c.lines is not None
+                                else c.first_line + np.arange(len(c)) for c in group])  # fmt: skip
+    return TrialChunk(col("enroll"), col("test"), labels, group[0].first_line, lines)
+
+
 # -- Parquet -----------------------------------------------------------------------------------
 
 
@@ -401,9 +439,10 @@ class KeyTable:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def ids(self, *cols: pa.Array) -> list[np.ndarray]:
+    def ids(self, *cols: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
         """The id of every key of each column: one hash of the table for all of them."""
-        both = pa.chunked_array([c.cast(pa.string()) for c in cols], type=pa.string())
+        parts_in = [x for c in cols for x in (c.chunks if isinstance(c, pa.ChunkedArray) else [c])]
+        both = pa.chunked_array([c.cast(pa.string()) for c in parts_in], type=pa.string())
         got = pc.index_in(both, value_set=self.keys).combine_chunks()
         ids = got.fill_null(-1).to_numpy().astype(np.int64)
         parts, lo = [], 0
@@ -449,6 +488,8 @@ def scan(stream: TrialStream) -> ListSummary:
     model work), its unique keys collected as Arrow strings, its trials counted."""
     keys: list[pa.Array] = []
     enroll: list[pa.Array] = []
+    pending = [0, 0]  # keys collected since the last fold, of each list
+    folded = [0, 0]
     n = targets = 0
     for ch in stream:
         m = len(ch)
@@ -459,8 +500,18 @@ def scan(stream: TrialStream) -> ListSummary:
         order = np.empty(2 * m, dtype=np.int64)  # e0 t0 e1 t1 ...: first-seen as in items()
         order[0::2] = np.arange(m)
         order[1::2] = np.arange(m, 2 * m)
-        keys = [_unique([*keys, pc.unique(both.take(pa.array(order)))])]
-        enroll = [_unique([*enroll, pc.unique(ch.enroll.cast(pa.string()))])]
+        for k, (parts, new) in enumerate(
+            (
+                (keys, pc.unique(both.take(pa.array(order)))),
+                (enroll, pc.unique(ch.enroll.cast(pa.string()))),
+            )
+        ):
+            parts.append(new)
+            pending[k] += len(new)
+            if pending[k] > max(folded[k], 1 << 20):  # fold: amortised, first-seen order kept
+                parts[:] = [_unique(parts)]
+                folded[k], pending[k] = len(parts[0]), 0
+    keys, enroll = [_unique(keys)], [_unique(enroll)]
     if n == 0:
         raise UsageError(f"{stream.path}: the trial list has no trials")
     return ListSummary(KeyTable(keys[0]), KeyTable(enroll[0]), n,

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 from ..engine.config import EngineStats
 from ..errors import UsageError
-from ..io.trial_stream import KeyTable, ListSummary, TrialStream, scan
+from ..io.trial_stream import KeyTable, ListSummary, TrialStream, regroup, scan
 from ..records import EmbedResult, Failure
 from ..scoring.sorted_metrics import ScoreCollector
 from ..scoring.stream import CohortNorm, StreamStats, VectorTable, score_chunks
@@ -237,8 +237,9 @@ def run_streamed(job: ScoreJob, progress: ProgressFn | None = None) -> ScoreRepo
     if progress is not None:
         progress(Progress("score", "start", summary.trials))
     with writer if writer is not None else contextlib.nullcontext():
-        st = score_chunks(TrialStream(path), ids, lk.vt, reasons.get, writer, norm, advance,
-                          extra, collector=collector)  # fmt: skip
+        chunks = regroup(TrialStream(path))
+        st = score_chunks(chunks, ids, lk.vt, reasons.get, writer, norm, advance, extra,
+                          collector=collector)  # fmt: skip
     lk.release()  # the vectors are no longer needed: the metrics get the memory
     if progress is not None:
         progress(Progress("score", "done", summary.trials))
