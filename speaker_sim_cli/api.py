@@ -1,4 +1,5 @@
-"""``SpeakerSim``: the library entry point, over :class:`~speaker_sim_cli.pipeline.Extractor`.
+"""``SpeakerSim``: the library entry point, over :class:`~speaker_sim_cli.pipeline.Extractor`;
+its ``score`` runs the same :class:`~speaker_sim_cli.job.ScoreJob` as ``speaker-sim score``.
 
 A model is loaded once; recordings are embedded through the engine (batched, padding-masked)
 and cached twice: on disk (the content-keyed cache that ``speaker-sim score`` uses) and in a
@@ -12,21 +13,24 @@ Not thread-safe: use one instance per thread (``speaker-sim serve`` calls it fro
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
-from .errors import AudioError, UsageError
+from .errors import AudioError
 from .models.registry import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from .job import ProgressFn, ScoreReport
     from .pipeline import Extractor
+    from .records import EmbedResult
 
 __all__ = ["MemoryLRU", "SpeakerSim"]
 
@@ -89,7 +93,7 @@ def stat_key(path: str | os.PathLike[str]) -> StatKey:
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine of two embeddings in float64, as ``speaker-sim score`` computes it."""
-    from .pipeline import cosine_pairs
+    from .scoring.cosine import cosine_pairs
 
     mat = np.stack([np.asarray(a), np.asarray(b)])
     return float(cosine_pairs(mat, np.array([0]), np.array([1]))[0])
@@ -218,6 +222,21 @@ class SpeakerSim:
         unnormalised embeddings, and the reason each failed path could not be used. Never
         raises for a bad file.
         """
+        res = self.embed_paths(list(paths))
+        return res.embeddings, res.failures
+
+    def embed_paths(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        progress: Callable[[int, float], None] | None = None,
+        on_start: Callable[[int, float], None] | None = None,
+        stop_on_error: bool = False,
+    ) -> EmbedResult:
+        """:meth:`lookup` as an embedding source of a scoring job (``pipeline.EmbeddingSource``):
+        ``cached`` counts memory and disk-cache hits, ``embedded`` what the model ran on."""
+        from .records import EmbedResult
+
+        t0 = time.perf_counter()
         out: dict[str, np.ndarray] = {}
         failures: dict[str, str] = {}
         todo: dict[str, StatKey] = {}
@@ -233,28 +252,31 @@ class SpeakerSim:
             else:
                 todo[p] = key
         if not todo:
-            return out, failures
+            return EmbedResult(out, failures, 0, len(out), time.perf_counter() - t0)
         # Embed by resolved path, so two spellings of one file are one recording.
         by_real: dict[str, list[str]] = {}
         for p, key in todo.items():
             by_real.setdefault(key[0] or p, []).append(p)
-        res = self.extractor.embed_paths(list(by_real))
+        res = self.extractor.embed_paths(list(by_real), progress, on_start, stop_on_error)
         self.counts.embedded += res.embedded
         self.counts.disk_hits += res.cached
+        from_memory = len(out)
         for real, ps in by_real.items():
             emb = res.embeddings.get(real)
             if emb is None:
-                reason = res.failures.get(real, "unknown error")
+                if real not in res.failures:  # never reached (stop_on_error): no failure
+                    continue
                 self.counts.failed += len(ps)
                 for p in ps:
-                    failures[p] = reason
+                    failures[p] = res.failures[real]
                 continue
             key = todo[ps[0]]
             if key[0]:
                 self.memory.put(key, emb)
             for p in ps:
                 out[p] = emb
-        return out, failures
+        return EmbedResult(out, failures, res.embedded, res.cached + from_memory,
+                           time.perf_counter() - t0)  # fmt: skip
 
     # -- the public verbs -----------------------------------------------------------------
     def embed(self, x: Input | Sequence[Input], sample_rate: int | None = None) -> np.ndarray:
@@ -281,7 +303,17 @@ class SpeakerSim:
         emb = self.embed([a, b], sample_rate)
         return cosine(emb[0], emb[1])
 
-    def score(self, trials: Any, root: str | os.PathLike[str] | None = None) -> pd.DataFrame:
+    def score(
+        self,
+        trials: Any,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        out: str | os.PathLike[str] | None = None,
+        format: str = "csv",
+        report: str | os.PathLike[str] | None = None,
+        p_targets: Sequence[float] = (0.01, 0.05),
+        progress: ProgressFn | None = None,
+    ) -> pd.DataFrame:
         """Score trials by cosine, each unique recording embedded once.
 
         ``trials`` is a trial file (CSV with ``enrollment,test[,label]``, Kaldi trials or a
@@ -289,46 +321,58 @@ class SpeakerSim:
         ``label`` column when present), or an iterable of ``(enrollment, test[, label])``.
         Relative paths resolve against ``root`` [default: the trial file's folder as
         ``speaker-sim score`` does, or the current folder for in-memory trials].
+        ``out`` / ``format`` / ``report``: also write the score file and the JSON report,
+        exactly as ``speaker-sim score --out --format --report`` would (see
+        :meth:`score_report`). ``progress``: a callback for the job's
+        :class:`~speaker_sim_cli.job.Progress` events.
 
         Returns a DataFrame with ``enrollment``, ``test``, ``label`` (when given), ``score``
         (float64; NaN where a recording failed) and ``error`` (the reason, else None).
         """
         import pandas as pd
 
-        from .io.trials import read_trials, resolve_trial_items
-        from .pipeline import cosine_pairs, index_pairs, trial_errors
-
-        tl = (
-            read_trials(os.fspath(trials))
-            if isinstance(trials, str | os.PathLike)
-            else _trials_from_memory(trials)
-        )
-        base = Path(root) if root is not None else None
-        if base is None and not isinstance(trials, str | os.PathLike):
-            base = Path.cwd()
-        recs, missing = resolve_trial_items(tl, base)
-        embs, fails = self.lookup([str(r.path) for r in recs.values()])
-        reason = dict(missing)
-        for k, r in recs.items():
-            if str(r.path) in fails:
-                reason[k] = fails[str(r.path)]
-        good = [k for k in recs if k not in reason]
-        mat = (
-            np.stack([embs[str(recs[k].path)] for k in good])
-            if good
-            else np.zeros((0, self.dim), np.float32)
-        )
-        a, b, ok = index_pairs(good, tl.enroll, tl.test)
-        scores = np.full(len(tl), np.nan)
-        if ok.any():
-            scores[ok] = cosine_pairs(mat, a[ok], b[ok])
-        errors = trial_errors(tl.enroll, tl.test, ok, reason)
+        rep = self.score_report(trials, root, out=out, format=format, report=report,
+                                p_targets=p_targets, progress=progress)  # fmt: skip
+        tl = rep.trial_list
+        assert tl is not None and rep.scores is not None
         cols: dict[str, Any] = {"enrollment": tl.enroll, "test": tl.test}
         if tl.labels is not None:
             cols["label"] = tl.labels.astype(np.int64)
-        cols["score"] = scores
-        cols["error"] = pd.Series(errors, dtype=object)  # None where scored
+        cols["score"] = rep.scores
+        cols["error"] = pd.Series(rep.errors, dtype=object)  # None where scored
         return pd.DataFrame(cols)
+
+    def score_report(
+        self,
+        trials: Any,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        out: str | os.PathLike[str] | None = None,
+        format: str = "csv",
+        report: str | os.PathLike[str] | None = None,
+        p_targets: Sequence[float] = (0.01, 0.05),
+        progress: ProgressFn | None = None,
+    ) -> ScoreReport:
+        """Run the scoring job of ``speaker-sim score`` on ``trials`` with this model and its
+        caches; the :class:`~speaker_sim_cli.job.ScoreReport` (``to_dict()`` is the report
+        ``score --report`` writes for the same list, apart from ``timing`` / ``invocation``)."""
+        from .io.trials import read_trials
+        from .job import ModelSource, Outputs, ScoreJob, ScoringSetup, TrialSource
+        from .job.setup import trials_from_memory
+
+        base = Path(root) if root is not None else None
+        if isinstance(trials, str | os.PathLike):
+            src = TrialSource(trials=read_trials(os.fspath(trials)), root=base)
+        else:
+            src = TrialSource(trials=trials_from_memory(trials), root=base or Path.cwd())
+        job = ScoreJob(
+            src,
+            ModelSource(source=self),
+            ScoringSetup(p_targets=list(p_targets)),
+            Outputs(Path(out) if out is not None else None, format,
+                    Path(report) if report is not None else None),
+        )  # fmt: skip
+        return job.run(progress)
 
     # -- internals ------------------------------------------------------------------------
     def _embed_items(self, items: Sequence[Input], sample_rate: int | None) -> np.ndarray:
@@ -391,49 +435,3 @@ def _as_array(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # a torch tensor
         x = x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def _trials_from_memory(trials: Any) -> Any:
-    """A TrialList from a DataFrame or an iterable of (enrollment, test[, label])."""
-    from .io.trials import _header_columns, parse_label
-    from .records import TrialList
-
-    enroll: list[str] = []
-    test: list[str] = []
-    labels: list[int] = []
-    if hasattr(trials, "columns") and hasattr(trials, "itertuples"):
-        cols_found = _header_columns([str(c) for c in trials.columns])
-        if cols_found is None:
-            if len(trials.columns) < 2:
-                raise UsageError("trials DataFrame needs enrollment and test columns")
-            cols_found = (0, 1, None)
-        e, t, lab = cols_found
-        cols = [trials.columns[e], trials.columns[t]]
-        if lab is not None:
-            cols.append(trials.columns[lab])
-        rows: Iterable[Sequence[Any]] = trials[cols].itertuples(index=False, name=None)
-    else:
-        rows = trials
-    has_label: bool | None = None
-    for n, row in enumerate(rows, 1):
-        r = tuple(row)
-        if len(r) not in (2, 3):
-            raise UsageError(f"trial {n}: expected (enrollment, test[, label]), got {len(r)} items")
-        if has_label is None:
-            has_label = len(r) == 3
-        elif has_label != (len(r) == 3):
-            raise UsageError(f"trial {n}: some trials have a label and some do not")
-        enroll.append(os.fspath(r[0]) if isinstance(r[0], os.PathLike) else str(r[0]))
-        test.append(os.fspath(r[1]) if isinstance(r[1], os.PathLike) else str(r[1]))
-        if len(r) == 3:
-            labels.append(parse_label(str(r[2]), f"trial {n}"))
-    if not enroll:
-        raise UsageError("no trials")
-    return TrialList(
-        enroll,
-        test,
-        np.asarray(labels, dtype=np.int8) if has_label else None,
-        source="<memory>",
-        format="memory",
-        line_numbers=list(range(1, len(enroll) + 1)),
-    )

@@ -398,15 +398,14 @@ class Server:
             self._emit_scores(ok)
 
     def _emit_scores(self, items: Sequence[tuple[Request, np.ndarray, np.ndarray]]) -> None:
-        from .pipeline import cosine_pairs  # the very cosine ``speaker-sim score`` uses
+        # The scoring stage's own cosine: what ``speaker-sim score`` gives the same two files.
+        from .job.stage import score_pairs
 
-        n = len(items)
-        mat = np.stack([e for _, ea, eb in items for e in (ea, eb)])
-        scores = cosine_pairs(mat, np.arange(0, 2 * n, 2), np.arange(1, 2 * n, 2))
+        scores = score_pairs([(ea, eb) for _, ea, eb in items])
         lines = [
             format_score(r.id, s, self.jsonl) for (r, _, _), s in zip(items, scores, strict=True)
         ]
-        self._emit(lines, scored=n)
+        self._emit(lines, scored=len(items))
 
     def _emit(self, lines: list[str], scored: int = 0, errors: int = 0) -> None:
         with self._write_lock:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -164,21 +162,15 @@ def with_invocation(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
-    from ..engine.cache import atomic_write_bytes
+    from ..job.report import write_json as write
 
-    atomic_write_bytes(path, (json.dumps(_clean(data), indent=2) + "\n").encode())
+    write(path, data)
 
 
 def _clean(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if hasattr(x, "item") and not isinstance(x, str | bytes):
-        return _clean(x.item())
-    return x
+    from ..job.report import clean_json
+
+    return clean_json(x)
 
 
 def metrics_block(m: Any) -> dict[str, Any]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 from typing import Annotated
 
@@ -11,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from . import common as c
+from .config_opt import config_record
 from .ray_opt import RayActorsOpt, RayAddressOpt, RayGpusOpt, RayOpt, ray_options
 from .ui import EXIT_PARTIAL, STATE, EmbedProgress, errors_to_exit, say
 
@@ -59,59 +58,29 @@ def embed(
     """
     STATE["quiet"] = quiet
     with errors_to_exit():
-        import numpy as np
+        from functools import partial
 
-        from ..engine.cache import atomic_write_bytes, npy_bytes
         from ..engine.config import EngineConfig
-        from ..io.kaldi_vectors import check_key, kaldi_vectors
-        from ..io.trials import read_inputs
-        from ..pipeline import Extractor
+        from ..job import ModelSource
+        from ..job.embed import EmbedJob
 
         ray_opts = ray_options(ray, ray_address, ray_actors, ray_gpus_per_actor, device)
-        recs = read_inputs([str(p) for p in inputs])
-        if fmt is c.EmbedFormat.kaldi:
-            for r in recs:
-                check_key(r.key)  # before any embedding work
-        engine = EngineConfig(
+        engine = partial(
+            EngineConfig,
             device=device, precision=precision.value, batch_size=batch_size,
             batch_frames=batch_frames, workers=workers, chunk_seconds=chunk_seconds,
             min_duration=min_duration, backend=backend.value,
         )  # fmt: skip
-        ex = Extractor(model, model_dir, engine, cache_dir, use_cache=not no_cache,
-                       model_config=model_config, ray=ray_opts)  # fmt: skip
-        bar = EmbedProgress()
-        try:
-            res = ex.embed_paths([str(r.path) for r in recs], *bar.callbacks)
-        finally:
-            bar.stop()
-        good = [r for r in recs if str(r.path) in res.embeddings]
-        bad = [r for r in recs if str(r.path) in res.failures]
-        mat = (
-            np.stack([res.embeddings[str(r.path)] for r in good]).astype(np.float32)
-            if good
-            else np.zeros((0, ex.spec.dim), np.float32)
-        )
-        out.mkdir(parents=True, exist_ok=True)
-        index = [[r.key, str(r.path)] for r in good]
-        if fmt is c.EmbedFormat.kaldi:
-            ark = (out / "xvector.ark").resolve()
-            ark_bytes, scp_bytes = kaldi_vectors([r.key for r in good], mat, str(ark))
-            atomic_write_bytes(ark, ark_bytes)
-            atomic_write_bytes(out / "xvector.scp", scp_bytes)
-            written = out / "xvector.scp"
-        else:
-            atomic_write_bytes(out / "embeddings.npy", npy_bytes(mat))
-            written = out / "embeddings.npy"
-        atomic_write_bytes(out / "index.csv", _csv(["key", "path"], index))
-        failures = out / "failures.csv"
-        if bad:
-            rows = [[r.key, str(r.path), res.failures[str(r.path)]] for r in bad]
-            atomic_write_bytes(failures, _csv(["key", "path", "error"], rows))
-        else:  # an earlier run's list must not outlive it
-            failures.unlink(missing_ok=True)
-        c.write_json(out / "model.json", c.with_invocation({**ex.describe(), **ex.engine_report()}))
+        job = EmbedJob(
+            inputs, out,
+            ModelSource(model, model_dir, model_config, engine, cache_dir, not no_cache, ray_opts),
+            fmt.value, config_record(),
+        )  # fmt: skip
+        with EmbedProgress() as bar:
+            rep = job.run(bar.on_event)
+        ex, res = rep.extractor, rep.result
         say(
-            f"{len(good)} embeddings ({ex.spec.dim}-dim, {ex.spec.alias}) -> {written}; "
+            f"{len(rep.good)} embeddings ({ex.spec.dim}-dim, {ex.spec.alias}) -> {rep.written}; "
             f"{res.embedded} embedded, {res.cached} from cache"
         )
         if ex.stats.chunked:
@@ -120,15 +89,7 @@ def embed(
                 f"{ex.engine_cfg.max_full_seconds:g} s were embedded as the average of "
                 "10 s windows"
             )
-        for r in bad:
-            say(f"[red]failed[/red] {escape(str(r.path))}: {escape(res.failures[str(r.path)])}")
-    if bad:
+        for r in rep.bad:
+            say(f"[red]failed[/red] {escape(str(r.path))}: {escape(rep.reason(r))}")
+    if rep.bad:
         raise typer.Exit(EXIT_PARTIAL)
-
-
-def _csv(header: list[str], rows: list[list[str]]) -> bytes:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue().encode()

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from . import common as c
+from .config_opt import config_record
 from .ui import EXIT_FAILURE, STATE, err_console, errors_to_exit, say, warn
 
 if TYPE_CHECKING:
-    pass
+    from ..job.evaluate import EvalReport
 
 
 def eval_scores(
@@ -129,60 +130,16 @@ def eval_scores(
     """
     STATE["quiet"] = quiet
     with errors_to_exit():
-        from ..scoring.evaluation import evaluate_file, p_targets
-        from ..scoring.gate import load_baseline, run_gate
-        from .render import display_names, esc, metrics_table, write_plots
+        from ..job.evaluate import EvalJob
 
-        ps = p_targets(p_target, gate_p if max_min_dcf is not None else None)
-        refs = load_baseline(baseline) if baseline is not None else None  # fail fast
-
-        notes: list[str] = []
-        results = [evaluate_file(p, labels, ps, c_miss, c_fa, threshold, notes) for p in scores]
-        for note in notes:
-            warn(note)
-        names = display_names(scores)
-        if not quiet:
-            err_console.print(
-                metrics_table([(n, r.metrics) for n, r in zip(names, results, strict=True)])
-            )
-            if threshold is not None:
-                for n, r in zip(names, results, strict=True):
-                    m = r.metrics
-                    act = ", ".join(
-                        f"actual DCF({p:g}) {v:.4f}" for p, v in (m.actual_dcf or {}).items()
-                    )
-                    say(
-                        f"{esc(n)} at threshold {threshold:g}: FAR {m.far:.4%}, "
-                        f"FRR {m.frr:.4%}; {act}"
-                    )
-        for r in results:
-            if r.failed:
-                warn(f"{r.path}: {r.failed} rows without a score (failed) left out")
-
-        docs = {str(r.path): r.doc() for r in results}
-        out: dict[str, Any] = docs[str(scores[0])] if len(scores) == 1 else {"files": docs}
-
-        if plot is not None:
-            out["plots"] = write_plots(plot, names, results, ps[0])
-            say(f"plots written to {esc(str(plot))}")
-
-        gate = None
-        if max_eer is not None or max_min_dcf is not None or refs is not None:
-            files = [(n, r.path, r.metrics) for n, r in zip(names, results, strict=True)]
-            gate = run_gate(
-                files, max_eer=max_eer, max_min_dcf=max_min_dcf, gate_p=gate_p,
-                baseline=baseline, tolerance=tolerance, dcf_tolerance=dcf_tolerance, refs=refs,
-            )  # fmt: skip
-            for note in gate.notes:
-                warn(note)
-            out["gate"] = gate.to_dict()
-
-        out = c.with_invocation(out)
-        if report is not None:
-            c.write_json(report, out)
-        else:
-            typer.echo(json.dumps(c._clean(out), indent=2))
-
+        rep = EvalJob(
+            scores, labels, p_target, c_miss, c_fa, threshold, report, plot, max_eer,
+            max_min_dcf, gate_p, baseline, tolerance, dcf_tolerance, config_record(),
+        ).run()  # fmt: skip
+        _render(rep, threshold, plot, quiet)
+        if report is None:
+            typer.echo(json.dumps(c._clean(rep.doc), indent=2))
+        gate = rep.gate
         if gate is not None and not gate.passed:
             from rich.markup import escape
 
@@ -190,6 +147,32 @@ def eval_scores(
             raise typer.Exit(EXIT_FAILURE)
         if gate is not None:
             say(f"gate passed ({len(gate.checks)} checks)")
+
+
+def _render(rep: EvalReport, threshold: float | None, plot: Path | None, quiet: bool) -> None:
+    """The notes, the metrics table, the rates at ``--threshold``, the plots and gate notes."""
+    from .render import esc, metrics_table
+
+    for note in rep.notes:
+        warn(note)
+    pairs = list(zip(rep.names, rep.results, strict=True))
+    if not quiet:
+        err_console.print(metrics_table([(n, r.metrics) for n, r in pairs]))
+        if threshold is not None:
+            for n, r in pairs:
+                m = r.metrics
+                act = ", ".join(
+                    f"actual DCF({p:g}) {v:.4f}" for p, v in (m.actual_dcf or {}).items()
+                )
+                say(f"{esc(n)} at threshold {threshold:g}: FAR {m.far:.4%}, "
+                    f"FRR {m.frr:.4%}; {act}")  # fmt: skip
+    for r in rep.results:
+        if r.failed:
+            warn(f"{r.path}: {r.failed} rows without a score (failed) left out")
+    if plot is not None:
+        say(f"plots written to {esc(str(plot))}")
+    for note in rep.gate.notes if rep.gate is not None else []:
+        warn(note)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,15 +8,12 @@ infer_sv_batch.py does; the report says so.
 
 from __future__ import annotations
 
-import gc
-import logging
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +21,8 @@ import numpy as np
 import torch
 
 from ..audio.features import compute_features, num_frames
-from ..errors import UsageError
 from ..models.registry import ModelSpec
+from . import precision as _precision
 from .config import (
     DEFAULT_BATCH_FRAMES,
     DEFAULT_BATCH_ROWS,
@@ -35,19 +32,26 @@ from .config import (
     EngineConfig,
     EngineStats,
     default_workers,
-    fp32_submodules,
     gpu_batch_frames,
 )
 from .data import (
-    Collator,
-    FileDataset,
     HostBatch,
     Loaded,
-    PlanSampler,
     Rows,
     plan_batches,
     windows,
 )
+from .device import (
+    cpu_runners,
+    engine_error,
+    free_bytes,
+    free_memory,
+    is_oom,
+    resolve_device,
+    shm_plan,
+)
+from .loader import LoaderMixin
+from .precision import PRECISIONS, fp32_scope, keep_fp32, tf32_off
 
 __all__ = [
     "DEFAULT_BATCH_FRAMES",
@@ -66,70 +70,12 @@ __all__ = [
     "tf32_off",
 ]
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> first CUDA device when there is one, else CPU. A CUDA device that is not
-    there is a usage error that says why (a CPU-only torch build, or no such GPU)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UsageError(
-            f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)"
-        ) from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = (
-                "this torch is a CPU-only build"
-                if torch.version.cuda is None
-                else "no GPU is visible (check CUDA_VISIBLE_DEVICES and the driver)"
-            )
-            raise UsageError(f"--device {device}: CUDA is not available: {why} "
-                             f"(torch {torch.__version__}); use --device cpu or auto")  # fmt: skip
-        n = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= n:
-            raise UsageError(f"--device {device}: this machine has {n} GPU(s), cuda:0 to "
-                             f"cuda:{n - 1}")  # fmt: skip
-    return dev
-
-
-def cpu_runners() -> int:
-    """Batches a CPU embeds at once: one per intra-op thread, at most 4.
-
-    Several single-threaded forwards side by side beat one forward on every core for these
-    small convolutions (CAM++ on 2 cores: 7.7k frames/s as 2 x 1 thread, 5.1k as 1 x 2).
-    """
-    return max(1, min(4, torch.get_num_threads()))
-
-
 Progress = Callable[[int, float], None]
 Result = tuple[int, np.ndarray | None, str | None]
 
 # Frame budgets learned from out-of-memory errors, by (arch, device, precision), for the rest of
 # the process: a later Embedder of the same model on the same device starts from it.
 _LEARNED_FRAMES: dict[tuple[str, str, str], int] = {}
-
-
-def is_oom(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocator's out-of-memory error (CUDA, MPS or the CPU's)."""
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    if isinstance(exc, oom):
-        return True
-    msg = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in msg or "can't allocate memory" in msg  # MPS, DefaultCPUAllocator
-    )
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    elif device.type == "mps":
-        torch.mps.empty_cache()
 
 
 @dataclass
@@ -143,7 +89,7 @@ class _Launched:
     error: str | None = None
 
 
-class Embedder:
+class Embedder(LoaderMixin):
     """A loaded model on a device, embedding waveforms in exact batches."""
 
     def __init__(
@@ -166,7 +112,7 @@ class Embedder:
         self.model = model
         # Submodules kept in fp32 at this precision (FP32_SUBMODULES), by name.
         kept = (
-            _keep_fp32(model, spec.arch, config.precision)
+            keep_fp32(model, spec.arch, config.precision)
             if isinstance(model, torch.nn.Module)
             else {}
         )
@@ -179,7 +125,7 @@ class Embedder:
         if config.batch_frames:
             frames = config.batch_frames
         elif kind == "cuda":
-            frames = gpu_batch_frames(spec.arch, _free_bytes(self.device))
+            frames = gpu_batch_frames(spec.arch, free_bytes(self.device))
         else:
             frames = getattr(model, "batch_frames", 0) or DEFAULT_BATCH_FRAMES.get(kind, 2_400)
         # The budget is written in 10 ms fbank frames; a waveform front end counts samples.
@@ -195,12 +141,6 @@ class Embedder:
     def _windows(self, wave: torch.Tensor) -> list[torch.Tensor]:
         return windows(wave, self.frontend.sample_rate, self.cfg.chunk_seconds,
                        self.cfg.max_full_seconds, DEFAULT_CHUNK_SECONDS)  # fmt: skip
-
-    def _collator(self) -> Collator:
-        return Collator(
-            self.frontend.sample_rate, self.frontend.num_frames, self.cfg.chunk_seconds,
-            self.cfg.max_full_seconds, self.batch_frames, self.batch_size, DEFAULT_CHUNK_SECONDS,
-        )  # fmt: skip
 
     def _autocast(self) -> Any:
         if self.dtype == torch.float32:
@@ -219,7 +159,7 @@ class Embedder:
         waves = rows.waves.to(self.device, non_blocking=cuda)
         lengths = rows.lengths.to(self.device, non_blocking=cuda)
         feats, n_frames = compute_features(waves, lengths, self.frontend)
-        with self._autocast(), tf32_off(), _fp32_scope(self._fp32_ids):
+        with self._autocast(), tf32_off(), fp32_scope(self._fp32_ids):
             emb = self.model(feats, n_frames)
         emb = emb.float()
         with self._lock:
@@ -248,7 +188,7 @@ class Embedder:
             if not is_oom(exc):
                 raise
         # Out of the except block: the traceback (and the tensors its frames hold) is gone.
-        _free_memory(self.device)
+        free_memory(self.device)
         with self._lock:
             self.stats.extra["oom_splits"] = self.stats.extra.get("oom_splits", 0) + 1
             if rows.padded_frames // 2 < self.batch_frames:
@@ -302,7 +242,7 @@ class Embedder:
         except Exception as exc:
             if on_error == "raise":
                 raise
-            return [_Launched(r, error=_engine_error(self.device, exc)) for r in hb.rows]
+            return [_Launched(r, error=engine_error(self.device, exc)) for r in hb.rows]
 
     def _finish(
         self, hb: HostBatch, launched: list[_Launched], on_error: str = "raise"
@@ -322,7 +262,7 @@ class Embedder:
                 except Exception as exc:
                     if on_error == "raise":
                         raise
-                    x.error = _engine_error(self.device, exc)
+                    x.error = engine_error(self.device, exc)
                 else:
                     np.add.at(sums, x.rows.owner, emb)
                     np.add.at(counts, x.rows.owner, 1.0)
@@ -358,67 +298,6 @@ class Embedder:
         return out
 
     # -- files -> embeddings --------------------------------------------------------------
-    def workers_for(self, runners: int) -> int:
-        """Decode worker processes: ``cfg.workers``, or (-1) one per core but the feeding one
-        (:func:`default_workers`), none when CPU runners already keep every core busy."""
-        if self.cfg.workers >= 0:
-            return self.cfg.workers
-        # CPU runners keep every core busy and decoding is ~2 % of their work: decode in this
-        # thread, between batches (2 cores: 6.1-6.4 s instead of 7.1-9.1 s with one worker
-        # process for ../shared/audio).
-        return 0 if runners > 1 else default_workers()
-
-    def _get_loader(self, workers: int) -> tuple[torch.utils.data.DataLoader[Any], PlanSampler]:
-        """The DataLoader, built once and kept with its worker processes (persistent) for every
-        later ``embed_files`` call with the same settings; start-up is paid once."""
-        workers, prefetch, note = shm_plan(workers, 4, self._batch_bytes())
-        if note:
-            self.stats.extra.setdefault("notes", []).append(note)
-            logging.getLogger("speaker_sim").warning(note)
-        key = (workers, prefetch, self.batch_frames, self.batch_size)
-        if self._loader is not None and key == self._loader_key:
-            return self._loader, self._loader.batch_sampler  # type: ignore[return-value]
-        self.close()
-        self._loader, sampler = self._new_loader(workers, prefetch, persistent=workers > 0)
-        self._loader_key = key
-        self.stats.extra["workers"] = workers
-        return self._loader, sampler
-
-    def _new_loader(
-        self, workers: int, prefetch: int, persistent: bool
-    ) -> tuple[torch.utils.data.DataLoader[Any], PlanSampler]:
-        sr = self.frontend.sample_rate
-        cuda = self.device.type == "cuda"
-        sampler = PlanSampler()
-        dataset = FileDataset(sr, int(self.cfg.min_duration * sr), int(self.cfg.max_duration * sr),
-                              self.frontend.channel, self.frontend.loudness_db,
-                              self.frontend.resampler)  # fmt: skip
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            num_workers=workers,
-            collate_fn=self._collator(),
-            pin_memory=cuda,
-            worker_init_fn=_worker_init if workers else None,
-            prefetch_factor=prefetch if workers else None,
-            persistent_workers=persistent and workers > 0,
-            multiprocessing_context="spawn" if workers and cuda else None,
-        )
-        return loader, sampler
-
-    def _batch_bytes(self) -> int:
-        """Bytes of one padded batch of waveforms at the frame budget (float32)."""
-        sr = self.frontend.sample_rate
-        per_frame = 10 * sr / max(1, int(self.frontend.num_frames(10 * sr)))
-        return int(self.batch_frames * per_frame * 4)
-
-    def close(self) -> None:
-        """Stop the persistent decode workers (they also stop with the Embedder)."""
-        loader, self._loader = self._loader, None
-        it = getattr(loader, "_iterator", None)
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-
     def embed_files(
         self,
         paths: Sequence[str],
@@ -546,164 +425,7 @@ class Embedder:
             progress(len(hb.items), seconds)
 
 
-def _engine_error(device: torch.device, exc: BaseException) -> str:
-    return f"engine error on {device}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-
-
-def _free_bytes(device: torch.device) -> int | None:
-    try:
-        return int(torch.cuda.mem_get_info(device)[0])
-    except Exception:
-        return None
-
-
-def shm_plan(
-    workers: int, prefetch: int, batch_bytes: int, shm: str = "/dev/shm"
-) -> tuple[int, int, str]:
-    """Workers and prefetch depth whose batches fit in half of ``/dev/shm`` (where worker
-    processes hand tensors over; Docker's 64 MB default would end in a bus error).
-
-    Returns ``(workers, prefetch, note)``: fewer batches in flight when they do not fit, and
-    decoding in the main process (note says why and how to fix it) when not even one batch
-    per worker fits.
-    """
-    if workers <= 0:
-        return workers, prefetch, ""
-    try:
-        st = os.statvfs(shm)
-    except (OSError, AttributeError):  # no /dev/shm (macOS, Windows): nothing to size
-        return workers, prefetch, ""
-    free = st.f_bavail * st.f_frsize
-    room = free // 2
-    if workers * prefetch * batch_bytes <= room:
-        return workers, prefetch, ""
-    fit = room // max(1, workers * batch_bytes)
-    if fit >= 1:
-        return workers, int(min(prefetch, fit)), ""
-    return (
-        0,
-        prefetch,
-        (
-            f"{shm} has {free / 2**20:.0f} MB free, too little for {workers} decode worker(s) "
-            f"handing over batches of {batch_bytes / 2**20:.0f} MB: decoding in the main process "
-            "instead (slower). Give the container more shared memory (docker run --shm-size=8g or "
-            "--ipc=host) or lower --batch-frames."
-        ),
-    )
-
-
-def _worker_init(_: int) -> None:
-    torch.set_num_threads(1)
-
-
-def _keep_fp32(model: torch.nn.Module, arch: str, precision: str) -> dict[str, int]:
-    """The :data:`FP32_SUBMODULES` of ``arch`` at ``precision``, by name -> ``id(module)``.
-
-    Each gets (once) a pair of forward hooks that, while an Embedder that asked for it is
-    running (:func:`_fp32_scope`) under autocast, turn autocast off for the submodule and cast
-    its floating inputs to fp32, and turn it back on after. Otherwise the hooks do nothing.
-    """
-    out: dict[str, int] = {}
-    for name in fp32_submodules(arch, precision):
-        try:
-            sub = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if not getattr(sub, "_speaker_sim_fp32_hooks", False):
-            sub.register_forward_pre_hook(_fp32_enter)
-            sub.register_forward_hook(_fp32_exit)
-            sub._speaker_sim_fp32_hooks = True  # type: ignore[assignment]
-        out[name] = id(sub)
-    return out
-
-
-_TF32_LOCK = threading.Lock()
-_TF32_DEPTH = 0
-_TF32_SAVED: list[tuple[Any, str, Any]] = []
-
-
-def _tf32_switches() -> list[tuple[Any, str, Any]]:
-    """(object, attribute, value meaning "no TF32") of every TF32 switch this torch has."""
-    b = torch.backends
-    out: list[tuple[Any, str, Any]] = [(b.cudnn, "allow_tf32", False),
-                                       (b.cuda.matmul, "allow_tf32", False)]  # fmt: skip
-    # torch >= 2.9's per-backend precision; "none" defers to the switches above, and setting it
-    # while an application uses the old ones is refused, so only touch it when it is in use.
-    for obj in (getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None),
-                getattr(b.cuda.matmul, "fp32_precision", None) and b.cuda.matmul):  # fmt: skip
-        if obj is not None and getattr(obj, "fp32_precision", "none") not in ("none", "ieee"):
-            out.append((obj, "fp32_precision", "ieee"))
-    return out
-
-
-@contextmanager
-def tf32_off() -> Iterator[None]:
-    """Within: no TF32 anywhere (convolutions and matmuls run in true fp32), so fp32 means fp32
-    and the submodules bf16 keeps in fp32 (:data:`FP32_SUBMODULES`) are not TF32 in disguise.
-
-    The switches are process-global: they are saved on entry and restored on exit (the
-    outermost of nested or concurrent entries, by CPU runner threads, restores them), so an
-    application embedding speaker-sim keeps its own setting outside our forwards.
-    """
-    global _TF32_DEPTH, _TF32_SAVED
-    with _TF32_LOCK:
-        if _TF32_DEPTH == 0:
-            _TF32_SAVED = [(o, a, getattr(o, a)) for o, a, _ in _tf32_switches()]
-            for o, a, off in _tf32_switches():
-                setattr(o, a, off)
-        _TF32_DEPTH += 1
-    try:
-        yield
-    finally:
-        with _TF32_LOCK:
-            _TF32_DEPTH -= 1
-            if _TF32_DEPTH == 0:
-                for o, a, v in _TF32_SAVED:
-                    setattr(o, a, v)
-
-
-_FP32 = threading.local()  # .active: ids of submodules to run in fp32; .stacks: entered contexts
-
-
-@contextmanager
-def _fp32_scope(ids: frozenset[int]) -> Iterator[None]:
-    """Within: the hooked submodules in ``ids`` run in fp32. On the way out (also after an
-    error inside one of them) every context they entered is left, innermost first."""
-    _FP32.active, _FP32.stacks = ids, {}
-    try:
-        yield
-    finally:
-        for stack in _FP32.stacks.values():
-            while stack:
-                stack.pop().__exit__(None, None, None)
-        _FP32.active = frozenset()
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return bool(torch.is_autocast_enabled(device_type))
-    except TypeError:  # torch < 2.4: no device argument
-        if device_type == "cpu":
-            return bool(torch.is_autocast_cpu_enabled())
-        return bool(torch.is_autocast_enabled())
-
-
-def _fp32_enter(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    if id(module) not in getattr(_FP32, "active", ()):
-        return None
-    tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    device_type = tensor.device.type if tensor is not None else "cpu"
-    if not _autocast_on(device_type):
-        return None
-    ctx = torch.autocast(device_type, enabled=False)
-    ctx.__enter__()
-    _FP32.stacks.setdefault(id(module), []).append(ctx)
-    return tuple(
-        a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
-    )
-
-
-def _fp32_exit(module: torch.nn.Module, _args: Any, _out: Any) -> None:
-    stack = getattr(_FP32, "stacks", {}).get(id(module))
-    if stack:
-        stack.pop().__exit__(None, None, None)
+# Older names of what moved to engine/precision.py, kept importable from here.
+_FP32 = _precision._FP32
+_keep_fp32 = keep_fp32
+_fp32_scope = fp32_scope

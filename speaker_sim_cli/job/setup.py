@@ -4,7 +4,8 @@ resolve to the records the stages take (trial list, recordings, cohort, enroll m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,9 +23,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrialSource:
-    """A trial list: parsed already (``trials``), or a file (``path``; a seed-tts-eval
-    meta.lst with ``gen_dir``; mvector's two lists with ``mvector_lists``). Items are paths
-    relative to ``root`` (default: the list's folder), or utterance ids of ``wav_scp``."""
+    """A trial list: parsed already (``trials``; rows in memory: :func:`trials_from_memory`),
+    or a file (``path``; a seed-tts-eval meta.lst with ``gen_dir``; mvector's two lists with
+    ``mvector_lists``). Items are paths relative to ``root`` (default: the list's folder), or
+    utterance ids of ``wav_scp``."""
 
     path: Path | None = None
     trials: TrialList | None = None
@@ -151,3 +153,50 @@ def keys_as_paths(opt: ScoringOptions) -> None:
         opt.cohort = keyed(opt.cohort)
     if opt.mean_from is not None:
         opt.mean_from = keyed(opt.mean_from)
+
+
+def trials_from_memory(trials: Any) -> TrialList:
+    """A TrialList from a DataFrame or an iterable of (enrollment, test[, label])."""
+    import numpy as np
+
+    from ..io.trials import _header_columns, parse_label
+
+    enroll: list[str] = []
+    test: list[str] = []
+    labels: list[int] = []
+    if hasattr(trials, "columns") and hasattr(trials, "itertuples"):
+        cols_found = _header_columns([str(c) for c in trials.columns])
+        if cols_found is None:
+            if len(trials.columns) < 2:
+                raise UsageError("trials DataFrame needs enrollment and test columns")
+            cols_found = (0, 1, None)
+        e, t, lab = cols_found
+        cols = [trials.columns[e], trials.columns[t]]
+        if lab is not None:
+            cols.append(trials.columns[lab])
+        rows: Iterable[Sequence[Any]] = trials[cols].itertuples(index=False, name=None)
+    else:
+        rows = trials
+    has_label: bool | None = None
+    for n, row in enumerate(rows, 1):
+        r = tuple(row)
+        if len(r) not in (2, 3):
+            raise UsageError(f"trial {n}: expected (enrollment, test[, label]), got {len(r)} items")
+        if has_label is None:
+            has_label = len(r) == 3
+        elif has_label != (len(r) == 3):
+            raise UsageError(f"trial {n}: some trials have a label and some do not")
+        enroll.append(os.fspath(r[0]) if isinstance(r[0], os.PathLike) else str(r[0]))
+        test.append(os.fspath(r[1]) if isinstance(r[1], os.PathLike) else str(r[1]))
+        if len(r) == 3:
+            labels.append(parse_label(str(r[2]), f"trial {n}"))
+    if not enroll:
+        raise UsageError("no trials")
+    return TrialList(
+        enroll,
+        test,
+        np.asarray(labels, dtype=np.int8) if has_label else None,
+        source="<memory>",
+        format="memory",
+        line_numbers=list(range(1, len(enroll) + 1)),
+    )
