@@ -163,7 +163,8 @@ def score(
             ScoringSetup(p_target or [0.01, 0.05], on_error.value, enroll_map,
                          norm.value if norm else None, cohort, cohort_utt2spk, top_n, mean_from,
                          score_scale.value if score_scale else None),
-            Outputs(out, c.out_format(fmt, out), report, stdout=True, invocation=config_record()),
+            Outputs(out, c.out_format(fmt, out), report, stdout=True, invocation=config_record(),
+                    stream=True),
         )  # fmt: skip
         with EmbedProgress() as bar:
             rep = job.run(bar.on_event)
