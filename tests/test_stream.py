@@ -9,6 +9,7 @@ import filecmp
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.errors import UsageError
 from speaker_sim_cli.io.scorefiles import StreamedScores, write_scores
-from speaker_sim_cli.io.trial_stream import TrialStream, scan
+from speaker_sim_cli.io.trial_stream import TrialStream, regroup, scan
 from speaker_sim_cli.io.trials import read_trials
 from speaker_sim_cli.job import ModelSource, Outputs, ScoreJob, ScoringSetup, TrialSource
 from speaker_sim_cli.scoring import sorted_metrics
@@ -29,8 +30,12 @@ from speaker_sim_cli.scoring.sorted_metrics import ScoreCollector, evaluate_sort
 SHARED_LISTS = ("audio/trials.csv", "audio/dev_hard/trials.csv")
 
 
-def streamed(path: Path, block: int = 64) -> tuple[list[str], list[str], np.ndarray | None, list]:
-    s = TrialStream(path, block_bytes=block)
+def streamed(
+    path: Path, block: int = 64, group: int = 0
+) -> tuple[list[str], list[str], np.ndarray | None, list]:
+    s: Any = TrialStream(path, block_bytes=block)
+    if group:
+        s = regroup(s, group)
     e: list[str] = []
     t: list[str] = []
     labs: list[np.ndarray] = []
@@ -46,12 +51,13 @@ def streamed(path: Path, block: int = 64) -> tuple[list[str], list[str], np.ndar
 
 def same_as_in_memory(path: Path, block: int = 64) -> None:
     tl = read_trials(path)
-    e, t, labs, lines = streamed(path, block)
-    assert e == tl.enroll and t == tl.test
-    assert (labs is None) == (tl.labels is None)
-    if labs is not None:
-        assert np.array_equal(labs, tl.labels)
-    assert lines == tl.line_numbers
+    for group in (0, 7):  # as read, and joined into chunks of >= 7 trials
+        e, t, labs, lines = streamed(path, block, group)
+        assert e == tl.enroll and t == tl.test
+        assert (labs is None) == (tl.labels is None)
+        if labs is not None:
+            assert np.array_equal(labs, tl.labels)
+        assert lines == tl.line_numbers
     s = scan(TrialStream(path, block_bytes=block))
     assert s.keys.to_list() == tl.items()
     assert s.describe() == tl.describe()
