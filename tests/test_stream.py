@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.errors import UsageError
-from speaker_sim_cli.io.scorefiles import StreamedScores, write_scores
+from speaker_sim_cli.io.score_writer import StreamedScores
+from speaker_sim_cli.io.scorefiles import write_scores
 from speaker_sim_cli.io.trial_stream import TrialStream, regroup, scan
 from speaker_sim_cli.io.trials import read_trials
 from speaker_sim_cli.job import ModelSource, Outputs, ScoreJob, ScoringSetup, TrialSource

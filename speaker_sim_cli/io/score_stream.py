@@ -170,9 +170,9 @@ def _parquet_arrays(p: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
                 raise UsageError(f"{p}: column 'score' is {sc.type}, expected numbers")
             scores.append(sc.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False))
             if lab:
-                from .trial_stream import _parquet_labels
+                from .trial_parquet import parquet_labels
 
-                labels.append(_parquet_labels(batch.column(lab), p, lab, row))
+                labels.append(parquet_labels(batch.column(lab), p, lab, row))
             row += batch.num_rows
     except (pa.ArrowException, OSError) as exc:
         raise UsageError(f"{p}: row {row}: cannot read the Parquet file ({exc})") from None
@@ -185,10 +185,10 @@ def read_parquet_scores(p: Path) -> S.ScoreTable:
     """A whole Parquet score file as a :class:`.scorefiles.ScoreTable` (keys included)."""
     import pyarrow.parquet as pq
 
-    from .trial_stream import _parquet_columns
+    from .trial_parquet import parquet_columns
 
     scores, labels, _ = _parquet_arrays(p)
-    e, t, _lab = _parquet_columns(p)
+    e, t, _lab = parquet_columns(p)
     tab = pq.read_table(p, columns=[e, t])
     return S.ScoreTable(tab.column(e).to_pylist(), tab.column(t).to_pylist(), scores, labels,
                         str(p), "parquet")  # fmt: skip

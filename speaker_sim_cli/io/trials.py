@@ -95,7 +95,7 @@ def read_trials(path: str | Path, gen_dir: str | Path | None = None) -> TrialLis
     """
     p = Path(path)
     if is_parquet(p):
-        from .trial_stream import read_parquet_trials
+        from .trial_parquet import read_parquet_trials
 
         return read_parquet_trials(p)
     text = read_text(p)

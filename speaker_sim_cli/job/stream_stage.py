@@ -154,7 +154,8 @@ def _general(
 
 def run_streamed(job: ScoreJob, progress: ProgressFn | None = None) -> ScoreReport:
     """The job's run for a streamable trial file (:func:`streamable`)."""
-    from ..io.scorefiles import StreamedScores, check_whitespace_safe
+    from ..io.score_writer import StreamedScores
+    from ..io.scorefiles import check_whitespace_safe
     from ..io.trials import read_wav_scp
     from ..io.vector_table import is_npy_folder
 
