@@ -28,7 +28,7 @@ def _arrow(col: object) -> object:
     import pyarrow as pa
 
     if isinstance(col, pa.ChunkedArray):
-        return col.combine_chunks().cast(pa.string())
+        return col.cast(pa.string())  # stays chunked: no copy
     return pa.array(col, pa.string())
 
 

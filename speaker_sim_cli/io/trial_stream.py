@@ -22,10 +22,10 @@ from ..errors import UsageError
 from . import trials as T
 
 # Text parsed at a time (about 250 k Kaldi lines): the parser's working memory scales with it.
-# regroup() then joins parsed blocks into chunks of ~1 M trials for the key lookup, whose
+# regroup() then joins parsed blocks into chunks of ~0.5 M trials for the key lookup, whose
 # cost per call (hashing the key table) does not.
 BLOCK_BYTES = 8 << 20
-CHUNK_TRIALS = 1 << 20
+CHUNK_TRIALS = 1 << 19
 
 # A block the Arrow parser reads exactly as the line reader would: only single spaces (or the
 # delimiter) between fields, no other whitespace, no blank line, no leading / trailing space.
@@ -349,7 +349,7 @@ class KeyTable:
         parts_in = [x for c in cols for x in (c.chunks if isinstance(c, pa.ChunkedArray) else [c])]
         both = pa.chunked_array([c.cast(pa.string()) for c in parts_in], type=pa.string())
         got = pc.index_in(both, value_set=self.keys).combine_chunks()
-        ids = got.fill_null(-1).to_numpy().astype(np.int64)
+        ids = got.fill_null(-1).to_numpy()  # int32: rows of a table of < 2**31 keys
         parts, lo = [], 0
         for c in cols:
             parts.append(ids[lo : lo + len(c)])

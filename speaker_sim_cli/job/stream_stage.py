@@ -185,6 +185,9 @@ def run_streamed(job: ScoreJob, progress: ProgressFn | None = None) -> ScoreRepo
                and opt.enroll_map is None and opt.mean_from is None)  # fmt: skip
     lk = _compact(job, summary, opt) if compact else _general(job, summary, scp, opt, progress)
     load_s = time.perf_counter() - t_load - lk.result.seconds
+    # The list's keys are looked up: let them go (and the parser's freed buffers with them).
+    summary.keys = summary.enroll_keys = KeyTable(pa.array([], pa.string()))
+    pa.default_memory_pool().release_unused()
     if progress is not None:
         progress(Progress("embed", "done"))
     norm = None
@@ -263,7 +266,7 @@ def _distinct(x: np.ndarray) -> np.ndarray:
 
 def _pair_codes(ch: Any, a: np.ndarray, b: np.ndarray, n: int) -> np.ndarray:
     """One int64 per trial, equal for equal (enrolment, test) pairs of keys."""
-    codes = a * n + b
+    codes = a.astype(np.int64) * n + b
     bad = (a < 0) | (b < 0)
     if bad.any():  # keys with no row: told apart by their text
         e = ch.enroll.to_pylist() if not isinstance(ch.enroll, list) else ch.enroll
