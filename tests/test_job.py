@@ -169,3 +169,44 @@ def test_imports_point_down_and_modules_stay_small():
         assert lines <= 450, f"{name}: {lines} lines"
     for f in (root / "job").glob("*.py"):
         assert f.read_text().lstrip().startswith('"""'), f"{f.name}: no role docstring"
+
+
+def test_a_scoring_stage_can_be_swapped_in(tmp_path):
+    """ScoreJob(stage=...) calls the given stage with the contract's inputs; here on vectors
+    computed earlier (no model), with AS-norm, against the default in-memory stage."""
+    from speaker_sim_cli.job import ModelSource, Outputs, ScoreJob, ScoringSetup
+
+    rng = np.random.default_rng(7)
+    keys = [f"u{i}" for i in range(12)]
+    folder = tmp_path / "emb"
+    folder.mkdir()
+    np.save(folder / "embeddings.npy", rng.standard_normal((12, 16)).astype(np.float32))
+    (folder / "index.csv").write_text("key,path\n" + "".join(f"{k},{k}.wav\n" for k in keys))
+    trials = tmp_path / "trials.txt"
+    pairs = [(keys[i], keys[j], int(i // 3 == j // 3)) for i in range(6) for j in range(6, 12)]
+    pairs += [(keys[0], keys[1], 1), (keys[0], "nope", 0)]
+    trials.write_text("".join(f"{a} {b} {'target' if t else 'nontarget'}\n" for a, b, t in pairs))
+    (tmp_path / "cohort.txt").write_text("".join(f"{k}\n" for k in keys[6:]))
+    calls: list[int] = []
+
+    def recording_stage(enroll, test, lookup, write=None, norm=None, top_n=300):
+        calls.append(len(enroll))
+        assert norm == "asnorm" and lookup.cohort is not None and lookup.cohort.shape == (6, 16)
+        return score_stage(enroll, test, lookup, write, norm, top_n)
+
+    def job(name: str, **kw) -> ScoreJob:
+        return ScoreJob(
+            trials,
+            ModelSource(embeddings=folder),
+            ScoringSetup(norm="asnorm", cohort=tmp_path / "cohort.txt", top_n=3),
+            Outputs(tmp_path / f"{name}.csv", "kaldi", tmp_path / f"{name}.json"),
+            **kw,
+        )
+
+    swapped = job("swapped", stage=recording_stage).run()
+    plain = job("plain").run()
+    assert calls == [len(pairs)]
+    assert (tmp_path / "swapped.csv").read_bytes() == (tmp_path / "plain.csv").read_bytes()
+    assert swapped.comparable() == plain.comparable() | {"scores": str(tmp_path / "swapped.csv")}
+    assert swapped.counts["written"] == len(pairs) - 1 and swapped.counts["failed"] == 1
+    assert swapped.scoring["norm"] == {"method": "asnorm", "cohort": 6, "top_n": 3}

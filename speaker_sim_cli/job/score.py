@@ -23,7 +23,7 @@ from .events import Progress, ProgressFn, embed_callbacks
 from .items import Embedded, ScoringOptions, embed_items
 from .report import ScoreReport, write_json
 from .setup import ModelSource, Outputs, ScoringSetup, TrialSource, keys_as_paths, scoring_options
-from .stage import ScoreWriter, StageResult, score_stage
+from .stage import ScoreWriter, ScoringStage, StageResult, score_stage
 
 
 class ScoreJob:
@@ -35,6 +35,7 @@ class ScoreJob:
         model: ModelSource | None = None,
         scoring: ScoringSetup | None = None,
         outputs: Outputs | None = None,
+        stage: ScoringStage = score_stage,
     ) -> None:
         if isinstance(trials, TrialList):
             trials = TrialSource(trials=trials)
@@ -44,6 +45,7 @@ class ScoreJob:
         self.model = model or ModelSource()
         self.scoring = scoring or ScoringSetup()
         self.outputs = outputs or Outputs()
+        self.stage = stage  # the scoring stage (job/stage.py's contract): in memory by default
         self.extractor: Extractor | None = None  # set by run() when a model is used
 
     # -- the run ------------------------------------------------------------------------
@@ -67,8 +69,8 @@ class ScoreJob:
         if progress is not None:
             progress(Progress("embed", "done"))
             progress(Progress("score", "start", len(tl)))
-        stage = score_stage(tl.enroll, tl.test, emb.vectors, self._writer(tl),
-                            options.norm, options.top_n)  # fmt: skip
+        stage = self.stage(tl.enroll, tl.test, emb.vectors, self._writer(tl),
+                           options.norm, options.top_n)  # fmt: skip
         if progress is not None:
             progress(Progress("score", "done", len(tl)))
         report = self._report(tl, source, emb, stage, t0, load_s)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,6 +30,20 @@ from ..scoring.cosine import cosine_pairs, trial_errors
 from .items import ItemVectors
 
 ScoreWriter = Callable[[np.ndarray, list[str | None]], int]
+
+
+class ScoringStage(Protocol):
+    """The signature :class:`~speaker_sim_cli.job.score.ScoreJob` calls (``stage=``)."""
+
+    def __call__(
+        self,
+        enroll: Sequence[str],
+        test: Sequence[str],
+        lookup: ItemVectors,
+        write: ScoreWriter | None = None,
+        norm: str | None = None,
+        top_n: int = 300,
+    ) -> StageResult: ...
 
 
 @dataclass
