@@ -78,6 +78,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_wavlm.py --seconds 30 --out bench-results/wavlm.json
 	$(BIN)/python benchmarks/bench_voiceprints.py --out bench-results/voiceprints.json
 	$(BIN)/python benchmarks/bench_voiceprint_service.py --out bench-results/voiceprint-service.json
+	$(BIN)/python benchmarks/bench_corpus.py --trials 100000000 --out bench-results/corpus.json
 
 clean:
 	rm -rf $(VENV) pretrained .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -352,16 +352,21 @@ class SpeakerSim:
         report: str | os.PathLike[str] | None = None,
         p_targets: Sequence[float] = (0.01, 0.05),
         progress: ProgressFn | None = None,
+        stream: bool = False,
     ) -> ScoreReport:
         """Run the scoring job of ``speaker-sim score`` on ``trials`` with this model and its
         caches; the :class:`~speaker_sim_cli.job.ScoreReport` (``to_dict()`` is the report
-        ``score --report`` writes for the same list, apart from ``timing`` / ``invocation``)."""
+        ``score --report`` writes for the same list, apart from ``timing`` / ``invocation``).
+        ``stream=True`` with a trial file scores it in chunks as ``score`` does (corpus-scale
+        lists: scores go to ``out`` as they come; the report then has no per-trial arrays)."""
         from .io.trials import read_trials
         from .job import ModelSource, Outputs, ScoreJob, ScoringSetup, TrialSource
         from .job.setup import trials_from_memory
 
         base = Path(root) if root is not None else None
-        if isinstance(trials, str | os.PathLike):
+        if isinstance(trials, str | os.PathLike) and stream:
+            src = TrialSource(Path(os.fspath(trials)), root=base)
+        elif isinstance(trials, str | os.PathLike):
             src = TrialSource(trials=read_trials(os.fspath(trials)), root=base)
         else:
             src = TrialSource(trials=trials_from_memory(trials), root=base or Path.cwd())
@@ -370,7 +375,7 @@ class SpeakerSim:
             ModelSource(source=self),
             ScoringSetup(p_targets=list(p_targets)),
             Outputs(Path(out) if out is not None else None, format,
-                    Path(report) if report is not None else None),
+                    Path(report) if report is not None else None, stream=stream),
         )  # fmt: skip
         return job.run(progress)
 

@@ -179,6 +179,93 @@ def test_csv_field_over_the_csv_limit_is_a_usage_error(tmp_path):
         read_trials(p)
 
 
+# -- Parquet trial lists (io/trial_stream) ---------------------------------------------------
+
+
+def _parquet(cols: dict[str, Any]) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table(cols), buf, row_group_size=3)
+    return buf.getvalue().to_pybytes()
+
+
+def _parquet_rows_ok(p: Path, n_rows: int, bad_row: int | None) -> None:
+    """read_trials of a Parquet list: a UsageError naming the file (and the bad row, when it
+    names one), or every row."""
+    try:
+        tl = read_trials(p)
+    except UsageError as exc:
+        msg = str(exc)
+        assert str(p) in msg, msg
+        named = [int(n) for n in re.findall(r"\brow (\d+)", msg)]
+        if named and bad_row is not None:
+            assert bad_row in named, (bad_row, msg)
+        return
+    assert len(tl) == n_rows
+    assert tl.line_numbers == list(range(1, n_rows + 1))
+    assert all(isinstance(x, str) and x.strip() == x and x for x in tl.enroll + tl.test)
+    assert tl.labels is None or set(tl.labels.tolist()) <= {0, 1}
+
+
+@SETTINGS
+@given(GARBAGE_BYTES, st.booleans())
+def test_parquet_trials_garbage(data, magic):
+    _garbage_ok(read_trials, b"PAR1" + data + b"PAR1" if magic else data, "t.parquet",
+                "trials parquet (garbage)")  # fmt: skip
+
+
+@SETTINGS
+@given(_valid_rows(8, ",", True), st.integers(0, 100_000), st.binary(max_size=8), st.booleans())
+def test_parquet_trials_corrupted(rows, at, splice, cut):
+    """A valid file with bytes spliced in or cut off: a UsageError naming it, or its rows."""
+    TRIED["trials parquet (corrupted)"] = TRIED.get("trials parquet (corrupted)", 0) + 1
+    cols = [r.split(",") for r in rows]
+    data = _parquet({"enrollment": [c[0] for c in cols], "test": [c[1] for c in cols],
+                     "label": [int(c[2]) for c in cols]})  # fmt: skip
+    at %= len(data)
+    data = data[:at] if cut else data[:at] + splice + data[at + len(splice) :]
+    _parquet_rows_ok(_write(data, "t.parquet"), len(rows), None)
+
+
+PARQUET_BAD = st.one_of(st.none(), st.just(""), GARBAGE_TEXT, st.just("x" * 200_000))
+
+
+@SETTINGS
+@given(_valid_rows(8, ",", True), st.integers(0, 50), PARQUET_BAD, st.sampled_from([0, 1, 2]))
+def test_parquet_trials_near_valid(rows, at, bad, col):
+    """One value of one row replaced (null, empty, garbage, 200 KB): the row is named."""
+    TRIED["trials parquet (near-valid)"] = TRIED.get("trials parquet (near-valid)", 0) + 1
+    cols = [r.split(",") for r in rows]
+    at %= len(cols)
+    cols[at] = list(cols[at])
+    cols[at][col] = bad  # type: ignore[call-overload]
+    data = _parquet({"enrollment": [c[0] for c in cols], "test": [c[1] for c in cols],
+                     "label": [c[2] for c in cols]})  # fmt: skip
+    _parquet_rows_ok(_write(data, "t.parquet"), len(rows), at + 1)
+
+
+@pytest.mark.parametrize(
+    "cols, row",
+    [
+        ({"enrollment": ["a", "b"], "test": ["c", "d"], "label": [1, 2]}, 2),
+        ({"enrollment": ["a", "b"], "test": ["c", "d"], "label": [1.0, 0.5]}, 2),
+        ({"enrollment": ["a", None], "test": ["c", "d"], "label": [True, False]}, 2),
+        ({"enrollment": [1, 2], "test": ["c", "d"]}, None),
+        ({"speaker": ["a"], "utterance": ["b"]}, None),
+    ],
+)
+def test_parquet_trials_bad_columns(tmp_path, cols, row):
+    p = tmp_path / "t.parquet"
+    p.write_bytes(_parquet(cols))
+    with pytest.raises(UsageError) as exc:
+        read_trials(p)
+    assert str(p) in str(exc.value)
+    if row is not None:
+        assert f"row {row}" in str(exc.value)
+
+
 @SETTINGS
 @given(GARBAGE_BYTES)
 def test_pair_lists_garbage(data):

@@ -102,6 +102,24 @@ class ScoreFormat(str, Enum):
     wespeaker = "wespeaker"
 
 
+class OutScoreFormat(str, Enum):
+    """``score --format``: the score file formats plus Parquet (streamed runs)."""
+
+    csv = "csv"
+    kaldi = "kaldi"
+    wespeaker = "wespeaker"
+    parquet = "parquet"
+
+
+def out_format(fmt: OutScoreFormat | None, out: Path | None) -> str:
+    """--format as given; else parquet for an --out ending .parquet / .pq, else csv."""
+    if fmt is not None:
+        return fmt.value
+    if out is not None and out.suffix.lower() in (".parquet", ".pq"):
+        return "parquet"
+    return "csv"
+
+
 class EmbedFormat(str, Enum):
     npy = "npy"
     kaldi = "kaldi"

@@ -63,9 +63,14 @@ def score(
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Score file (default: stdout).")
     ] = None,
-    fmt: Annotated[c.ScoreFormat, typer.Option("--format", help="Score file format.")] = (
-        c.ScoreFormat.csv
-    ),
+    fmt: Annotated[
+        c.OutScoreFormat | None,
+        typer.Option(
+            "--format",
+            help="Score file format [default: csv; parquet when --out ends in .parquet].",
+            show_default=False,
+        ),
+    ] = None,
     report: Annotated[Path | None, typer.Option(help="Write a JSON report here.")] = None,
     cache_dir: c.CacheDirOpt = None,
     no_cache: c.NoCacheOpt = False,
@@ -160,7 +165,8 @@ def score(
             ScoringSetup(p_target or [0.01, 0.05], on_error.value, enroll_map,
                          norm.value if norm else None, cohort, cohort_utt2spk, top_n, mean_from,
                          score_scale.value if score_scale else None),
-            Outputs(out, fmt.value, report, stdout=True, invocation=config_record()),
+            Outputs(out, c.out_format(fmt, out), report, stdout=True, invocation=config_record(),
+                    stream=True),
         )  # fmt: skip
         with EmbedProgress() as bar:
             rep = job.run(bar.on_event)

@@ -146,13 +146,43 @@ class EmbedProgress:
         return self.update, self.start
 
     def on_event(self, ev: Any) -> None:
-        """Draw a job's :class:`~speaker_sim_cli.job.Progress` event (embedding only)."""
-        if ev.stage != "embed":
+        """Draw a job's :class:`~speaker_sim_cli.job.Progress` event: recordings embedded,
+        then trials scored / total (a streamed job)."""
+        if ev.stage == "score":
+            self._scoring(ev)
             return
         if ev.event == "start":
             self.start(ev.n, ev.seconds)
         elif ev.event == "advance":
             self.update(ev.n, ev.seconds)
+        else:
+            self.stop()
+
+    def _scoring(self, ev: Any) -> None:
+        if ev.event == "start":
+            self.stop()
+            if not show_progress() or ev.n == 0:
+                return
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TaskProgressColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("trials"), TaskProgressColumn(), TimeElapsedColumn(),
+                TextColumn("ETA"), TimeRemainingColumn(), console=err_console, transient=True,
+            )  # fmt: skip
+            self.progress.start()
+            self.task = self.progress.add_task("scoring", total=ev.n)
+        elif ev.event == "advance":
+            if self.progress is not None:
+                self.progress.update(self.task, advance=ev.n)
         else:
             self.stop()
 

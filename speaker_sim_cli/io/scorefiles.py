@@ -3,7 +3,8 @@
 - ``csv``: ``enrollment,test[,label],score[,error]`` (ours; header; rows in input order);
 - ``kaldi``: ``enroll test label score`` as Kaldi / 3D-Speaker write them (label 1/0), or
   ``enroll test score`` without labels;
-- ``wespeaker``: ``enroll test score target|nontarget`` (or ``enroll test score``).
+- ``wespeaker``: ``enroll test score target|nontarget`` (or ``enroll test score``);
+- ``parquet``: columns enrollment, test[, label], score[, error] (score null where it failed).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..errors import UsageError
 from .trials import ENROLL_NAMES, LABEL_NAMES, TARGET_WORDS, TEST_NAMES, parse_label, read_text
 
 FORMATS = ("csv", "kaldi", "wespeaker")
+STREAM_FORMATS = (*FORMATS, "parquet")
 
 
 @dataclass
@@ -52,13 +54,18 @@ def write_scores(
     fmt: str = "csv",
     skip_failed: bool = False,
     extra: dict[str, np.ndarray] | None = None,
+    header: bool = True,
+    error_column: bool | None = None,
 ) -> int:
     """Write rows in input order; returns how many rows were written.
 
     ``extra``: more score columns (name -> values per trial, e.g. ``score_funasr``) written after
-    ``score``; csv only.
+    ``score``; csv only. A streamed file is written a part at a time: ``header`` for the first
+    part only, and ``error_column`` (whether the whole file has one) decided up front.
     """
     has_err = errors is not None and any(e is not None for e in errors)
+    if error_column is not None:
+        has_err = error_column
     text = [_fmt(x) for x in scores.tolist()]  # floats once, not numpy scalars per row
     extra = extra or {}
     if extra and fmt != "csv":
@@ -67,13 +74,15 @@ def write_scores(
     extra_text = [[_fmt(x) for x in v.tolist()] for v in extra.values()]
     labs = labels.tolist() if labels is not None else None
     rows = 0
+    write_header = header
     if fmt == "csv":
         w = csv.writer(out, lineterminator="\n")
-        header = ["enrollment", "test"] + (["label"] if labels is not None else []) + ["score"]
-        header += list(extra)
+        names = ["enrollment", "test"] + (["label"] if labels is not None else []) + ["score"]
+        names += list(extra)
         if has_err and not skip_failed:
-            header.append("error")
-        w.writerow(header)
+            names.append("error")
+        if write_header:
+            w.writerow(names)
         for i in range(len(enroll)):
             err = errors[i] if errors is not None else None
             if err is not None and skip_failed:
@@ -145,8 +154,14 @@ WriteFn = Callable[[IO[str]], int]
 
 
 def read_scores(path: str | Path) -> ScoreTable:
-    """Read a score file in any of the three formats (detected)."""
+    """Read a score file in any of the three formats, or Parquet (detected)."""
     p = Path(path)
+    from .trials import is_parquet
+
+    if p.is_file() and is_parquet(p):
+        from .score_stream import read_parquet_scores
+
+        return read_parquet_scores(p)
     text = read_text(p)
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     if not lines:
@@ -231,7 +246,25 @@ def _read_csv(p: Path, text: str) -> ScoreTable:
     from .trials import csv_rows
 
     rows = csv_rows(p, text)
-    head_line, head = rows[0]
+    cols = csv_score_columns(p, *rows[0])
+    enroll, test, scores, labels = csv_score_rows(p, rows[1:], cols)
+    arr = np.asarray(labels, dtype=np.int8) if cols.label is not None else None
+    return ScoreTable(enroll, test, np.asarray(scores, dtype=np.float64), arr, str(p), "csv")
+
+
+@dataclass(frozen=True)
+class CsvScoreColumns:
+    """Where a CSV score file keeps its columns (from its header)."""
+
+    header: list[str]
+    enroll: int
+    test: int
+    score: int
+    label: int | None
+    need: int  # fields a row must have at least
+
+
+def csv_score_columns(p: Path, head_line: int, head: list[str]) -> CsvScoreColumns:
     header = [h.strip().lower() for h in head]
     if "score" not in header:
         raise UsageError(f"{p}:{head_line}: no 'score' column in the header")
@@ -242,24 +275,34 @@ def _read_csv(p: Path, text: str) -> ScoreTable:
     s_col = header.index("score")
     lab = next((header.index(n) for n in LABEL_NAMES if n in header), None)
     need = max(e, t, s_col, lab if lab is not None else 0) + 1
-    enroll, test, scores, labels = [], [], [], []
-    for lineno, r in rows[1:]:
-        if len(r) < len(header) - (1 if header[-1] == "error" else 0) or len(r) < need:
+    return CsvScoreColumns(header, e, t, s_col, lab, need)
+
+
+def csv_score_rows(
+    p: Path, rows: list[tuple[int, list[str]]], c: CsvScoreColumns
+) -> tuple[list[str], list[str], list[float], list[int]]:
+    """enroll, test, scores (NaN where empty) and labels of CSV score rows (after the header)."""
+    header = c.header
+    enroll: list[str] = []
+    test: list[str] = []
+    scores: list[float] = []
+    labels: list[int] = []
+    for lineno, r in rows:
+        if len(r) < len(header) - (1 if header[-1] == "error" else 0) or len(r) < c.need:
             raise UsageError(f"{p}:{lineno}: expected {len(header)} fields, found {len(r)}")
         if len(r) > len(header):
             raise UsageError(f"{p}:{lineno}: expected {len(header)} fields, found {len(r)}")
-        val = r[s_col].strip()
+        val = r[c.score].strip()
         if val and not _is_float(val):
             raise UsageError(f"{p}:{lineno}: score {val!r} is not a number")
-        if not r[e].strip() or not r[t].strip():
+        if not r[c.enroll].strip() or not r[c.test].strip():
             raise UsageError(f"{p}:{lineno}: empty enrollment or test field")
-        enroll.append(r[e])
-        test.append(r[t])
+        enroll.append(r[c.enroll])
+        test.append(r[c.test])
         scores.append(float(val) if val else math.nan)
-        if lab is not None:
-            labels.append(parse_label(r[lab], f"{p}:{lineno}"))
-    arr = np.asarray(labels, dtype=np.int8) if lab is not None else None
-    return ScoreTable(enroll, test, np.asarray(scores, dtype=np.float64), arr, str(p), "csv")
+        if c.label is not None:
+            labels.append(parse_label(r[c.label], f"{p}:{lineno}"))
+    return enroll, test, scores, labels
 
 
 def attach_labels(table: ScoreTable, trials_path: str | Path) -> np.ndarray:

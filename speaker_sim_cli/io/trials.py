@@ -83,10 +83,22 @@ def read_text(path: Path | str) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"{path}: cannot read ({exc.strerror})") from None
+    return decode_text(path, data)
+
+
+def decode_text(path: Path | str, data: bytes, first_line: int = 1, bom: bool = True) -> str:
+    """``data`` as UTF-8 text; a byte that is not names its line (``first_line`` is the line
+    ``data`` starts on) in a UsageError."""
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not a UTF-8 text file") from None
+        return data.decode("utf-8-sig" if bom else "utf-8")
+    except UnicodeDecodeError as exc:
+        line = first_line + data.count(b"\n", 0, exc.start)
+        raise UsageError(f"{path}:{line}: not a UTF-8 text file (byte 0x{data[exc.start]:02x}; "
+                         "mixed encodings?)") from None  # fmt: skip
+
+
+# The longest field any trial-list reader accepts (the csv module's own limit, in characters).
+FIELD_LIMIT = csv.field_size_limit()
 
 
 def read_trials(path: str | Path, gen_dir: str | Path | None = None) -> TrialList:
@@ -98,6 +110,10 @@ def read_trials(path: str | Path, gen_dir: str | Path | None = None) -> TrialLis
     p = Path(path)
     if storage.is_url(path):  # a str that prints as the URL (Path would fold its "//")
         p = _UrlName(storage.as_url(path))  # type: ignore[assignment]
+    if is_parquet(p):
+        from .trial_parquet import read_parquet_trials
+
+        return read_parquet_trials(p)
     text = read_text(p)
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()]
     if not lines:
@@ -110,6 +126,17 @@ def read_trials(path: str | Path, gen_dir: str | Path | None = None) -> TrialLis
     if "," in first or ("\t" in first and _header_columns(first.split("\t")) is not None):
         return _read_delimited(p, text, "\t" if "," not in first else ",")
     return _read_whitespace(p, lines)
+
+
+def is_parquet(path: Path) -> bool:
+    """A Parquet file: by its suffix, or its magic bytes."""
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return False
 
 
 def _norm(name: str) -> str:
@@ -126,14 +153,17 @@ def _header_columns(fields: Sequence[str]) -> tuple[int, int, int | None] | None
     return e, t, lab
 
 
-def csv_rows(p: Path, text: str, delim: str = ",") -> list[tuple[int, list[str]]]:
+def csv_rows(
+    p: Path, text: str, delim: str = ",", first_line: int = 1, allow_empty: bool = False
+) -> list[tuple[int, list[str]]]:
     """The non-blank records of a delimited file with the line each starts on. A malformed
     record (a field past the csv module's size limit, a stray NUL, ...) is a UsageError naming
-    the file and the line, never a csv.Error."""
+    the file and the line, never a csv.Error. ``text`` starts on line ``first_line`` (a part
+    of a streamed file)."""
     reader = csv.reader(io.StringIO(text), delimiter=delim)
     rows: list[tuple[int, list[str]]] = []
     while True:
-        start = reader.line_num + 1
+        start = reader.line_num + first_line
         try:
             row = next(reader)
         except StopIteration:
@@ -145,7 +175,7 @@ def csv_rows(p: Path, text: str, delim: str = ",") -> list[tuple[int, list[str]]
             raise UsageError(f"{p}:{start}: malformed line ({msg})") from None
         if any(c.strip() for c in row):
             rows.append((start, row))
-    if not rows:
+    if not rows and not allow_empty:
         raise UsageError(f"{p}: no rows (only blank lines or empty fields)")
     return rows
 
@@ -168,8 +198,21 @@ def _read_delimited(p: Path, text: str, delim: str) -> TrialList:
     else:
         e, t, lab = cols
         body = rows[1:]
-    width = len(header)
-    enroll, test, labels, numbers = [], [], [], []
+    enroll, test, labels, numbers = delimited_body(p, body, e, t, lab, len(header))
+    if not enroll:
+        raise UsageError(f"{p}: the trial list has a header but no trials")
+    arr = np.asarray(labels, dtype=np.int8) if lab is not None else None
+    return TrialList(enroll, test, arr, str(p), fmt, numbers)
+
+
+def delimited_body(
+    p: Path, body: list[tuple[int, list[str]]], e: int, t: int, lab: int | None, width: int
+) -> tuple[list[str], list[str], list[int], list[int]]:
+    """The trials of delimited records (after the header): enroll, test, labels, lines."""
+    enroll: list[str] = []
+    test: list[str] = []
+    labels: list[int] = []
+    numbers: list[int] = []
     for lineno, r in body:
         if len(r) != width:
             raise UsageError(f"{p}:{lineno}: expected {width} fields, found {len(r)}")
@@ -181,10 +224,7 @@ def _read_delimited(p: Path, text: str, delim: str) -> TrialList:
         numbers.append(lineno)
         if lab is not None:
             labels.append(parse_label(r[lab], f"{p}:{lineno}"))
-    if not enroll:
-        raise UsageError(f"{p}: the trial list has a header but no trials")
-    arr = np.asarray(labels, dtype=np.int8) if lab is not None else None
-    return TrialList(enroll, test, arr, str(p), fmt, numbers)
+    return enroll, test, labels, numbers
 
 
 def _remember(known: dict[str, int], word: str, where: str) -> int:
@@ -206,6 +246,9 @@ def _read_whitespace(p: Path, lines: list[tuple[int, str]]) -> TrialList:
     for lineno, line in lines:
         f = line.split()
         where = f"{p}:{lineno}"
+        if len(line) > FIELD_LIMIT and max(map(len, f)) > FIELD_LIMIT:
+            raise UsageError(f"{where}: malformed line (a field is longer than "
+                             f"{FIELD_LIMIT:,} characters)")  # fmt: skip
         if vox:
             if len(f) != 3:
                 raise UsageError(f"{where}: expected 'label path1 path2', found {len(f)} fields")

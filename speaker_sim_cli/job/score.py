@@ -53,6 +53,13 @@ class ScoreJob:
     # -- the run ------------------------------------------------------------------------
     def run(self, progress: ProgressFn | None = None) -> ScoreReport:
         """Score every trial; write the scores and the report; return the report."""
+        from .stream_stage import run_streamed, streamable
+
+        if streamable(self):
+            report = run_streamed(self, progress)
+            if self.outputs.report is not None:
+                write_json(self.outputs.report, report.to_dict())
+            return report
         t0 = time.perf_counter()
         tl, scp, options = self._prepare()
         t_load = time.perf_counter()

@@ -103,6 +103,10 @@ class Outputs:
     report: Path | None = None
     stdout: bool = False
     invocation: dict[str, Any] | None = None  # the CLI's resolved options, for the report
+    # True: a trial file is scored in chunks (job/stream_stage.py; what ``score`` does), and
+    # the report has no per-trial arrays (trial_list, scores, errors). False (the library's
+    # default) scores it whole and keeps them.
+    stream: bool = False
 
 
 def scoring_options(

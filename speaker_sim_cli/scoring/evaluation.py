@@ -114,19 +114,32 @@ def evaluate_file(
     notes: list[str] | None = None,
 ) -> FileResult:
     """Read a score file (labels from it or from ``labels``) and compute its metrics; rows
-    without a score (failed trials) are left out and counted."""
+    without a score (failed trials) are left out and counted. A CSV or Parquet file with its
+    own labels is read in chunks as two arrays (io/score_stream.py)."""
     import numpy as np
 
     from ..errors import UsageError
-    from ..scoring.metrics import evaluate
+    from ..io.score_stream import score_arrays
+    from .sorted_metrics import ScoreCollector
 
-    table, labs, source = read_labelled(path, labels, notes)
-    ok = ~np.isnan(table.scores)
-    s = table.scores[ok]
+    arrays = score_arrays(path) if labels is None else None
+    if arrays is not None:
+        scores, labs, fmt = arrays
+        if labs is None:
+            raise UsageError(f"{path}: no labels in the score file; pass --labels TRIALS")
+        source = "score file"
+    else:
+        table, labs, source = read_labelled(path, labels, notes)
+        scores, fmt = table.scores, table.format
+    ok = ~np.isnan(scores)
+    s = scores[ok]
     y = labs[ok]
-    try:
-        m = evaluate(s, y, p_targets=ps, c_miss=c_miss, c_fa=c_fa, threshold=threshold)
+    n = len(scores)
+    del scores, labs
+    col = ScoreCollector(s.dtype.type)
+    col.add(s, y)
+    try:  # evaluate() itself, or the same numbers in less memory past a size
+        m = col.evaluate(ps, c_miss=c_miss, c_fa=c_fa, threshold=threshold)
     except ValueError as exc:
         raise UsageError(f"{path}: {exc}") from None
-    n = len(table.scores)
-    return FileResult(path, table.format, source, s, y, m, n, int(n - ok.sum()))
+    return FileResult(path, fmt, source, s, y, m, n, int(n - ok.sum()))

@@ -1,0 +1,180 @@
+"""The metrics of :func:`.metrics.evaluate` from the target and non-target scores kept apart and
+sorted, walking the DET curve in blocks: the same numbers, bit for bit, in memory of the scores
+alone (``evaluate`` holds five arrays as long as the list of distinct scores). numpy only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+from .metrics import Metrics, _check_dcf_params, evaluate
+
+# Up to this many trials the streamed scorer calls evaluate itself (about 40 bytes a trial);
+# past it, the sorted twin below (the scores' own 8 bytes a trial).
+EXACT_LIMIT = 4_000_000
+BLOCK = 1 << 20
+
+
+class ScoreCollector:
+    """Scores of scored, labelled trials, kept per class as float arrays (no labels, no
+    Python object per trial)."""
+
+    def __init__(
+        self, dtype: type = np.float64, targets: int | None = None, nontargets: int | None = None
+    ) -> None:
+        """``targets`` / ``nontargets``: at most how many of each will come (a first pass
+        counted them): one array each, filled in place, instead of chunks joined at the end
+        (which would hold the scores twice)."""
+        self.dtype = dtype
+        self._t: list[np.ndarray] = []
+        self._n: list[np.ndarray] = []
+        self._fixed = targets is not None and nontargets is not None
+        if self._fixed:
+            self._t = [np.empty(targets or 0, dtype)]
+            self._n = [np.empty(nontargets or 0, dtype)]
+        self._fill = [0, 0]
+        self.count = 0
+
+    def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        s: np.ndarray = scores.astype(self.dtype, copy=False)
+        is_t = labels == 1
+        for k, (parts, part) in enumerate(((self._t, s[is_t]), (self._n, s[~is_t]))):
+            if self._fixed:
+                lo = self._fill[k]
+                parts[0][lo : lo + len(part)] = part
+                self._fill[k] = lo + len(part)
+            else:
+                parts.append(part)
+        self.count += len(s)
+
+    def _take(self, k: int) -> np.ndarray:
+        parts = self._t if k == 0 else self._n
+        if self._fixed:
+            return parts[0][: self._fill[k]]
+        return np.concatenate(parts) if parts else np.empty(0, self.dtype)
+
+    def evaluate(
+        self,
+        p_targets: Iterable[float] = (0.01, 0.05),
+        c_miss: float = 1.0,
+        c_fa: float = 1.0,
+        threshold: float | None = None,
+    ) -> Metrics:
+        """EER / minDCF as :func:`evaluate` gives them for these scores; the chunks are freed."""
+        t, n = self._take(0), self._take(1)
+        self._t, self._n = [], []
+        if len(t) + len(n) <= EXACT_LIMIT:
+            labels = np.zeros(len(t) + len(n), dtype=np.int8)
+            labels[: len(t)] = 1
+            return evaluate(np.concatenate([t, n]), labels, p_targets, c_miss, c_fa, threshold)
+        t.sort()
+        n.sort()
+        return evaluate_sorted(t, n, p_targets, c_miss, c_fa, threshold)
+
+
+def evaluate_sorted(
+    targets: np.ndarray,
+    nontargets: np.ndarray,
+    p_targets: Iterable[float] = (0.01, 0.05),
+    c_miss: float = 1.0,
+    c_fa: float = 1.0,
+    threshold: float | None = None,
+) -> Metrics:
+    """:func:`evaluate` of ``targets`` (label 1) and ``nontargets`` (label 0), each sorted
+    ascending. Same definition, same floating-point operations, the same result."""
+    ps = tuple(float(p) for p in p_targets)
+    for p in ps:
+        _check_dcf_params(p, c_miss, c_fa)
+    T, N = targets, nontargets
+    n_t, n_n = len(T), len(N)
+    if n_t + n_n == 0:
+        raise ValueError("no trials: scores and labels are empty")
+    bad = int(np.count_nonzero(np.isnan(T)) + np.count_nonzero(np.isnan(N)))
+    if bad:
+        raise ValueError(f"scores contain {bad} NaN value(s); drop or fix those trials first")
+    if n_t == 0:
+        raise ValueError("no target trials (label 1): EER and DCF are undefined")
+    if n_n == 0:
+        raise ValueError("no non-target trials (label 0): EER and DCF are undefined")
+    c_def = {p: min(c_miss * p, c_fa * (1.0 - p)) for p in ps}
+    best = {p: (math.inf, 0.0) for p in ps}  # cost, threshold
+    eer: float | None = None
+    eer_thr = 0.0
+    prev: tuple[float, float] | None = None  # (fnr, fpr) of the last point of the last block
+    ti = ni = 0
+    first = True
+    while ti < n_t or ni < n_n:
+        ub_t = T[min(ti + BLOCK, n_t) - 1] if ti < n_t else np.inf
+        ub_n = N[min(ni + BLOCK, n_n) - 1] if ni < n_n else np.inf
+        ub = min(ub_t, ub_n)
+        tj = int(np.searchsorted(T, ub, side="right"))
+        nj = int(np.searchsorted(N, ub, side="right"))
+        vals = np.unique(np.concatenate([T[ti:tj], N[ni:nj]]))
+        tgt_le = ti + np.searchsorted(T[ti:tj], vals, side="right").astype(np.int64)
+        non_le = ni + np.searchsorted(N[ni:nj], vals, side="right").astype(np.int64)
+        ti, ni = tj, nj
+        k0 = 1 if first else 0  # the accept-all point opens the first block
+        m = len(vals) + k0
+        fnr = np.empty(m, dtype=np.float64)
+        fpr = np.empty(m, dtype=np.float64)
+        thr = np.empty(m, dtype=np.float64)
+        if first:
+            fnr[0], fpr[0], thr[0] = 0.0, 1.0, -math.inf
+        np.divide(tgt_le, n_t, out=fnr[k0:])
+        np.divide(non_le, n_n, out=fpr[k0:])
+        np.subtract(1.0, fpr[k0:], out=fpr[k0:])
+        thr[k0:] = vals
+        first = False
+        if eer is None:
+            diff = fnr - fpr
+            hit = diff >= 0
+            if hit.any():
+                x1 = int(np.argmax(hit))
+                f1 = fnr[x1]
+                if x1 > 0:
+                    f2, p2 = fnr[x1 - 1], fpr[x1 - 1]
+                else:
+                    assert prev is not None
+                    f2, p2 = prev
+                d1 = float(diff[x1])
+                d2 = float(f2 - p2)
+                a = d1 / (d1 - d2)
+                eer = float(f1 + a * (f2 - f1))
+                eer_thr = float(thr[x1])
+        for p in ps:
+            cost = fnr * (c_miss * p)
+            cost += fpr * (c_fa * (1.0 - p))
+            k = int(np.argmin(cost))
+            if cost[k] < best[p][0]:
+                best[p] = (float(cost[k]), float(thr[k]))
+        prev = (fnr[-1], fpr[-1])
+    assert eer is not None  # the reject-all point has fnr 1 >= fpr 0
+    far = frr = None
+    actual: dict[float, float] | None = None
+    if threshold is not None:
+        if math.isnan(threshold):
+            raise ValueError("threshold is NaN")
+        tgt_acc = n_t - int(np.searchsorted(T, threshold, side="right"))
+        non_acc = n_n - int(np.searchsorted(N, threshold, side="right"))
+        far, frr = non_acc / n_n, (n_t - tgt_acc) / n_t
+        actual = {
+            p: (c_miss * p * frr + c_fa * (1.0 - p) * far) / min(c_miss * p, c_fa * (1.0 - p))
+            for p in ps
+        }
+    return Metrics(
+        eer=eer,
+        eer_threshold=eer_thr,
+        min_dcf={p: best[p][0] / c_def[p] for p in ps},
+        min_dcf_threshold={p: best[p][1] for p in ps},
+        n_targets=n_t,
+        n_nontargets=n_n,
+        c_miss=float(c_miss),
+        c_fa=float(c_fa),
+        threshold=None if threshold is None else float(threshold),
+        far=far,
+        frr=frr,
+        actual_dcf=actual,
+    )
