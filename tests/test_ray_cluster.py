@@ -166,8 +166,13 @@ def test_poison_recording_is_retried_then_fails_alone(cluster, local, shared, tm
     rep = json.loads((tmp_path / "r.json").read_text())
     with trials.open() as f:
         used = {r[k] for r in csv.DictReader(f) for k in ("enrollment", "test")}
-    assert rep["counts"]["failed_recordings"] == 1
-    assert rep["counts"]["embedded"] == len(used) - 1 and rep["counts"]["from_cache"] == 0
+    counts = rep["counts"]
+    assert counts["failed_recordings"] == 1
+    # The crash can take with it the answer to the unit its actor had just finished (and
+    # committed): that unit's retry finds its rows in the store. At most one unit per crash.
+    assert counts["embedded"] + counts["from_cache"] == len(used) - 1
+    assert counts["from_cache"] <= MAX_CRASHES * rep["ray"]["unit_rows"]
+    assert len(store_entries(tmp_path / "cache")) == len(used) - 1  # the poison copy: none
     assert rep["ray"]["worker_crashes"] == MAX_CRASHES
     text = json.dumps(rep)
     assert "poison-crash.wav" in text and "worker process died" in text
