@@ -121,3 +121,45 @@ def pad_rows(rows: list[Any], fill: float = 0.0) -> tuple[Any, Any]:
     for i, r in enumerate(rows):
         x[i, : r.shape[0]] = r
     return x, lengths
+
+
+def store_rows(cache: Path) -> dict[str, list[Any]]:
+    """Every committed row of the embedding store under the cache root ``cache`` (all
+    settings), by content sha256 hex; a key a retried unit stored twice has two rows. Asserts
+    each row is whole: its setting's dim, finite, passing its shard's check word."""
+    import numpy as np
+
+    from speaker_sim_cli.engine.store import ShardStore, row_checks
+    from speaker_sim_cli.engine.store_admin import settings
+
+    out: dict[str, list[Any]] = {}
+    for d, meta in settings(cache):
+        store = ShardStore(d, int(meta["dim"]))
+        for name, sh in store.iter_shards():
+            assert not isinstance(sh, Exception), f"{name}: {sh}"
+            assert sh.vec.shape == (len(sh.keys), store.dim), name
+            assert np.isfinite(sh.vec).all() and (row_checks(sh.keys, sh.vec) == sh.crc).all()
+            for k, v in zip(sh.keys, sh.vec):
+                out.setdefault(k.tobytes().hex(), []).append(np.array(v))
+    return out
+
+
+def store_entries(cache: Path) -> dict[str, Any]:
+    """The store's entries under ``cache``: one vector per distinct key (what a lookup
+    returns), each row whole (:func:`store_rows`) and every copy of a key the same vector
+    (within 1e-5 relative: a retried unit may batch differently)."""
+    import numpy as np
+
+    out = {}
+    for key, vecs in store_rows(cache).items():
+        for v in vecs[1:]:
+            assert np.linalg.norm(v - vecs[0]) <= 1e-5 * np.linalg.norm(vecs[0]), key
+        out[key] = vecs[-1]
+    return out
+
+
+def store_count(cache: Path) -> int:
+    """Distinct keys committed under ``cache`` (from the shards' keys; cheap enough to poll)."""
+    from speaker_sim_cli.engine.store_admin import cache_info
+
+    return sum(int(r["entries"]) for r in cache_info(cache)) if cache.exists() else 0

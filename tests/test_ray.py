@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import store_count, store_entries  # type: ignore[import-not-found]
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.cli.ray_opt import split_ray_address
 
@@ -188,10 +189,6 @@ def _scores(path: Path) -> dict[tuple[str, str], float]:
         return {(r["enrollment"], r["test"]): float(r["score"]) for r in csv.DictReader(f)}
 
 
-def _entries(cache: Path) -> list[Path]:
-    return sorted(cache.glob("emb/*/*/*.npy"))
-
-
 def _ancestors(pid: int) -> set[int]:
     out = set()
     while pid > 1:
@@ -250,7 +247,7 @@ def test_score_on_ray_equals_the_local_engine(cluster, local, shared, tmp_path):
     assert ray["actors"] == 2 and ray["address"] == cluster and not ray["started_here"]
     assert sum(a["recordings"] for a in ray["per_actor"]) == 80
     assert all(a["x_realtime"] > 0 for a in ray["per_actor"] if a["recordings"])
-    assert rep["counts"]["embedded"] == 80 and len(_entries(tmp_path / "cache")) == 80
+    assert rep["counts"]["embedded"] == 80 and len(store_entries(tmp_path / "cache")) == 80
     # Warm: the workers find everything in the store (the driver hashes nothing itself).
     warm = tmp_path / "warm"
     warm.mkdir()
@@ -314,7 +311,7 @@ def test_a_killed_actor_costs_nothing(cluster, local, shared, tmp_path):
     killed = None
     deadline = time.monotonic() + 240
     while job.is_alive() and time.monotonic() < deadline:
-        n = len(_entries(cache))
+        n = store_count(cache)  # rows are committed when a worker ends its unit
         pids = _actor_pids()
         if 2 <= n < SUBSET - 6 and pids:
             killed = pids[0]
@@ -328,9 +325,9 @@ def test_a_killed_actor_costs_nothing(cluster, local, shared, tmp_path):
     assert _close(_scores(tmp_path / "s.csv"), ref) <= 1e-5
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["counts"]["embedded"] == SUBSET and rep["counts"]["failed_recordings"] == 0
-    assert len(_entries(cache)) == SUBSET  # one entry per recording, each a whole vector
-    for p in _entries(cache):
-        assert np.load(p).shape == (192,)
+    entries = store_entries(cache)  # each row whole, copies of a retried unit's key equal
+    assert len(entries) == SUBSET  # one entry (distinct key) per recording
+    assert all(v.shape == (192,) for v in entries.values())
     assert not Path(f"/proc/{killed}").exists() or killed not in _actor_pids()
 
 
@@ -351,7 +348,7 @@ def test_sigterm_leaves_nothing_partial_and_a_rerun_resumes(cluster, local, shar
     try:
         deadline = time.monotonic() + 240
         while proc.poll() is None and time.monotonic() < deadline:
-            if len(_entries(cache)) >= 2:
+            if store_count(cache) >= 2:
                 proc.send_signal(signal.SIGTERM)
                 break
             time.sleep(0.02)
@@ -365,7 +362,7 @@ def test_sigterm_leaves_nothing_partial_and_a_rerun_resumes(cluster, local, shar
     deadline = time.monotonic() + 60  # the driver's actors go with it
     while _actor_pids() and time.monotonic() < deadline:
         time.sleep(0.1)
-    done = len(_entries(cache))
+    done = len(store_entries(cache))
     assert 2 <= done < SUBSET
     res = _invoke(_score_args(shared, cache, tmp_path, "--ray", "--ray-actors", "2", trials=trials))
     assert res.exit_code == 0, res.output
@@ -431,9 +428,11 @@ def test_a_worker_hashes_decodes_embeds_and_finds_its_work_in_the_store(shared, 
     with pytest.raises(AudioError) as local_reason:  # the local engine's reason for it
         probe(broken)
     assert row["reasons"][1] == "file not found" and row["reasons"][3] == local_reason.value.reason
-    assert len(_entries(cache)) == 3 and row["audio_s"] > 0
+    entries = store_entries(cache)  # the worker committed its unit's shard
+    assert len(entries) == 3 and row["audio_s"] > 0
     digests = [row["digest"][32 * j : 32 * j + 32].hex() for j in (0, 2, 4)]
-    assert {p.stem for p in _entries(cache)} == set(digests)
+    assert set(entries) == set(digests)
+    assert all(v.shape == (192,) for v in entries.values())
     again = actor.run(0, paths)
     assert list(again["status"]) == [CACHED, FAILED, CACHED, FAILED, CACHED]
     assert again["digest"] == row["digest"] and again["audio_s"] == 0.0

@@ -94,6 +94,40 @@ def test_a_key_written_twice_returns_the_newest(tmp_path):
     np.testing.assert_array_equal(EmbeddingCache(tmp_path, BASE, DIM).get(k), np.ones(DIM))
 
 
+def test_keys_stored_twice_by_two_writers_are_one_entry_each(tmp_path):
+    """Two writers (a Ray unit retried on another node) commit the same keys in their own
+    shards: counted once, a reader opened before sees the later commit at once (the cheap
+    lookup of the driver), prune and compact keep one row per key, the newest."""
+    keys = [key(i) for i in range(6)]
+    reader = EmbeddingCache(tmp_path, BASE, DIM)
+    assert reader.get(keys[0]) is None  # lists the (empty) store
+    first, retry = EmbeddingCache(tmp_path, BASE, DIM), EmbeddingCache(tmp_path, BASE, DIM)
+    fill(first, keys[:4], 4)
+    newer = np.stack([vec(k) + 1 for k in keys[2:]])
+    retry.put_many(keys[2:], newer)
+    retry.flush()
+    got = reader.get(keys[5])  # committed by another writer after the reader listed
+    assert got is not None
+    np.testing.assert_array_equal(got, newer[-1])
+    (row,) = cache_info(tmp_path)
+    assert row["entries"] == 6 and row["shards"] == 2
+    res = CliRunner().invoke(app, ["cache", "compact", "--cache-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert store_mod.ShardStore(str(reader.dir), DIM).entries() == 6
+    rows = [k for _, sh in store_mod.ShardStore(str(reader.dir), DIM).iter_shards()
+            for k in sh.keys]  # fmt: skip
+    assert len(rows) == 6  # the older copies of keys 2 and 3 are gone
+    from speaker_sim_cli.engine.store_admin import prune
+
+    fill(first, keys[2:4], 2)  # stored twice again, then pruned to what a list needs
+    assert prune(tmp_path, set(keys[1:4])) == {"kept": 3, "removed": 3}
+    mat, found = EmbeddingCache(tmp_path, BASE, DIM).get_many(keys)
+    assert found.tolist() == [False, True, True, True, False, False]
+    np.testing.assert_array_equal(mat[1:4], np.stack([vec(k) for k in keys[1:4]]))
+    (row,) = cache_info(tmp_path)
+    assert row["entries"] == 3 and row["shards"] == 1
+
+
 # -- a writer killed mid-shard --------------------------------------------------------------------
 KILLED_WRITER = """
 import hashlib, sys

@@ -415,6 +415,9 @@ def embed_unique(
             continue
         key = digest.hex()
         emb = cache.get(key)
+        if emb is None:  # the cheap lookup trusts the shard folder's mtime: list it anew
+            mat, found = cache.get_many([key])
+            emb = mat[0] if found[0] else None
         if emb is None:
             raise SpeakerSimError(f"{path}: embedded by a Ray worker under {cache.root}, but "
                                   f"this process cannot read it there; {CACHE_HINT}")  # fmt: skip

@@ -194,13 +194,22 @@ def prune(root: Path | str, keep: set[str]) -> dict[str, int]:
         if st is None:
             continue
         old = st.shard_names()
-        for name in old:
+        seen: set[bytes] = set()  # a key stored twice (a retried unit) is kept once: the newest
+        for name in reversed(old):
             try:
                 sh = st.open_shard(name)
             except Exception:
                 continue  # a damaged shard is dropped below; its entries are recomputed
-            sel = [j for j in range(len(sh.keys)) if sh.keys[j].tobytes() in want]
-            removed += len(sh.keys) - len(sel)
+            sel = []
+            for j in reversed(range(len(sh.keys))):  # within a shard, the later row wins
+                k = sh.keys[j].tobytes()
+                if k in seen:
+                    continue
+                seen.add(k)
+                if k in want:
+                    sel.append(j)
+                else:
+                    removed += 1
             if sel:
                 st.put_many([sh.keys[j].tobytes().hex() for j in sel], np.asarray(sh.vec[sel]))
                 kept += len(sel)
