@@ -1,18 +1,23 @@
 """The report of a scoring job: one dataclass whose ``to_dict`` is the JSON that
 ``score --report`` and ``SpeakerSim.score(report=...)`` both write, plus the per-trial arrays
-and notes that callers render (never serialised)."""
+and notes that callers render (never serialised); :func:`job_report` builds it for both
+scoring routes (in memory and streamed)."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..records import Failure, TrialList
+from ..records import EmbedResult, Failure, TrialList
+
+if TYPE_CHECKING:
+    from .score import ScoreJob
 
 # Keys of the report that differ between two runs of the same job: how long it took, and how
 # the run was invoked (the CLI's resolved options). Everything else is equal on equal inputs.
@@ -106,3 +111,73 @@ class ScoreReport:
         """``to_dict`` without the per-run keys, as JSON would give it back."""
         doc = json.loads(json_bytes(self.to_dict()))
         return {k: v for k, v in doc.items() if k not in PER_RUN_KEYS}
+
+
+def job_report(
+    job: ScoreJob,
+    *,
+    trials: dict[str, Any],
+    trial_counts: dict[str, Any],
+    duplicates: int | None,
+    recordings: int,
+    failures: list[Failure],
+    result: EmbedResult,
+    model: dict[str, Any],
+    vectors_info: dict[str, Any],
+    stage_info: dict[str, Any],
+    metrics: Any,
+    t0: float,
+    load_s: float,
+    **rest: Any,
+) -> ScoreReport:
+    """The report of ``job`` (both scoring routes): ``trial_counts`` are the trial list's
+    counts (trials .. nontargets), then the recordings', the engine's and the run's blocks;
+    ``rest`` are further :class:`ScoreReport` fields (sim, mvector, notes, scores, ...)."""
+    from ..engine.config import EngineStats
+
+    ex, out, scale = job.extractor, job.outputs, job.scoring.score_scale
+    counts = {
+        **trial_counts,
+        "recordings": recordings,
+        "failed_recordings": len(failures),
+        "embedded": result.embedded,
+        "from_cache": result.cached,
+        "duplicate_trials": duplicates,
+    }
+    st = ex.stats if ex is not None else EngineStats()
+    timing = {
+        "total_s": round(time.perf_counter() - t0, 3),
+        "model_load_s": round(load_s + (ex.load_seconds if ex is not None else 0.0), 3),
+        "embed_s": round(result.seconds, 3),
+        "audio_s": round(st.audio_seconds, 3),
+        "x_realtime": round(st.audio_seconds / result.seconds, 1)
+        if result.seconds > 0 and st.audio_seconds
+        else None,
+    }
+    rest.setdefault("sim", None)
+    rest.setdefault("mvector", None)
+    return ScoreReport(
+        trials=trials,
+        metrics=metrics,
+        counts=counts,
+        model=model,
+        engine=ex.engine_report() if ex is not None else {},
+        extraction={
+            "chunked_recordings": st.chunked,
+            "padding_overhead": round(st.padded_frames / st.frames - 1, 4) if st.frames else 0.0,
+        },
+        failures=failures,
+        scoring={
+            "method": "cosine",
+            **vectors_info,
+            **stage_info,
+            **({"score_scale": scale} if scale else {}),
+        },
+        timing=timing,
+        scores_to=str(out.out) if out.out else ("stdout" if out.stdout else "none"),
+        score_format=out.fmt,
+        invocation=out.invocation,
+        stopped=failures[0] if job.scoring.on_error == "fail" and failures else None,
+        extractor=ex,
+        **rest,
+    )

@@ -15,7 +15,6 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..engine.config import EngineStats
 from ..errors import UsageError
 from ..io.storage import is_url
 from ..io.trials import source_folder
@@ -23,7 +22,7 @@ from ..pipeline import EmbeddingSource, Extractor
 from ..records import Recording, TrialList
 from .events import Progress, ProgressFn, embed_callbacks
 from .items import Embedded, ScoringOptions, embed_items
-from .report import ScoreReport, write_json
+from .report import ScoreReport, job_report, write_json
 from .setup import ModelSource, Outputs, ScoringSetup, TrialSource, keys_as_paths, scoring_options
 from .stage import ScoreWriter, ScoringStage, StageResult, score_stage
 
@@ -174,7 +173,7 @@ class ScoreJob:
         t0: float,
         load_s: float,
     ) -> ScoreReport:
-        res, ex, labels = emb.result, self.extractor, tl.labels
+        labels = tl.labels
         notes: list[str] = []
         metrics, mv = self._metrics(tl, stage, notes)
         sim = None
@@ -182,61 +181,31 @@ class ScoreJob:
             from ..io.pairs import sim_summary
 
             sim = sim_summary(tl, stage.scores, {f.key: f.reason for f in emb.failures})
-        counts = {
-            "trials": len(tl),
-            "scored": int(stage.ok.sum()),
-            "failed": int((~stage.ok).sum()),
-            "written": stage.written,
-            "targets": int(labels.sum()) if labels is not None else None,
-            "nontargets": int(len(labels) - labels.sum()) if labels is not None else None,
-            "recordings": emb.recordings,
-            "failed_recordings": len(emb.failures),
-            "embedded": res.embedded,
-            "from_cache": res.cached,
-            "duplicate_trials": len(tl) - len(set(zip(tl.enroll, tl.test))),
-        }
-        st = ex.stats if ex is not None else EngineStats()
-        timing = {
-            "total_s": round(time.perf_counter() - t0, 3),
-            "model_load_s": round(load_s + (ex.load_seconds if ex is not None else 0.0), 3),
-            "embed_s": round(res.seconds, 3),
-            "audio_s": round(st.audio_seconds, 3),
-            "x_realtime": round(st.audio_seconds / res.seconds, 1)
-            if res.seconds > 0 and st.audio_seconds
-            else None,
-        }
-        scale = self.scoring.score_scale
-        out = self.outputs
-        stopped = emb.failures[0] if self.scoring.on_error == "fail" and emb.failures else None
-        return ScoreReport(
+        return job_report(
+            self,
             trials=tl.describe(),
-            metrics=metrics,
-            counts=counts,
-            model=source.describe(),
-            engine=ex.engine_report() if ex is not None else {},
-            extraction={
-                "chunked_recordings": st.chunked,
-                "padding_overhead": round(st.padded_frames / st.frames - 1, 4)
-                if st.frames
-                else 0.0,
+            trial_counts={
+                "trials": len(tl),
+                "scored": int(stage.ok.sum()),
+                "failed": int((~stage.ok).sum()),
+                "written": stage.written,
+                "targets": int(labels.sum()) if labels is not None else None,
+                "nontargets": int(len(labels) - labels.sum()) if labels is not None else None,
             },
+            duplicates=len(tl) - len(set(zip(tl.enroll, tl.test))),
+            recordings=emb.recordings,
             failures=emb.failures,
+            result=emb.result,
+            model=source.describe(),
+            vectors_info=emb.vectors.info,
+            stage_info=stage.info,
+            metrics=metrics,
+            t0=t0,
+            load_s=load_s,
             sim=sim,
             mvector=mv,
-            scoring={
-                "method": "cosine",
-                **emb.vectors.info,
-                **stage.info,
-                **({"score_scale": scale} if scale else {}),
-            },
-            timing=timing,
-            scores_to=str(out.out) if out.out else ("stdout" if out.stdout else "none"),
-            score_format=out.fmt,
-            invocation=out.invocation,
             trial_list=tl,
             scores=stage.scores,
             errors=stage.errors,
             notes=notes,
-            stopped=stopped,
-            extractor=ex,
         )

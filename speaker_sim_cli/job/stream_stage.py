@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from ..engine.config import EngineStats
 from ..errors import UsageError
 from ..io.trial_stream import KeyTable, ListSummary, TrialStream, regroup, scan
 from ..records import EmbedResult, Failure
@@ -24,7 +23,7 @@ from ..scoring.sorted_metrics import ScoreCollector
 from ..scoring.stream import CohortNorm, StreamStats, VectorTable, score_chunks
 from .events import Progress, ProgressFn, embed_callbacks
 from .items import ScoringOptions, embed_items
-from .report import ScoreReport
+from .report import ScoreReport, job_report
 from .setup import keys_as_paths, scoring_options
 
 if TYPE_CHECKING:
@@ -286,7 +285,7 @@ def _report(
     job: ScoreJob, s: ListSummary, lk: _Lookup, st: StreamStats, stage_info: dict[str, Any],
     dup: int | None, t0: float, load_s: float,
 ) -> ScoreReport:  # fmt: skip
-    sc, out = job.scoring, job.outputs
+    sc = job.scoring
     notes: list[str] = []
     metrics = None
     if st.labelled:
@@ -296,58 +295,28 @@ def _report(
             notes.append(f"no metrics: {exc}")
     if dup is None:
         notes.append(f"duplicate trials not counted above {DUPLICATES_LIMIT:,} trials")
-    ex = job.extractor
-    res = lk.result
-    counts = {
-        "trials": st.trials,
-        "scored": st.scored,
-        "failed": st.failed,
-        "written": st.written,
-        "targets": s.targets,
-        "nontargets": s.trials - s.targets if s.targets is not None else None,
-        "recordings": lk.recordings,
-        "failed_recordings": len(lk.failures),
-        "embedded": res.embedded,
-        "from_cache": res.cached,
-        "duplicate_trials": dup,
-    }
-    est = ex.stats if ex is not None else EngineStats()
-    timing = {
-        "total_s": round(time.perf_counter() - t0, 3),
-        "model_load_s": round(load_s + (ex.load_seconds if ex is not None else 0.0), 3),
-        "embed_s": round(res.seconds, 3),
-        "audio_s": round(est.audio_seconds, 3),
-        "x_realtime": round(est.audio_seconds / res.seconds, 1)
-        if res.seconds > 0 and est.audio_seconds
-        else None,
-    }
-    stopped = lk.failures[0] if sc.on_error == "fail" and lk.failures else None
-    return ScoreReport(
+    return job_report(
+        job,
         trials=s.describe(),
-        metrics=metrics,
-        counts=counts,
-        model=lk.source.describe(),
-        engine=ex.engine_report() if ex is not None else {},
-        extraction={
-            "chunked_recordings": est.chunked,
-            "padding_overhead": round(est.padded_frames / est.frames - 1, 4) if est.frames else 0.0,
+        trial_counts={
+            "trials": st.trials,
+            "scored": st.scored,
+            "failed": st.failed,
+            "written": st.written,
+            "targets": s.targets,
+            "nontargets": s.trials - s.targets if s.targets is not None else None,
         },
+        duplicates=dup,
+        recordings=lk.recordings,
         failures=lk.failures,
-        sim=None,
-        mvector=None,
-        scoring={
-            "method": "cosine",
-            **lk.info,
-            **stage_info,
-            **({"score_scale": sc.score_scale} if sc.score_scale else {}),
-        },
-        timing=timing,
-        scores_to=str(out.out) if out.out else ("stdout" if out.stdout else "none"),
-        score_format=out.fmt,
-        invocation=out.invocation,
+        result=lk.result,
+        model=lk.source.describe(),
+        vectors_info=lk.info,
+        stage_info=stage_info,
+        metrics=metrics,
+        t0=t0,
+        load_s=load_s,
         notes=notes,
-        stopped=stopped,
-        extractor=ex,
     )
 
 
