@@ -17,7 +17,7 @@ import pyarrow.csv as pacsv
 from ..errors import UsageError
 from . import scorefiles as S
 from . import trials as T
-from .trial_stream import _label_codes, _longest, _plain
+from .trial_stream import _label_codes, _longest, _plain, first_line, line_blocks
 
 BLOCK_BYTES = 32 << 20
 # Scores the Arrow cast reads exactly as Python's float() (both correctly rounded); others
@@ -55,42 +55,14 @@ def _first_line(p: Path) -> tuple[int, str] | None:
         raise UsageError(f"{p}: file not found")
     if p.is_dir():
         raise UsageError(f"{p}: is a directory, expected a file")
-    with open(p, "rb") as f:
-        data = f.read(1 << 20)
-    cut = data.rfind(b"\n")
-    if cut >= 0 and len(data) == 1 << 20:
-        data = data[: cut + 1]
-    text = T.decode_text(p, data)
-    return next(((i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()), None)
-
-
-def _blocks(p: Path) -> Iterator[bytes]:
-    rest = b""
-    first = True
-    with open(p, "rb") as f:
-        while True:
-            data = f.read(BLOCK_BYTES)
-            buf = rest + data
-            if first and buf.startswith(b"\xef\xbb\xbf"):
-                buf = buf[3:]
-            first = False
-            if not data:
-                if buf:
-                    yield buf
-                return
-            cut = buf.rfind(b"\n")
-            if cut < 0:
-                rest = buf
-                continue
-            yield buf[: cut + 1]
-            rest = buf[cut + 1 :]
+    return first_line(p)
 
 
 def _csv_chunks(
     p: Path, c: S.CsvScoreColumns, header_line: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     line = 1
-    for block in _blocks(p):
+    for block in line_blocks(p, BLOCK_BYTES):
         plain = _plain(block, b",", quotes=True)
         got = None
         if plain:

@@ -57,6 +57,41 @@ def _columns(tab: pa.Table, lines: int, key_cols: list[int]) -> list[pa.Array] |
     return cols
 
 
+def first_line(path: Path) -> tuple[int, str] | None:
+    """``(line number, text)`` of the first non-blank line in the first MiB, else None."""
+    with open(path, "rb") as f:
+        data = f.read(1 << 20)
+    cut = data.rfind(b"\n")
+    if cut >= 0 and len(data) == 1 << 20:
+        data = data[: cut + 1]
+    text = T.decode_text(path, data)
+    return next(((i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()), None)
+
+
+def line_blocks(path: Path, block_bytes: int) -> Iterator[bytes]:
+    """Consecutive whole lines of ``path`` read ``block_bytes`` at a time (the last one may
+    lack its newline); no BOM."""
+    rest = b""
+    first = True
+    with open(path, "rb") as f:
+        while True:
+            data = f.read(block_bytes)
+            buf = rest + data
+            if first and buf.startswith(b"\xef\xbb\xbf"):
+                buf = buf[3:]
+            first = False
+            if not data:
+                if buf:
+                    yield buf
+                return
+            cut = buf.rfind(b"\n")
+            if cut < 0:
+                rest = buf
+                continue
+            yield buf[: cut + 1]
+            rest = buf[cut + 1 :]
+
+
 @dataclass
 class TrialChunk:
     """Consecutive trials: keys as Arrow strings, labels int8 (or None), and where they are."""
@@ -158,37 +193,10 @@ class TrialStream:
             self.first_entry = head[0]  # given to the line reader with every later block
 
     def _first_lines(self) -> list[tuple[int, str]]:
-        with open(self.path, "rb") as f:
-            data = f.read(1 << 20)
-        cut = data.rfind(b"\n")
-        if cut >= 0 and len(data) == 1 << 20:
-            data = data[: cut + 1]
-        text = T.decode_text(self.path, data)
-        return [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip()][:1]
+        first = first_line(self.path)
+        return [first] if first is not None else []
 
     # -- text ----------------------------------------------------------------------------------
-
-    def _blocks(self) -> Iterator[bytes]:
-        """Consecutive whole lines (the last one may lack its newline); no BOM."""
-        rest = b""
-        first = True
-        with open(self.path, "rb") as f:
-            while True:
-                data = f.read(self.block_bytes)
-                buf = rest + data
-                if first and buf.startswith(b"\xef\xbb\xbf"):
-                    buf = buf[3:]
-                first = False
-                if not data:
-                    if buf:
-                        yield buf
-                    return
-                cut = buf.rfind(b"\n")
-                if cut < 0:
-                    rest = buf
-                    continue
-                yield buf[: cut + 1]
-                rest = buf[cut + 1 :]
 
     def __iter__(self) -> Iterator[TrialChunk]:
         if self.format == "parquet":
@@ -197,7 +205,7 @@ class TrialStream:
             yield from parquet_chunks(self.path, self._pq_cols)
             return
         line = 1
-        for block in self._blocks():
+        for block in line_blocks(self.path, self.block_bytes):
             if self.delim is None:
                 plain = _plain(block, b"", quotes=False)
             else:
