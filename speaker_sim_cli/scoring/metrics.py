@@ -282,6 +282,16 @@ def error_rates_at(scores: ArrayLike, labels: ArrayLike, threshold: float) -> tu
     return _far_frr(s, is_target, threshold)
 
 
+def _actual_dcf(
+    ps: Iterable[float], c_miss: float, c_fa: float, far: float, frr: float
+) -> dict[float, float]:
+    """The normalised DCF at a fixed threshold's ``far`` / ``frr``, per target prior."""
+    return {
+        p: (c_miss * p * frr + c_fa * (1.0 - p) * far) / min(c_miss * p, c_fa * (1.0 - p))
+        for p in ps
+    }
+
+
 def _far_frr(
     s: npt.NDArray[np.floating[Any]], is_target: npt.NDArray[np.bool_], threshold: float
 ) -> tuple[float, float]:
@@ -418,10 +428,7 @@ def evaluate(
     actual: dict[float, float] | None = None
     if threshold is not None:
         far, frr = _far_frr(s, is_target, float(threshold))
-        actual = {
-            p: (c_miss * p * frr + c_fa * (1.0 - p) * far) / min(c_miss * p, c_fa * (1.0 - p))
-            for p in ps
-        }
+        actual = _actual_dcf(ps, c_miss, c_fa, far, frr)
     return Metrics(
         eer=eer,
         eer_threshold=_thresholds_at(c, k_eer),

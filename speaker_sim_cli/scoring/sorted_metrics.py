@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from .metrics import Metrics, _check_dcf_params, evaluate
+from .metrics import Metrics, _actual_dcf, _check_dcf_params, evaluate
 
 # Up to this many trials the streamed scorer calls evaluate itself (about 40 bytes a trial);
 # past it, the sorted twin below (the scores' own 8 bytes a trial).
@@ -160,10 +160,7 @@ def evaluate_sorted(
         tgt_acc = n_t - int(np.searchsorted(T, threshold, side="right"))
         non_acc = n_n - int(np.searchsorted(N, threshold, side="right"))
         far, frr = non_acc / n_n, (n_t - tgt_acc) / n_t
-        actual = {
-            p: (c_miss * p * frr + c_fa * (1.0 - p) * far) / min(c_miss * p, c_fa * (1.0 - p))
-            for p in ps
-        }
+        actual = _actual_dcf(ps, c_miss, c_fa, far, frr)
     return Metrics(
         eer=eer,
         eer_threshold=eer_thr,
