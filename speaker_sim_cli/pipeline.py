@@ -24,14 +24,13 @@ from .models.registry import ModelSpec, resolve_model
 from .models.weights import Found, checkpoint_hash, load_spec_checkpoint, resolve_checkpoint
 from .paths import default_cache_dir, map_in_threads
 from .records import EmbedResult
-from .scoring.cosine import cosine_pairs, index_pairs, l2_normalize, trial_errors
+from .scoring.cosine import cosine_pairs, l2_normalize, trial_errors
 
 # The cosine helpers' old home (scoring/cosine.py now): kept importable from here.
 __all__ = [
     "EmbeddingSource",
     "Extractor",
     "cosine_pairs",
-    "index_pairs",
     "l2_normalize",
     "trial_errors",
 ]

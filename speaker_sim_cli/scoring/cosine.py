@@ -26,17 +26,6 @@ def cosine_pairs(emb: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 204
     return out
 
 
-def index_pairs(
-    keys: Sequence[str], enroll: Sequence[str], test: Sequence[str]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Row in ``keys`` of each trial's two sides (-1 when absent), and where both exist."""
-    index = {k: i for i, k in enumerate(keys)}
-    n = len(enroll)
-    a = np.fromiter((index.get(x, -1) for x in enroll), dtype=np.int64, count=n)
-    b = np.fromiter((index.get(x, -1) for x in test), dtype=np.int64, count=n)
-    return a, b, (a >= 0) & (b >= 0)
-
-
 def trial_errors(
     enroll: Sequence[str], test: Sequence[str], ok: np.ndarray, reason: dict[str, str]
 ) -> list[str | None]:

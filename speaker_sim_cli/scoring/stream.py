@@ -38,7 +38,7 @@ class VectorTable:
         return len(self.vectors)
 
     def unit_rows(self, idx: np.ndarray) -> np.ndarray:
-        """Rows ``idx`` scaled to unit length, float64: what pipeline.l2_normalize gives."""
+        """Rows ``idx`` scaled to unit length, float64: what scoring.cosine.l2_normalize gives."""
         return self.vectors[idx].astype(np.float64) / self.norms[idx, None]
 
 
