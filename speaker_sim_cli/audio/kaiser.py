@@ -126,6 +126,16 @@ def _resample_taps(x: np.ndarray, ratio: float, n_out: int) -> np.ndarray:
     return y
 
 
+def resampler_input(x: np.ndarray, sr_orig: int, sr_new: int) -> np.ndarray:
+    """``x`` as a 1-D float32 array, after checking it and the two rates (both resamplers)."""
+    if sr_orig <= 0 or sr_new <= 0:
+        raise ValueError(f"sample rates must be positive, got {sr_orig} -> {sr_new}")
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 1:
+        raise ValueError(f"expected a 1-D signal, got shape {x.shape}")
+    return x
+
+
 def kaiser_best_resample(x: np.ndarray, sr_orig: int, sr_new: int) -> np.ndarray:
     """Resample a 1-D float32 signal from ``sr_orig`` to ``sr_new`` Hz (``int(N * sr_new /
     sr_orig)`` samples out), as ``resampy.resample(x, sr_orig, sr_new, filter='kaiser_best')``.
@@ -138,11 +148,7 @@ def kaiser_best_resample(x: np.ndarray, sr_orig: int, sr_new: int) -> np.ndarray
     >>> float(np.abs(y[100:-100] - ref[100:-100]).max()) < 1e-3
     True
     """
-    if sr_orig <= 0 or sr_new <= 0:
-        raise ValueError(f"sample rates must be positive, got {sr_orig} -> {sr_new}")
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 1:
-        raise ValueError(f"expected a 1-D signal, got shape {x.shape}")
+    x = resampler_input(x, sr_orig, sr_new)
     if sr_orig == sr_new:
         return x.copy()
     ratio = float(sr_new) / sr_orig

@@ -24,6 +24,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .kaiser import resampler_input
+
 __all__ = ["sinc_hann_kernel", "sinc_hann_resample"]
 
 WIDTH = 6
@@ -67,11 +69,7 @@ def sinc_hann_resample(
     >>> float(np.abs(y[100:-100] - ref[100:-100]).max()) < 1e-3
     True
     """
-    if sr_orig <= 0 or sr_new <= 0:
-        raise ValueError(f"sample rates must be positive, got {sr_orig} -> {sr_new}")
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 1:
-        raise ValueError(f"expected a 1-D signal, got shape {x.shape}")
+    x = resampler_input(x, sr_orig, sr_new)
     if sr_orig == sr_new:
         return x.copy()
     g = math.gcd(int(sr_orig), int(sr_new))
