@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -52,9 +53,13 @@ class ItemVectors:
     cohort: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
+    @cached_property
+    def _index(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
     def rows(self, items: Sequence[str]) -> np.ndarray:
         """Row of each item (int64; -1 where it has no vector)."""
-        index = {k: i for i, k in enumerate(self.keys)}
+        index = self._index  # built once: the stage looks up the enrolment and test sides
         return np.fromiter((index.get(x, -1) for x in items), dtype=np.int64, count=len(items))
 
 
