@@ -200,11 +200,14 @@ def test_unwritable_cache_warns_and_still_scores(runner, shared, real_ckpt, tmp_
 
 def test_internal_errors_are_one_line_and_debug_shows_traceback(runner, tmp_path, monkeypatch):
     import speaker_sim_cli.io.trials as trials_mod
+    import speaker_sim_cli.job.stream_stage as stream_mod
 
-    def boom(path):
+    def boom(*_: object) -> None:
         raise KeyError("bug")
 
+    # A bug in reading the list, on either route (whole list, or the streamed first pass).
     monkeypatch.setattr(trials_mod, "read_trials", boom)
+    monkeypatch.setattr(stream_mod, "scan", boom)
     t = tmp_path / "t.csv"
     t.write_text("enrollment,test\na,b\n")
     res = runner.invoke(app, ["score", str(t)])

@@ -324,7 +324,11 @@ def test_a_killed_actor_costs_nothing(cluster, local, shared, tmp_path):
     assert res.exit_code == 0, res.output
     assert _close(_scores(tmp_path / "s.csv"), ref) <= 1e-5
     rep = json.loads((tmp_path / "r.json").read_text())
-    assert rep["counts"]["embedded"] == SUBSET and rep["counts"]["failed_recordings"] == 0
+    counts = rep["counts"]
+    # The killed actor may have committed its unit to the store before Ray got its answer: the
+    # retried unit then finds that row there (from_cache), as in the node-loss test.
+    assert counts["embedded"] + counts["from_cache"] == SUBSET and counts["from_cache"] <= 2
+    assert counts["failed_recordings"] == 0
     entries = store_entries(cache)  # each row whole, copies of a retried unit's key equal
     assert len(entries) == SUBSET  # one entry (distinct key) per recording
     assert all(v.shape == (192,) for v in entries.values())
