@@ -88,15 +88,17 @@ class Int8Prescan:
             out = torch.ops.quantized.linear_dynamic(torch.from_numpy(q), self._packed, True)
         return np.asarray(out.numpy())
 
-    def top_k(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Like ``exact_top_k`` (same rows, same order); ``None`` where too many rows would
-        need a re-rank (the caller then scans exactly)."""
+    def top_k(
+        self, queries: np.ndarray, k: int, max_share: float = MAX_CANDIDATE_SHARE
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Like ``exact_top_k`` (same rows, same order); ``None`` where a query leaves more
+        than ``max_share`` of the rows to re-rank (the caller then scans exactly)."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         b, s = len(q), len(self.matrix)
         k = min(int(k), s)
         if k < 1 or b == 0:
             return np.zeros((b, 0), np.int64), np.zeros((b, 0), np.float32)
-        limit = max(4 * k, int(MAX_CANDIDATE_SHARE * s))
+        limit = max(4 * k, int(max_share * s))
         best_i = np.empty((b, k), np.int64)
         best_s = np.empty((b, k), np.float32)
         bounds = self.bound(q)
