@@ -8,8 +8,9 @@ Each phase runs in its own process, so its peak RSS (VmHWM) is its own:
 
 - enrol: the library file from nothing, in transactions of 100k speakers (one recording each);
   wall time, file size.
-- exact: open + load the voiceprint matrix (load time), then identify top-5 by exact cosine:
-  one query at a time (p50 / p99 of 200) and batches of 1,000 queries (best and median of 3).
+- exact: open + load the voiceprint matrix (load time), the first query (it makes the int8
+  copy of the pre-scan), then identify top-5 by exact cosine: one query at a time (p50 / p99
+  of 200) and batches of 1,000 queries (best and median of 3).
 - one_core: one thread (torch, BLAS, OpenMP): 300 identify-like and 300 random queries, one at
   a time, each searched by the default exact search (int8 pre-scan + exact re-rank, see
   speaker_sim_cli/voiceprints/prescan.py) and by the plain float32 scan, interleaved: top-5

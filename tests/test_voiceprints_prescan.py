@@ -100,6 +100,7 @@ def test_library_search_uses_prescan_and_tracks_changes(tmp_path, monkeypatch):
     ]
     with Voiceprints.for_vectors(tmp_path / "lib.db", info) as vp:
         vp.enroll_vectors(items)
+        assert vp.load(prescan=True) == 400 and vp._prescan is not None
         q = rng.standard_normal((3, 32)).astype(np.float32)
         names, idx, sc = vp.search(q, 5)
         assert vp._prescan is not None

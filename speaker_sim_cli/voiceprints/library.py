@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import UsageError
-from . import prescan
+from . import prescan as _prescan_mod
 from .search import AnnIndex, exact_top_k, unit_rows
 from .store import (
     AddReport,
@@ -141,7 +141,7 @@ class Voiceprints:
         self._loaded: tuple[int, list[str], np.ndarray] | None = None
         self._ann: AnnIndex | None = None
         self._ann_gen = -1
-        self._prescan: prescan.Int8Prescan | None = None
+        self._prescan: _prescan_mod.Int8Prescan | None = None
         self._prescan_gen = -1
 
     @classmethod
@@ -279,9 +279,13 @@ class Voiceprints:
             self._loaded = self.store.load()
         return self._loaded
 
-    def load(self) -> int:
-        """Load (or refresh) the voiceprint matrix now; returns the speaker count."""
-        return len(self._matrix()[1])
+    def load(self, prescan: bool = False) -> int:
+        """Load (or refresh) the voiceprint matrix now; returns the speaker count. ``prescan``:
+        also make the int8 copy single queries use (a server, before its first request)."""
+        gen, names, mat = self._matrix()
+        if prescan and len(names) >= PRESCAN_MIN_ROWS and _prescan_mod.available():
+            self._prescan_for(gen, mat)
+        return len(names)
 
     def build_ann(self, nlist: int | None = None, nprobe: int = 128, save: bool = True) -> AnnIndex:
         """Build the optional ANN index (faiss-cpu) and keep it in the library file."""
@@ -302,12 +306,12 @@ class Voiceprints:
         assert self._ann is not None
         return self._ann
 
-    def _prescan_for(self, gen: int, mat: np.ndarray) -> prescan.Int8Prescan | None:
+    def _prescan_for(self, gen: int, mat: np.ndarray) -> _prescan_mod.Int8Prescan | None:
         """The int8 copy for this generation, made on first use (~8 s at 1 M speakers);
         ``None`` (float32 scan) where this torch cannot make it."""
         if self._prescan_gen != gen:
             try:
-                self._prescan = prescan.Int8Prescan(mat)
+                self._prescan = _prescan_mod.Int8Prescan(mat)
             except (RuntimeError, AttributeError):  # a torch without the quantised kernel
                 self._prescan = None
             self._prescan_gen = gen
@@ -339,7 +343,7 @@ class Voiceprints:
             not plain_scan
             and len(names) >= PRESCAN_MIN_ROWS
             and len(q) <= PRESCAN_MAX_QUERIES
-            and prescan.available()
+            and _prescan_mod.available()
         ):
             pre = self._prescan_for(gen, mat)
             got = pre.top_k(q, top_k) if pre is not None else None
