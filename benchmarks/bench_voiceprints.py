@@ -8,8 +8,14 @@ Each phase runs in its own process, so its peak RSS (VmHWM) is its own:
 
 - enrol: the library file from nothing, in transactions of 100k speakers (one recording each);
   wall time, file size.
-- exact: open + load the voiceprint matrix (load time), then identify top-5 by exact cosine:
-  one query at a time (p50 / p99 of 200) and batches of 1,000 queries (best and median of 3).
+- exact: open + load the voiceprint matrix (load time), the first query (it makes the int8
+  copy of the pre-scan), then identify top-5 by exact cosine: one query at a time (p50 / p99
+  of 200) and batches of 1,000 queries (best and median of 3).
+- one_core: one thread (torch, BLAS, OpenMP): 300 identify-like and 300 random queries, one at
+  a time, each searched by the default exact search (int8 pre-scan + exact re-rank, see
+  speaker_sim_cli/voiceprints/prescan.py) and by the plain float32 scan, interleaved: top-5
+  agreement, largest score difference, p50 / p99 of both, rows re-ranked, time to make the
+  int8 copy.
 - ann: build the faiss IVF index and store it in the library (build time, file growth); in a
   fresh process load it, and for each ``--nprobe`` (lists searched) time one query and batches
   of 1,000 and measure recall@5 and top-1 agreement against exact search, for identify-like
@@ -139,10 +145,57 @@ def phase_exact(db: Path, s: int, dim: int) -> dict[str, Any]:
     assert n == s, (n, s)
     q, rows, _ = queries(3000, s, dim, 1)
     out: dict[str, Any] = {"load_s": load, "load_cpu_s": load_cpu}
+    t0 = time.perf_counter()
+    vp.search(q[:1], 5)  # the first single query also makes the int8 copy (prescan.py)
+    out["first_query_s"] = time.perf_counter() - t0
     out.update(_latency(lambda x: vp.search(x, 5), q[:200]))
     out.update(_batches(lambda x: vp.search(x, 5), q))
     _, idx, _ = vp.search(q[:1000], 5)
     out["top1_is_true_row"] = float((idx[:, 0] == rows[:1000]).mean())
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def phase_one_core(db: Path, s: int, dim: int) -> dict[str, Any]:
+    """One query at a time on one core: the int8 pre-scan + exact re-rank (the default) against
+    the plain float32 scan, interleaved query by query in this process; top-5 must agree."""
+    import torch
+
+    torch.set_num_threads(1)
+    vp = Voiceprints.for_vectors(db)
+    assert vp.load() == s
+    t0 = time.perf_counter()
+    vp.search(np.ones((1, dim), np.float32), 5)  # makes the int8 copy
+    out: dict[str, Any] = {"int8_copy_s": time.perf_counter() - t0}
+    like, _, rnd = queries(300, s, dim, 2)
+    for name, qs in (("identify_like", like), ("random", rnd)):
+        t_pre, t_plain, agree, dmax, rerank = [], [], 0, 0.0, []
+        for q in qs:
+            t0 = time.perf_counter()
+            _, pi, ps = vp.search(q[None], 5)
+            t_pre.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            _, ei, es = vp.search(q[None], 5, plain_scan=True)
+            t_plain.append(time.perf_counter() - t0)
+            agree += bool((pi == ei).all())
+            dmax = max(dmax, float(np.abs(ps - es).max()))
+        pre = vp._prescan
+        assert pre is not None
+        for q in qs[:20]:  # rows the bound leaves to re-rank
+            row = pre.scores(q[None])[0]
+            kth = np.partition(row, s - 5)[s - 5]
+            rerank.append(int((row >= kth - 2 * pre.bound(q[None])[0]).sum()))
+        ms = lambda x, p: 1e3 * float(np.percentile(x, p))  # noqa: E731
+        out[name] = {
+            "queries": len(qs),
+            "top5_agree": agree / len(qs),
+            "max_score_diff": dmax,
+            "int8_p50_ms": ms(t_pre, 50),
+            "int8_p99_ms": ms(t_pre, 99),
+            "fp32_p50_ms": ms(t_plain, 50),
+            "fp32_p99_ms": ms(t_plain, 99),
+            "reranked_rows_median": float(np.median(rerank)),
+        }
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -196,6 +249,9 @@ def phase_ann(db: Path, s: int, dim: int, nprobes: list[int]) -> dict[str, Any]:
     return out
 
 
+ONE_CORE = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+
 def child(phase: str, db: Path, s: int, dim: int, nprobe: str = "32") -> dict[str, Any]:
     cmd = [
         sys.executable,
@@ -212,7 +268,8 @@ def child(phase: str, db: Path, s: int, dim: int, nprobe: str = "32") -> dict[st
         nprobe,
     ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {**os.environ, **(ONE_CORE if phase == "one_core" else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"phase {phase} failed ({proc.returncode}):\n{proc.stderr}")
     res = json.loads(proc.stdout.splitlines()[-1])
@@ -242,6 +299,7 @@ def main() -> None:
         fn = {
             "enrol": lambda: phase_enrol(a.db, a.speakers, a.dim),
             "exact": lambda: phase_exact(a.db, a.speakers, a.dim),
+            "one_core": lambda: phase_one_core(a.db, a.speakers, a.dim),
             "ann_build": lambda: phase_ann_build(a.db),
             "ann": lambda: phase_ann(
                 a.db, a.speakers, a.dim, [int(x) for x in a.nprobe.split(",")]
@@ -260,6 +318,7 @@ def main() -> None:
         }
         doc["enrol"] = "reused" if a.reuse else child("enrol", db, a.speakers, a.dim)
         doc["exact"] = child("exact", db, a.speakers, a.dim)
+        doc["one_core"] = child("one_core", db, a.speakers, a.dim)
         if not a.no_ann:
             try:
                 import faiss  # noqa: F401
