@@ -107,8 +107,13 @@ def test_library_search_uses_prescan_and_tracks_changes(tmp_path, monkeypatch):
         _, idx2, sc2 = vp.search(q, 5, plain_scan=True)
         np.testing.assert_array_equal(idx, idx2)
         np.testing.assert_allclose(sc, sc2, atol=1e-6)
+        stale = vp._prescan
         vp.enroll_vectors([Enrolment("new", "hn", "pn", q[1] * 3)])
-        names, idx, sc = vp.search(q, 5)  # a new generation: a new int8 copy
+        names, idx, sc = vp.search(q, 5)  # a new generation: the stale copy is not used
+        assert names[idx[1, 0]] == "new" and sc[1, 0] == pytest.approx(1.0, abs=1e-6)
+        assert vp._prescan is stale  # search never makes a copy (load(prescan=True) does)
+        assert vp.load(prescan=True) == 401 and vp._prescan is not stale
+        names, idx, sc = vp.search(q, 5)  # through the new copy
         assert names[idx[1, 0]] == "new" and sc[1, 0] == pytest.approx(1.0, abs=1e-6)
         answers = vp.identify_vectors(q[1:2], top_k=3, threshold=None)
         assert answers[0].speaker == "new"

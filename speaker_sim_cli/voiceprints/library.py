@@ -307,8 +307,8 @@ class Voiceprints:
         return self._ann
 
     def _prescan_for(self, gen: int, mat: np.ndarray) -> _prescan_mod.Int8Prescan | None:
-        """The int8 copy for this generation, made on first use (~8 s at 1 M speakers);
-        ``None`` (float32 scan) where this torch cannot make it."""
+        """The int8 copy for this generation, made now if it is not (12-17 s at 1 M speakers
+        on one core); ``None`` (float32 scan) where this torch cannot make it."""
         if self._prescan_gen != gen:
             try:
                 self._prescan = _prescan_mod.Int8Prescan(mat)
@@ -328,8 +328,10 @@ class Voiceprints:
         """(names, index (B, k), cosine (B, k)) of the best voiceprints for raw vectors (B, D).
 
         Exact unless ``ann``. A few queries against a large library go through the int8 scan
-        with an exact re-rank (same answer, a quarter of the bytes read; see
-        :mod:`.prescan`); ``plain_scan`` forces the float32 scan.
+        with an exact re-rank (same answer, a quarter of the bytes read; see :mod:`.prescan`)
+        when ``load(prescan=True)`` made its copy for the library as it is now; it is never
+        made here, since making it (~13 s at 1 M speakers) costs more than ~100 float32
+        scans. ``plain_scan`` forces the float32 scan.
         """
         q = unit_rows(vectors)
         if q.shape[1] != self.model.dim:
@@ -339,14 +341,9 @@ class Voiceprints:
             idx, sc = self._ann_for(gen).search(q, top_k)
             return names, idx, sc
         got = None
-        if (
-            not plain_scan
-            and len(names) >= PRESCAN_MIN_ROWS
-            and len(q) <= PRESCAN_MAX_QUERIES
-            and _prescan_mod.available()
-        ):
-            pre = self._prescan_for(gen, mat)
-            got = pre.top_k(q, top_k) if pre is not None else None
+        pre = self._prescan if self._prescan_gen == gen else None  # never made here: see load
+        if pre is not None and not plain_scan and len(q) <= PRESCAN_MAX_QUERIES:
+            got = pre.top_k(q, top_k)
         idx, sc = got if got is not None else exact_top_k(q, mat, top_k)
         return names, idx, sc
 

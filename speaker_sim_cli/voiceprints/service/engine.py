@@ -73,6 +73,8 @@ class LoginEngine:
             self._runners(),
         )  # fmt: skip
         self.ready = False
+        self._stale = threading.Event()  # the library changed since its int8 copy was made
+        self._refresher: threading.Thread | None = None
 
     def _runners(self) -> int:
         """Batches embedded at once: on a CPU, one single-threaded forward per core (up to 4),
@@ -96,11 +98,28 @@ class LoginEngine:
         rng = np.random.default_rng(0)
         self._embed([(rng.standard_normal(self.sample_rate) * 0.05).astype(np.float32)])
         self._snapshot()
+        self.lib.load(prescan=True)  # the int8 copy single queries use (large libraries only)
         self.batcher.start()
         self.ready = True
 
+    def _refresh_prescan(self) -> None:
+        """After a change: remake the int8 copy off the request path (searches use the float32
+        scan meanwhile). One thread does it; changes during a remake cause one more."""
+        self._stale.set()
+        if self._refresher is None:
+            self._refresher = threading.Thread(
+                target=self._refresh_loop, name="speaker-sim-prescan", daemon=True
+            )
+            self._refresher.start()
+
+    def _refresh_loop(self) -> None:
+        while self._stale.wait() and self.ready:
+            self._stale.clear()
+            self.lib.load(prescan=True)
+
     def stop(self) -> None:
         self.ready = False
+        self._stale.set()  # lets the refresher see ready=False and end
         self.batcher.stop()
         self.lib.close()
 
@@ -165,6 +184,7 @@ class LoginEngine:
             data if self.cfg.retain_audio else None,
         )  # fmt: skip
         rep = await asyncio.to_thread(self.lib.store.add, [item])
+        self._refresh_prescan()
         out = await asyncio.to_thread(self.progress, speaker)
         out["added_speech_seconds"] = round(clip.speech_seconds, 2) if rep.added else 0.0
         out["duplicate"] = bool(rep.duplicates)
@@ -214,6 +234,7 @@ class LoginEngine:
             n = self.lib.store.remove(speaker)
         except UsageError:
             raise ServiceError("unknown_speaker", f"no speaker {speaker!r} is enrolled") from None
+        self._refresh_prescan()
         return {"speaker": speaker, "deleted": True, "recordings": n}
 
     def speakers(self) -> list[dict[str, Any]]:
