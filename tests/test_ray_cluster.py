@@ -173,7 +173,9 @@ def test_poison_recording_is_retried_then_fails_alone(cluster, local, shared, tm
     assert counts["embedded"] + counts["from_cache"] == len(used) - 1
     assert counts["from_cache"] <= MAX_CRASHES * rep["ray"]["unit_rows"]
     assert len(store_entries(tmp_path / "cache")) == len(used) - 1  # the poison copy: none
-    assert rep["ray"]["worker_crashes"] == MAX_CRASHES
+    # Its own MAX_CRASHES tries, run alone; plus one when it first died beside other work (its
+    # unit had several recordings, or another unit was queued): those are then retried alone.
+    assert MAX_CRASHES <= rep["ray"]["worker_crashes"] <= MAX_CRASHES + 1
     text = json.dumps(rep)
     assert "poison-crash.wav" in text and "worker process died" in text
     got = _scores(tmp_path / "s.csv")

@@ -35,6 +35,9 @@ class Unit:
     paths: list[str]
     crashes: int = 0
     last: str = ""
+    # Was on an actor that died with more than one unit on it: runs alone from then on (no
+    # other unit queued on its actor), so that a crash it causes is charged to it alone.
+    suspect: bool = False
 
 
 @dataclass
@@ -137,7 +140,11 @@ class ActorPool:
     def _assign(self, source: Iterator[Unit] | None) -> Iterator[Unit] | None:
         for aid, slot in list(self.slots.items()):
             while len(slot.queue) < IN_FLIGHT:
+                if any(self.work[r][1].suspect for r in slot.queue if r in self.work):
+                    break  # a suspect runs alone on its actor
                 if self.retry:
+                    if self.retry[0].suspect and slot.queue:
+                        break
                     unit = self.retry.popleft()
                 elif source is not None:
                     got = next(source, None)
@@ -197,20 +204,26 @@ class ActorPool:
                         if not _actor_gone(other):
                             raise
             lost.append(u)
-        for k, u in enumerate(lost):
-            self.retried_units += 1
-            if k == 0 and not node_lost:
-                self._crashed(u, exc)
-            else:
-                self.retry.appendleft(u)
+        self.retried_units += len(lost)
+        if node_lost:
+            self.retry.extendleft(reversed(lost))
+        elif lost:
+            self._crashed(lost, exc)
 
-    def _crashed(self, unit: Unit, exc: BaseException) -> None:
+    def _crashed(self, lost: list[Unit], exc: BaseException) -> None:
+        """The actor died on its own with ``lost`` on it. One single recording: it is charged
+        the crash. Otherwise which one did it is not known (a finished unit's answer can be
+        lost with the actor): every recording of them is retried alone as a suspect."""
         self.crashes += 1
         why = _first_line(exc)
-        if len(unit.paths) > 1:  # isolate the recording that kills its worker
-            for k, p in enumerate(unit.paths):
-                self.retry.appendleft(Unit(unit.lo + k, [p], 1, why))
+        if len(lost) > 1 or len(lost[0].paths) > 1:
+            for u in reversed(lost):
+                for k in reversed(range(len(u.paths))):
+                    self.retry.appendleft(
+                        Unit(u.lo + k, [u.paths[k]], u.crashes, u.last or why, suspect=True)
+                    )
             return
+        unit = lost[0]
         unit.crashes += 1
         unit.last = why
         if unit.crashes >= MAX_CRASHES:
