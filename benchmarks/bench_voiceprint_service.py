@@ -1,25 +1,36 @@
 """The voiceprint login service under concurrent load, against the offline batched identify.
 
 Usage: ``python benchmarks/bench_voiceprint_service.py [--speakers 100000] [--clients 32]
-[--requests 320] [--max-batch 16] [--batch-wait-ms 10] [--out FILE.json]``
+[--requests 320] [--max-batch 16] [--batch-wait-ms 10] [--library FILE.db]
+[--baseline-tree DIR] [--out FILE.json]``
 
 1. A library: three real VCTK speakers (p225-p227, three recordings each) and ``--speakers``
    random unit voiceprints (synthetic, so identify searches a library of that size).
-2. The service (``speaker-sim voiceprints serve``) in a subprocess on 127.0.0.1; ``--clients``
-   threads send ``--requests`` identify requests of 3 s clips of held-out recordings (p225-p228;
-   p228 is not enrolled: unknown). Reported: errors, wrong answers, requests/s, p50/p99 latency,
-   and the micro-batcher's batch sizes.
-3. Offline: the server stopped, the same clips identified in-process with
-   ``Voiceprints.identify`` (the batched path ``speaker-sim identify`` takes), clips/s.
-   ``ratio`` = service requests/s / offline clips/s (the issue's target: >= 0.7).
+   ``--library``: kept there and reused by later runs (built when missing or of another size).
+2. The clips: 3 s of 20 held-out recordings (p225-p228, five each; p228 is not enrolled:
+   ``unknown``), ``--requests`` files in all, each repetition of a clip a distinct file (one
+   sample moved by one LSB), because the offline path embeds each content once.
+3. The service (``speaker-sim voiceprints serve``) in a subprocess on 127.0.0.1; ``--clients``
+   threads of this process (http.client, one keep-alive connection each, bodies read before
+   the clock starts) send the clips as identify requests, each client its next one as soon as
+   its answer is back. Reported: errors, wrong answers, requests/s, p50/p99 latency, the
+   micro-batcher's batch sizes and where its time went (``/v1/stats``), and the CPU seconds the
+   server, the clients (this process) and everything else on the machine used meanwhile.
+   ``--baseline-tree DIR`` first runs the service from another checkout (e.g. the commit
+   before a change), same library, same clips, same command.
+4. Offline: the same clip files identified in-process with ``Voiceprints.identify`` (the
+   batched path ``speaker-sim identify`` takes: DataLoader decoding, batched forwards, one
+   search), before and after the service runs. ``ratio`` = service requests/s / the mean
+   offline clips/s (the issue's target: >= 0.7).
 
-The machine may be shared: the load average is recorded before and after; compare the ratio,
-not the absolute figures.
+The machine may be shared: the load average and the CPU others used are recorded; compare the
+ratio, not the absolute figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import platform
@@ -28,8 +39,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +52,7 @@ SHARED = Path(os.environ.get("SPEAKER_SIM_SHARED", REPO.parent / "shared"))
 VCTK = SHARED / "audio" / "vctk"
 ADMIN = "bench-admin-key-0123456789"
 CLIENT = "bench-client-key-0123456789"
+TICK = os.sysconf("SC_CLK_TCK")
 
 
 def build_library(db: Path, n_random: int) -> None:
@@ -63,17 +75,46 @@ def build_library(db: Path, n_random: int) -> None:
             )  # fmt: skip
 
 
-def clips(folder: Path) -> list[tuple[str, Path]]:
+def library(args: argparse.Namespace, tmp: Path) -> tuple[Path, float]:
+    """The library to use, and the seconds building it took (0 when reused)."""
+    from speaker_sim_cli.voiceprints.library import Voiceprints
+
+    db = args.library or tmp / "voices.db"
+    if db.exists():
+        with Voiceprints(db, use_cache=False) as lib:
+            if lib.load() == args.speakers + 3:
+                return db, 0.0
+        db.unlink()
+    db.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    build_library(db, args.speakers)
+    return db, time.perf_counter() - t0
+
+
+def clips(folder: Path, n: int) -> tuple[list[tuple[str, Path]], list[Path]]:
+    """``n`` distinct 3 s clip files (expected answer, path), and the 20 source clips."""
     import soundfile as sf
 
-    out = []
+    sources: list[tuple[str, np.ndarray, int]] = []
+    originals = []
     for spk in ("p225", "p226", "p227", "p228"):
-        for n in ("016", "019", "021", "022", "023"):
-            wav, rate = sf.read(VCTK / spk / f"{spk}_{n}.wav", dtype="float32")
-            path = folder / f"{spk}_{n}_3s.wav"
-            sf.write(path, wav[rate // 2 : rate // 2 + 3 * rate], rate, subtype="PCM_16")
-            out.append((spk if spk != "p228" else "unknown", path))
-    return out
+        for num in ("016", "019", "021", "022", "023"):
+            wav, rate = sf.read(VCTK / spk / f"{spk}_{num}.wav", dtype="int16")
+            cut = wav[rate // 2 : rate // 2 + 3 * rate].copy()
+            sources.append((spk if spk != "p228" else "unknown", cut, rate))
+            path = folder / f"{spk}_{num}_3s.wav"
+            sf.write(path, cut, rate, subtype="PCM_16")
+            originals.append(path)
+    out = []
+    for i in range(n):
+        want, cut, rate = sources[i % len(sources)]
+        rep = i // len(sources)
+        wav = cut.copy()
+        wav[rep % len(wav)] ^= 1  # one LSB: new content for the offline engine's dedup
+        path = folder / f"clip{i:05d}.wav"
+        sf.write(path, wav, rate, subtype="PCM_16")
+        out.append((want, path))
+    return out, originals
 
 
 def free_port() -> int:
@@ -82,60 +123,118 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve(db: Path, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import httpx
+def get(port: int, path: str, key: str | None = None, timeout: float = 5.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Authorization": f"Bearer {key}"} if key else {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
 
+
+def serve(
+    db: Path, tree: Path, args: argparse.Namespace, log: Path
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = {**os.environ, "SPEAKER_SIM_ADMIN_KEY": ADMIN, "SPEAKER_SIM_CLIENT_KEY": CLIENT,
-           "PYTHONPATH": str(REPO)}  # fmt: skip
+           "PYTHONPATH": str(tree)}  # fmt: skip
     cmd = [sys.executable, "-m", "speaker_sim_cli.cli.main", "voiceprints", "serve",
            "--library", str(db), "--port", str(port), "--rate-limit", "1000000/min",
            "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
            "--max-inflight", str(max(32, args.clients)), "--quiet"]  # fmt: skip
     with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=tree)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             sys.exit(f"the server exited {proc.returncode}: {log.read_text()[-2000:]}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
+            if get(port, "/readyz", timeout=2)[0] == 200:
+                return proc, port
+        except OSError:
             pass
         time.sleep(0.3)
     proc.kill()
     sys.exit("the server was not ready in 300 s")
 
 
-def load(url: str, work: list[tuple[str, bytes]], args: argparse.Namespace) -> dict[str, Any]:
-    import httpx
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
 
-    jobs = [work[i % len(work)] for i in range(args.requests)]
-    headers = {"Authorization": f"Bearer {CLIENT}", "Content-Type": "audio/wav"}
 
-    def one(job: tuple[str, bytes], client: httpx.Client) -> tuple[bool, bool, float]:
-        t0 = time.perf_counter()
+def machine_cpu() -> float:
+    """CPU seconds the whole machine has been busy (all cores), from /proc/stat."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = v[3] + (v[4] if len(v) > 4 else 0)
+    return (sum(v[:8]) - idle) / TICK
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and of its live descendants (e.g. DataLoader workers)."""
+    total = 0.0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
         try:
-            r = client.post(f"{url}/v1/identify", content=job[1], headers=headers)
-            ok = r.status_code == 200
-            right = ok and r.json()["speaker"] == job[0]
-        except httpx.HTTPError:
-            ok = right = False
-        return ok, right, time.perf_counter() - t0
+            total += proc_cpu(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            pass
+    return total
 
-    clients = [httpx.Client(timeout=600) for _ in range(args.clients)]
-    with ThreadPoolExecutor(args.clients) as pool:  # warm: one request per client
-        list(pool.map(one, jobs[: args.clients], clients))
+
+def run_load(
+    port: int, work: list[tuple[str, bytes]], clients: int, pid: int
+) -> dict[str, Any]:
+    """``clients`` threads, each with one keep-alive connection, send every job once."""
+    headers = {"Authorization": f"Bearer {CLIENT}", "Content-Type": "audio/wav"}
+    lock = threading.Lock()
+    nxt = [0]
+    got: list[tuple[bool, bool, float]] = []
+
+    def client() -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        try:
+            while True:
+                with lock:
+                    i = nxt[0]
+                    nxt[0] += 1
+                if i >= len(work):
+                    return
+                want, body = work[i]
+                t0 = time.perf_counter()
+                try:
+                    conn.request("POST", "/v1/identify", body=body, headers=headers)
+                    r = conn.getresponse()
+                    data = r.read()
+                    ok = r.status == 200
+                    right = ok and json.loads(data)["speaker"] == want
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+                    ok = right = False
+                with lock:
+                    got.append((ok, right, time.perf_counter() - t0))
+        finally:
+            conn.close()
+
+    cpu0, srv0, mach0 = time.process_time(), proc_cpu(pid), machine_cpu()
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(args.clients) as pool:
-        got = list(pool.map(one, jobs, [clients[i % args.clients] for i in range(len(jobs))]))
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     wall = time.perf_counter() - t0
-    stats = httpx.get(f"{url}/v1/stats", headers={"Authorization": f"Bearer {ADMIN}"}).json()
-    for c in clients:
-        c.close()
+    cpu = time.process_time() - cpu0
+    srv = proc_cpu(pid) - srv0
+    mach = machine_cpu() - mach0
     lat = np.array([g[2] for g in got]) * 1000
+    n = max(1, len(got))
     return {
         "requests": len(got),
         "errors": sum(not g[0] for g in got),
@@ -144,22 +243,69 @@ def load(url: str, work: list[tuple[str, bytes]], args: argparse.Namespace) -> d
         "requests_per_s": round(len(got) / wall, 2),
         "p50_ms": round(float(np.percentile(lat, 50)), 1),
         "p99_ms": round(float(np.percentile(lat, 99)), 1),
-        "batching": stats["batching"],
+        "cpu_s": {
+            "server": round(srv, 2),
+            "server_ms_per_request": round(1000 * srv / n, 1),
+            "clients": round(cpu, 2),
+            "clients_ms_per_request": round(1000 * cpu / n, 2),
+            "others": round(max(0.0, mach - srv - cpu), 2),
+            "machine_cores": os.cpu_count(),
+            "machine_busy_share": round(mach / (wall * (os.cpu_count() or 1)), 3),
+        },
     }
 
 
-def offline(db: Path, paths: list[Path], reps: int) -> dict[str, Any]:
+def service(
+    db: Path, tree: Path, work: list[tuple[str, bytes]], args: argparse.Namespace, log: Path
+) -> dict[str, Any]:
+    proc, port = serve(db, tree, args, log)
+    try:
+        warm = [work[i % len(work)] for i in range(args.clients)]
+        run_load(port, warm, args.clients, proc.pid)  # one request per client
+        out = run_load(port, work, args.clients, proc.pid)
+        status, body = get(port, "/v1/stats", ADMIN)
+        out["batching"] = json.loads(body)["batching"] if status == 200 else None
+        out["load_after"] = os.getloadavg()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    # The warm-up's batches are in the server's counters too; they are a small share.
+    return out
+
+
+def offline(db: Path, paths: list[Path], want: list[str], warm: list[Path]) -> dict[str, Any]:
     from speaker_sim_cli.voiceprints.library import Voiceprints
 
+    todo: list[int] = []
     with Voiceprints(db, use_cache=False) as lib:
         lib.load()
-        lib.identify([str(p) for p in paths[:4]], threshold=0.6)  # model load and warm-up
-        work = [str(p) for p in paths] * reps
+        lib.identify([str(p) for p in warm[:4]], threshold=0.6)  # model load and warm-up
+        me, dead = os.getpid(), os.times()
+        cpu0, mach0 = tree_cpu(me), machine_cpu()
         t0 = time.perf_counter()
-        # Each repetition is new content for the engine (no cache): the batched identify path.
-        lib.identify(work, threshold=0.6)
+        res = lib.identify(
+            [str(p) for p in paths], threshold=0.6, on_start=lambda n, _s: todo.append(n)
+        )
         wall = time.perf_counter() - t0
-    return {"clips": len(work), "wall_s": round(wall, 3), "clips_per_s": round(len(work) / wall, 2)}
+        done = os.times()  # + children that ended and were waited for meanwhile
+        cpu = tree_cpu(me) - cpu0 + (done[2] + done[3]) - (dead[2] + dead[3])
+        mach = machine_cpu() - mach0
+    wrong = sum(a.speaker != w for a, w in zip(res.answers, want))
+    return {
+        "clips": len(paths),
+        "embedded": todo[0] if todo else None,
+        "wrong": wrong + len(res.failures),
+        "wall_s": round(wall, 3),
+        "clips_per_s": round(len(paths) / wall, 2),
+        "cpu_s": round(cpu, 2),
+        "cpu_ms_per_clip": round(1000 * cpu / len(paths), 1),
+        "others_cpu_s": round(max(0.0, mach - cpu), 2),
+        "load": os.getloadavg(),
+    }
 
 
 def main() -> None:
@@ -169,6 +315,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=320)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--batch-wait-ms", type=float, default=10.0)
+    ap.add_argument("--library", type=Path, default=None, help="keep (and reuse) it here")
+    ap.add_argument("--baseline-tree", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not VCTK.is_dir():
@@ -176,20 +324,20 @@ def main() -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-vp-service-") as tmp:
         folder = Path(tmp)
-        db = folder / "voices.db"
-        t0 = time.perf_counter()
-        build_library(db, args.speakers)
-        built = time.perf_counter() - t0
-        work = clips(folder)
-        proc, url = serve(db, args, folder / "server.log")
-        try:
-            served = load(url, [(w, p.read_bytes()) for w, p in work], args)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(120)
-        reps = max(1, args.requests // len(work))
-        base = offline(db, [p for _, p in work], reps)
-    result = {
+        db, built = library(args, folder)
+        work, originals = clips(folder, args.requests)
+        bodies = [(w, p.read_bytes()) for w, p in work]
+        paths, want = [p for _, p in work], [w for w, _ in work]
+        base = [offline(db, paths, want, originals)]
+        runs: dict[str, Any] = {}
+        trees = ([("baseline", args.baseline_tree)] if args.baseline_tree else []) + [
+            ("service", REPO)
+        ]
+        for name, tree in trees:
+            runs[name] = service(db, tree.resolve(), bodies, args, folder / f"{name}.log")
+        base.append(offline(db, paths, want, originals))
+    mean_offline = float(np.mean([b["clips_per_s"] for b in base]))
+    result: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
@@ -199,10 +347,14 @@ def main() -> None:
         "library": {"speakers": args.speakers + 3, "build_s": round(built, 1)},
         "clients": args.clients,
         "clip_seconds": 3.0,
-        "service": served,
+        "max_batch": args.max_batch,
+        "batch_wait_ms": args.batch_wait_ms,
         "offline_identify": base,
-        "ratio": round(served["requests_per_s"] / base["clips_per_s"], 3),
+        "offline_clips_per_s": round(mean_offline, 2),
     }
+    for name, r in runs.items():
+        result[name] = r
+        result[f"{name}_ratio"] = round(r["requests_per_s"] / mean_offline, 3)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out is not None:

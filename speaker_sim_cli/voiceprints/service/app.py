@@ -7,6 +7,7 @@ is ``{"error": {"code", "message"}}`` with a stable code (:data:`.errors.CODES`)
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import TYPE_CHECKING, Any
@@ -118,14 +119,21 @@ def create_app(engine: LoginEngine) -> Any:
         clip = await _decode(data)
         return clip, data
 
+    def _decode_timed(data: bytes) -> Clip:
+        t0 = time.perf_counter()
+        try:
+            return decode_upload(
+                data, engine.sample_rate, min_seconds=cfg.min_seconds,
+                max_seconds=cfg.max_seconds, resampler=engine.resampler,
+                loudness_db=engine.loudness_db,
+            )  # fmt: skip
+        finally:
+            engine.batcher.times.add("decode", time.perf_counter() - t0)
+
     async def _decode(data: bytes) -> Clip:
         import asyncio
 
-        return await asyncio.to_thread(
-            decode_upload, data, engine.sample_rate, min_seconds=cfg.min_seconds,
-            max_seconds=cfg.max_seconds, resampler=engine.resampler,
-            loudness_db=engine.loudness_db,
-        )  # fmt: skip
+        return await asyncio.to_thread(_decode_timed, data)
 
     def count(what: str) -> None:
         counts[what] = counts.get(what, 0) + 1
@@ -235,9 +243,11 @@ def create_app(engine: LoginEngine) -> Any:
         k = cfg.top_k if top_k is None else top_k
         if not 1 <= k <= 100:
             raise ServiceError("invalid_request", "top_k must be 1..100")
+        t0 = time.perf_counter()
         with inflight:
             clip, _ = await read_clip(request)
             out = await engine.identify(clip, k)
+        engine.batcher.times.add("identify_request", time.perf_counter() - t0)
         count("identify")
         return out
 

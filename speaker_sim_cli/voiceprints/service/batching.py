@@ -25,6 +25,28 @@ R = TypeVar("R")
 _STOP = object()
 
 
+class StageTimes:
+    """Seconds spent per named stage, and how many times (thread-safe; for ``/v1/stats``)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sum: dict[str, list[float]] = {}
+
+    def add(self, stage: str, seconds: float, count: int = 1) -> None:
+        with self._lock:
+            got = self._sum.setdefault(stage, [0.0, 0])
+            got[0] += seconds
+            got[1] += count
+
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        with self._lock:
+            return {
+                k: {"seconds": round(s, 3), "count": int(n), "mean_ms": round(1000 * s / n, 2)}
+                for k, (s, n) in self._sum.items()
+                if n
+            }
+
+
 class MicroBatcher(Generic[T, R]):
     """``process(items)`` returns one result (or an exception) per item, in order."""
 
@@ -45,6 +67,7 @@ class MicroBatcher(Generic[T, R]):
         self._lock = threading.Lock()
         self.sizes: Counter[int] = Counter()  # batch size -> how many batches
         self.busy_seconds = 0.0
+        self.times = StageTimes()  # queue (per item), gather and process (per batch)
 
     def start(self) -> None:
         while len(self._threads) < self.workers:
@@ -64,7 +87,7 @@ class MicroBatcher(Generic[T, R]):
     async def submit(self, item: T) -> R:
         fut: Future[R] = Future()
         try:
-            self._q.put_nowait((item, fut))
+            self._q.put_nowait((item, fut, time.perf_counter()))
         except queue.Full:
             raise ServiceError(
                 "busy", "the model's queue is full; retry shortly", {"Retry-After": "1"}
@@ -82,10 +105,12 @@ class MicroBatcher(Generic[T, R]):
             "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())},
             "queued": self._q.qsize(),
             "busy_seconds": round(self.busy_seconds, 3),
+            "stages": self.times.as_dict(),
         }
 
     def _gather(self, first: Any) -> tuple[list[Any], bool]:
         batch, stop = [first], False
+        t0 = time.perf_counter()
         deadline = time.monotonic() + self.max_wait
         while len(batch) < self.max_batch:
             left = deadline - time.monotonic()
@@ -98,6 +123,9 @@ class MicroBatcher(Generic[T, R]):
                 stop = True
                 break
             batch.append(job)
+        now = time.perf_counter()
+        self.times.add("gather", now - t0)
+        self.times.add("queue", sum(now - job[2] for job in batch), len(batch))
         return batch, stop
 
     def _run(self) -> None:
@@ -109,13 +137,15 @@ class MicroBatcher(Generic[T, R]):
             batch, stop = self._gather(first)
             t0 = time.perf_counter()
             try:
-                results: Sequence[Any] = self.process([item for item, _ in batch])
+                results: Sequence[Any] = self.process([job[0] for job in batch])
             except BaseException as exc:  # a failure of the whole batch goes to each request
                 results = [exc] * len(batch)
+            took = time.perf_counter() - t0
+            self.times.add("process", took)
             with self._lock:
-                self.busy_seconds += time.perf_counter() - t0
+                self.busy_seconds += took
                 self.sizes[len(batch)] += 1
-            for (_, fut), res in zip(batch, results):
+            for (_, fut, _), res in zip(batch, results):
                 try:
                     if isinstance(res, BaseException):
                         fut.set_exception(res)

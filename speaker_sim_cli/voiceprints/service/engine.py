@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +144,10 @@ class LoginEngine:
             return gen, names, mat, self._index[1], self._index[2]
 
     def _process(self, jobs: list[_Job]) -> list[tuple[np.ndarray, Any]]:
+        t0 = time.perf_counter()
         embs = self._embed([j.wave for j in jobs])
+        t1 = time.perf_counter()
+        self.batcher.times.add("embed", t1 - t0)
         out: list[tuple[np.ndarray, Any]] = [(e, None) for e in embs]
         ask = [i for i, j in enumerate(jobs) if j.search_k]
         if ask:
@@ -154,6 +158,7 @@ class LoginEngine:
                 cands = [(names[a], float(s)) for a, s in zip(ii, ss) if a >= 0]
                 cands = [c for c in cands if c[0] not in incomplete][: jobs[i].search_k]
                 out[i] = (embs[i], cands)
+            self.batcher.times.add("search", time.perf_counter() - t1)
         return out
 
     # -- operations ---------------------------------------------------------------------------
@@ -217,7 +222,9 @@ class LoginEngine:
         best = cands[0] if cands else None
         who = best[0] if best is not None and best[1] >= self.threshold else UNKNOWN
         if who != UNKNOWN:
+            t0 = time.perf_counter()
             await asyncio.to_thread(self.lib.store.touch, [who])
+            self.batcher.times.add("touch", time.perf_counter() - t0)
         return {
             "speaker": who,
             "score": None if best is None else round(best[1], 6),
