@@ -78,7 +78,12 @@ def serve(
     ] = 32,
     max_batch: Annotated[int, typer.Option(min=1, help="Most requests in one forward pass.")] = 16,
     batch_wait_ms: Annotated[
-        float, typer.Option(min=0.0, help="Wait this long for more requests to batch.")
+        float,
+        typer.Option(
+            min=0.0,
+            help="A batch waits this long for one more request "
+            "(each arrival extends it; at most 4x after the first).",
+        ),
     ] = 10.0,
     cors_origin: Annotated[
         list[str] | None,
