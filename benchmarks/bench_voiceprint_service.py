@@ -2,7 +2,7 @@
 
 Usage: ``python benchmarks/bench_voiceprint_service.py [--speakers 100000] [--clients 32]
 [--requests 320] [--max-batch 16] [--batch-wait-ms 10] [--library FILE.db]
-[--baseline-tree DIR] [--out FILE.json]``
+[--baseline-tree DIR [--baseline-last]] [--variant LABEL:VAR=VALUE] [--out FILE.json]``
 
 1. A library: three real VCTK speakers (p225-p227, three recordings each) and ``--speakers``
    random unit voiceprints (synthetic, so identify searches a library of that size).
@@ -17,7 +17,8 @@ Usage: ``python benchmarks/bench_voiceprint_service.py [--speakers 100000] [--cl
    micro-batcher's batch sizes and where its time went (``/v1/stats``), and the CPU seconds the
    server, the clients (this process) and everything else on the machine used meanwhile.
    ``--baseline-tree DIR`` first runs the service from another checkout (e.g. the commit
-   before a change), same library, same clips, same command.
+   before a change), same library, same clips, same command (``--baseline-last``: after);
+   ``--variant LABEL:VAR=VALUE,...`` adds a run of this tree with those environment variables.
 4. Offline: the same clip files identified in-process with ``Voiceprints.identify`` (the
    batched path ``speaker-sim identify`` takes: DataLoader decoding, batched forwards, one
    search), before and after the service runs. ``ratio`` = service requests/s / the mean
@@ -318,6 +319,7 @@ def main() -> None:
     ap.add_argument("--batch-wait-ms", type=float, default=10.0)
     ap.add_argument("--library", type=Path, default=None, help="keep (and reuse) it here")
     ap.add_argument("--baseline-tree", type=Path, default=None)
+    ap.add_argument("--baseline-last", action="store_true", help="run this tree's service first")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--variant", action="append", default=[], help="LABEL:VAR=VALUE[,VAR=VALUE]")
     args = ap.parse_args()
@@ -335,7 +337,7 @@ def main() -> None:
         trees: list[tuple[str, Path, dict[str, str]]] = []
         if args.baseline_tree:
             trees.append(("baseline", args.baseline_tree, {}))
-        trees.append(("service", REPO, {}))
+        trees.insert(0 if args.baseline_last else len(trees), ("service", REPO, {}))
         for v in args.variant:
             label, _, envs = v.partition(":")
             trees.append((label, REPO, dict(e.split("=", 1) for e in envs.split(",") if e)))
