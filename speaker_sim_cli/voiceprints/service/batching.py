@@ -5,8 +5,9 @@ takes the first waiting job and gathers more until ``max_batch``, or until none 
 ``max_wait`` seconds (at most ``STRETCH * max_wait`` after the first), and runs them as one
 batch. ``workers`` threads do this side by side (on a CPU, single-threaded forwards side by side
 beat one forward on every core: engine.embedder's ``cpu_runners``), but gather one at a time,
-so a burst of requests makes one full batch rather than two halves (forwards of 1-4 clips cost
-~25 % more per clip than of 8-16). Stopping finishes every job already queued.
+so a burst of requests makes one full batch rather than two halves (CAM++ forwards of 1-4
+3 s clips on one thread took ~25 % more CPU per clip than of 8-16). Stopping finishes every
+job already queued.
 """
 
 from __future__ import annotations
