@@ -173,10 +173,10 @@ class EmbeddingCache:
         return digest
 
     def file_hashes(self, paths: Sequence[Path | str], threads: int = 8) -> list[str | OSError]:
-        """:meth:`file_hash` of each path, ``threads`` at a time (hashlib, file reads and object
-        fetches release the GIL; ``storage.FETCH_THREADS`` when any is a URL), in input order;
-        a path that cannot be read gives its OSError instead. New hashes are remembered in one
-        transaction."""
+        """:meth:`file_hash` of each path, in input order; a path that cannot be read gives its
+        OSError instead. Files are hashed ``threads`` at a time (hashlib and file reads release
+        the GIL); URLs through :func:`storage.content_sha256_many` (many requests in flight).
+        New hashes are remembered in one transaction."""
 
         def one(p: Path | str) -> str | OSError:
             try:
@@ -184,10 +184,17 @@ class EmbeddingCache:
             except OSError as exc:
                 return exc
 
-        if any(storage.is_url(p) for p in paths):
-            threads = max(threads, storage.FETCH_THREADS)
+        out: list[str | OSError | None] = [None] * len(paths)
+        urls = [i for i, p in enumerate(paths) if storage.is_url(p)]
+        local = [i for i, p in enumerate(paths) if not storage.is_url(p)]
         try:
-            return map_in_threads(one, paths, threads)
+            if urls:  # fetched many at once, their bytes kept for the decode
+                got = storage.content_sha256_many([str(paths[i]) for i in urls], self.memo())
+                for i, d in zip(urls, got):
+                    out[i] = d
+            for i, d in zip(local, map_in_threads(one, [paths[i] for i in local], threads)):
+                out[i] = d
+            return out  # type: ignore[return-value]
         finally:
             if self._memo is not None:
                 self._memo.commit()

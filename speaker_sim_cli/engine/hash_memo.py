@@ -64,6 +64,23 @@ class HashMemo:
                     return str(row[1])
         return self._legacy(key, stamp)
 
+    def known(self, key: str) -> bool:
+        """Whether anything is remembered for ``key`` (whatever its stamp): a URL that is not
+        need not be asked for its ETag before it is fetched and hashed."""
+        with self._lock:
+            conn = self._connect()
+            if conn is not None:
+                try:
+                    row = conn.execute("SELECT 1 FROM memo WHERE key = ?", (key,)).fetchone()
+                except sqlite3.Error:
+                    self._broken, self._conn = True, None
+                    row = None
+                if row is not None:
+                    return True
+        if self.legacy_dir is None:
+            return False
+        return (self.legacy_dir / (hashlib.sha1(key.encode()).hexdigest() + ".txt")).exists()
+
     def _legacy(self, key: str, stamp: str) -> str | None:
         """The ``files/<sha1(key)>.txt`` memo of older versions."""
         if self.legacy_dir is None:

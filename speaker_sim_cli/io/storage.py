@@ -38,8 +38,10 @@ from ..errors import UsageError
 SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "http", "https", "memory")
 ENV = "SPEAKER_SIM_STORAGE_OPTIONS"
 RETRIES = 3
-#: Objects fetched at once by :func:`read_many` (and content hashing of URLs).
+#: Threads of :func:`read_many` for local files and for objects read through fsspec (the
+#: batch path, :mod:`.fetch`, keeps its own number of requests in flight).
 FETCH_THREADS = 16
+_CHUNK = 1024  # objects hashed per batch of fetches (their bodies are held until hashed)
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.S)
 _COLLAPSED = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):/(?!/)(.*)$", re.S)
 T = TypeVar("T")
@@ -209,42 +211,45 @@ def read_bytes(x: str | os.PathLike[str], keep: bool = False) -> bytes:
 
 
 def read_many(
-    items: Sequence[str], threads: int = FETCH_THREADS, keep: bool = False
-) -> list[bytes | OSError]:
-    """:func:`read_bytes` of each item, errors returned in place. URLs of one filesystem are
-    fetched in one asynchronous batch (fsspec ``cat``; fsspec bounds how many are in flight),
-    local files ``threads`` at a time; a transient failure is retried alone."""
+    items: Sequence[str], threads: int = FETCH_THREADS, keep: bool = False,
+    in_flight: int | None = None,
+) -> list[bytes | OSError]:  # fmt: skip
+    """:func:`read_bytes` of each item, errors returned in place (an ``OSError`` naming the
+    item). ``s3://`` and ``http(s)://`` objects are fetched ``in_flight`` at a time
+    (:mod:`.fetch`: default 64, ``$SPEAKER_SIM_FETCH_IN_FLIGHT``), transient errors retried;
+    local files, other schemes and what the batch path leaves to s3fs are read ``threads`` at a
+    time. Bytes kept by an earlier read are used, not fetched again; ``keep``: keep these."""
     from ..paths import map_in_threads
+    from . import fetch
 
-    out: list[bytes | OSError | None] = [None] * len(items)
     urls = [as_url(x) for x in items]
+    out: list[bytes | OSError | None] = [None] * len(urls)
     remote = [i for i, u in enumerate(urls) if is_url(u)]
-    by_fs: dict[int, tuple[Any, list[int]]] = {}
-    for i in remote:
-        fs, _ = filesystem(urls[i])
-        by_fs.setdefault(id(fs), (fs, []))[1].append(i)
-    for fs, idx in by_fs.values():
-        paths = [filesystem(urls[i])[1] for i in idx]
-        try:
-            got = fs.cat(paths, on_error="return")
-        except Exception:
-            got = {}
-        for i, p in zip(idx, paths):
-            data = got.get(p) if isinstance(got, dict) else None
-            if isinstance(data, bytes):
-                out[i] = data
-                if keep:
-                    _keep(urls[i], data)
+    with _KEPT_LOCK:
+        for i in remote:
+            out[i] = _KEPT.pop(urls[i], None)
+    batch = [i for i in remote if out[i] is None]
+    if batch and fetch.enabled():
+        for i, got in zip(batch, fetch.fetch([urls[i] for i in batch], limit=in_flight)):
+            if isinstance(got, fetch.Got):
+                out[i] = got.data
+            elif isinstance(got, OSError):
+                out[i] = got
 
     def one(i: int) -> bytes | OSError:
         try:
-            return read_bytes(urls[i], keep=keep)
+            return read_bytes(urls[i])
         except OSError as exc:
             return exc
 
-    rest = [i for i in range(len(items)) if out[i] is None]
+    rest = [i for i, r in enumerate(out) if r is None]
     for i, r in zip(rest, map_in_threads(one, rest, threads)):
         out[i] = r
+    if keep:
+        for i in remote:
+            data = out[i]
+            if isinstance(data, bytes):
+                _keep(urls[i], data)
     return out  # type: ignore[return-value]
 
 
@@ -375,3 +380,51 @@ def content_sha256(url: str, memo: Any = None) -> str:
     if memo is not None and doc["etag"]:
         memo.put(url, stamp, digest)
     return digest
+
+
+def content_sha256_many(
+    items: Sequence[str], memo: Any = None, threads: int = FETCH_THREADS,
+    in_flight: int | None = None,
+) -> list[str | OSError]:  # fmt: skip
+    """:func:`content_sha256` of many URLs, errors in place. With the batch path
+    (:mod:`.fetch`): a URL the memo has seen costs one HEAD (its ETag and size against the
+    memo); any other one GET, whose ETag is remembered with the digest; ``in_flight`` requests
+    at a time. The fetched bytes are kept for the header read and decode that follow."""
+    from ..paths import map_in_threads
+    from . import fetch
+
+    urls = [as_url(x) for x in items]
+    out: list[str | OSError | None] = [None] * len(urls)
+    if urls and fetch.enabled():
+        seen = []
+        if memo is not None and hasattr(memo, "known"):
+            seen = [i for i, u in enumerate(urls) if memo.known(u)]
+        heads = fetch.fetch([urls[i] for i in seen], head=True, limit=in_flight) if seen else []
+        for i, h in zip(seen, heads):
+            if isinstance(h, fetch.Got) and h.etag:
+                out[i] = memo.get(urls[i], f"url {h.size} {h.etag}")
+            elif isinstance(h, OSError):
+                out[i] = h
+        todo = [i for i, d in enumerate(out) if d is None]
+        for c in range(0, len(todo), _CHUNK):  # bounded memory: the bodies of one chunk
+            part = todo[c : c + _CHUNK]
+            for i, g in zip(part, fetch.fetch([urls[i] for i in part], limit=in_flight)):
+                if isinstance(g, OSError):
+                    out[i] = g
+                elif isinstance(g, fetch.Got):
+                    digest = hashlib.sha256(g.data).hexdigest()
+                    _keep(urls[i], g.data)
+                    if memo is not None and g.etag:
+                        memo.put(urls[i], f"url {g.size} {g.etag}", digest)
+                    out[i] = digest
+
+    def one(i: int) -> str | OSError:
+        try:
+            return content_sha256(urls[i], memo)
+        except OSError as exc:
+            return exc
+
+    rest = [i for i, d in enumerate(out) if d is None]
+    for i, r in zip(rest, map_in_threads(one, rest, threads)):
+        out[i] = r
+    return out  # type: ignore[return-value]

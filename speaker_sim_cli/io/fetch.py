@@ -1,0 +1,280 @@
+"""Many objects at once: one asyncio loop, aiohttp, ``in_flight`` requests open together.
+
+The per-object cost of fsspec/s3fs (a botocore request object, its event hooks, XML error
+parsing, one coroutine hop per call) is ~4.7 ms of client CPU; here an ``s3://`` object costs one
+SigV4 query-string signature (botocore's presigner, ~0.15 ms) and one plain HTTP GET, and
+``http(s)://`` objects are fetched as they are. Used by :func:`.storage.read_many` and
+:func:`.storage.content_sha256_many`; everything else (one object, writes, listings, other
+schemes) stays on fsspec.
+
+Errors come back per URL, in place: 404 is ``FileNotFoundError``; 5xx, 429, a reset connection,
+a truncated body or a timeout are retried (``storage.RETRIES`` tries, 0.2 s then 0.4 s
+back-off) and then an ``OSError`` naming the status; 401/403 over HTTP is ``PermissionError``.
+Any other answer from S3 (403 with a reason, a region redirect, a 400) is left to s3fs
+(:data:`FALLBACK`), which knows how to follow regions and word the reason. So do S3 options this
+module does not understand and a missing credential chain: the batch path is a fast path, never
+a second opinion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+#: Requests open at once (``$SPEAKER_SIM_FETCH_IN_FLIGHT`` overrides).
+IN_FLIGHT = 64
+ENV_IN_FLIGHT = "SPEAKER_SIM_FETCH_IN_FLIGHT"
+#: ``batch`` (default) or ``fsspec``: every object through fsspec, one request per thread, as
+#: before this module (the baseline of ``benchmarks/bench_store.py --s3``).
+ENV_MODE = "SPEAKER_SIM_FETCH"
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+TIMEOUT_S = 60.0
+
+# s3fs options the signer understands; any other makes the URL go through s3fs.
+_S3_OPTIONS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "anon",
+        "profile",
+        "client_kwargs",
+        "config_kwargs",
+        "use_ssl",
+        "endpoint_url",
+    }
+)
+_S3_CLIENT_KWARGS = frozenset(
+    {"endpoint_url", "region_name", "aws_access_key_id", "aws_secret_access_key",
+     "aws_session_token"}
+)  # fmt: skip
+_AWS_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+            "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+            "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")  # fmt: skip
+
+
+class _Fallback:
+    """Marks a URL the batch path leaves to fsspec."""
+
+    def __repr__(self) -> str:
+        return "FALLBACK"
+
+
+FALLBACK: Any = _Fallback()
+#: Objects this process fetched through the batch path and left to fsspec (tests, benchmarks).
+COUNTS = {"fetched": 0, "fallback": 0}
+
+
+@dataclass(frozen=True)
+class Got:
+    """One answer: the body (``b""`` for a HEAD), the object's size and its ETag (quoted, as
+    S3 and s3fs give it; None when the server sends none)."""
+
+    data: bytes
+    size: int
+    etag: str | None
+
+
+def in_flight() -> int:
+    raw = os.environ.get(ENV_IN_FLIGHT, "")
+    try:
+        n = int(raw) if raw.strip() else IN_FLIGHT
+    except ValueError:
+        n = IN_FLIGHT
+    return max(1, n)
+
+
+def enabled() -> bool:
+    if os.environ.get(ENV_MODE, "batch").strip().lower() == "fsspec":
+        return False
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- signing ---------------------------------------------------------------------------------------
+class _S3Signer:
+    """Presigned GET/HEAD URLs from one botocore client (credentials and endpoint resolved as
+    s3fs resolves them: options first, then the environment and ``~/.aws``)."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        import botocore.session
+        from botocore import UNSIGNED
+        from botocore.config import Config
+
+        kw = dict(options.get("client_kwargs") or {})
+        session = botocore.session.Session(profile=options.get("profile"))
+        cfg = {"signature_version": "s3v4", **dict(options.get("config_kwargs") or {})}
+        if options.get("anon"):
+            cfg["signature_version"] = UNSIGNED
+        self.client = session.create_client(
+            "s3",
+            endpoint_url=options.get("endpoint_url") or kw.get("endpoint_url"),
+            region_name=kw.get("region_name"),
+            aws_access_key_id=options.get("key") or kw.get("aws_access_key_id"),
+            aws_secret_access_key=options.get("secret") or kw.get("aws_secret_access_key"),
+            aws_session_token=options.get("token") or kw.get("aws_session_token"),
+            use_ssl=bool(options.get("use_ssl", True)),
+            config=Config(**cfg),
+        )
+        self.anon = bool(options.get("anon"))
+        if not self.anon and self.client._request_signer._credentials is None:
+            raise LookupError("no S3 credentials")  # s3fs decides what that means
+
+    def url(self, rest: str, method: str) -> str:
+        bucket, _, key = rest.partition("/")
+        op = "head_object" if method == "HEAD" else "get_object"
+        return str(
+            self.client.generate_presigned_url(
+                op, Params={"Bucket": bucket, "Key": key}, ExpiresIn=3600
+            )
+        )
+
+
+_SIGNERS: dict[str, _S3Signer | None] = {}
+_SIGNERS_LOCK = threading.Lock()
+
+
+def _s3_signer(options: dict[str, Any]) -> _S3Signer | None:
+    """The signer of these options (and of the AWS environment), or None when the batch path
+    cannot sign like s3fs would."""
+    if set(options) - _S3_OPTIONS or set(options.get("client_kwargs") or {}) - _S3_CLIENT_KWARGS:
+        return None
+    env = {k: os.environ.get(k) for k in _AWS_ENV}
+    ident = json.dumps([options, env], sort_keys=True, default=str)
+    with _SIGNERS_LOCK:
+        if ident not in _SIGNERS:
+            try:
+                _SIGNERS[ident] = _S3Signer(options)
+            except Exception:  # no credentials, a bad option: s3fs reports it its own way
+                _SIGNERS[ident] = None
+        return _SIGNERS[ident]
+
+
+def _target(url: str) -> tuple[str, Any] | None:
+    """``(kind, signer-or-url)`` for a URL the batch path can fetch, else None."""
+    from . import storage
+
+    scheme, rest = storage.parse_url(url)
+    if scheme in ("http", "https"):
+        return "http", f"{scheme}://{rest}"  # aiohttp quotes what needs quoting
+    if scheme in ("s3", "s3a"):
+        signer = _s3_signer(storage.options_for(scheme))
+        return ("s3", (signer, rest)) if signer is not None else None
+    return None
+
+
+# -- fetching --------------------------------------------------------------------------------------
+def fetch(urls: Sequence[str], head: bool = False, limit: int | None = None) -> list[Any]:
+    """GET (or HEAD) every URL, ``limit`` (default :func:`in_flight`) at a time. Returns, in
+    input order, a :class:`Got`, an ``OSError`` naming the URL, or :data:`FALLBACK` for a URL
+    to read through fsspec instead."""
+    targets: list[Any] = []
+    for u in urls:
+        try:
+            targets.append(_target(u))
+        except ValueError:
+            targets.append(None)
+    out: list[Any] = [FALLBACK] * len(urls)
+    todo = [i for i, t in enumerate(targets) if t is not None]
+    if not todo:
+        COUNTS["fallback"] += len(out)
+        return out
+    jobs = [(urls[i], targets[i]) for i in todo]
+    got = _run(_fetch_all(jobs, "HEAD" if head else "GET", limit or in_flight()))
+    for i, g in zip(todo, got):
+        out[i] = g
+    n_fallback = sum(g is FALLBACK for g in out)
+    COUNTS["fallback"] += n_fallback
+    COUNTS["fetched"] += len(out) - n_fallback
+    return out
+
+
+def _run(coro: Any) -> Any:
+    """Run ``coro`` to its end on a loop of its own (in a thread when this one has a loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append(asyncio.run(coro))
+        except BaseException as exc:
+            box.append(exc)
+
+    t = threading.Thread(target=target, name="speaker-sim-fetch")
+    t.start()
+    t.join()
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
+async def _fetch_all(jobs: list[tuple[str, Any]], method: str, limit: int) -> list[Any]:
+    import aiohttp
+
+    from .storage import RETRIES
+
+    out: list[Any] = [None] * len(jobs)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=TIMEOUT_S, sock_read=TIMEOUT_S)
+    connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300)
+    # Accept-Encoding identity + no decompression: the stored bytes, as s3fs returns them.
+    headers = {"Accept-Encoding": "identity"}
+
+    async def one(name: str, target: tuple[str, Any], session: Any) -> Any:
+        kind, where = target
+        err: OSError | None = None
+        for attempt in range(RETRIES):
+            if attempt:
+                await asyncio.sleep(0.2 * 2 ** (attempt - 1))
+            try:
+                url = where if kind == "http" else where[0].url(where[1], method)
+            except Exception:
+                return FALLBACK
+            try:
+                async with session.request(method, url, headers=headers,
+                                           allow_redirects=kind == "http") as r:  # fmt: skip
+                    if r.status == 200:
+                        data = await r.read() if method == "GET" else b""
+                        size = (
+                            len(data)
+                            if method == "GET"
+                            else int(r.headers.get("Content-Length") or 0)
+                        )
+                        return Got(data, size, r.headers.get("ETag"))
+                    if r.status in (404, 410):
+                        return FileNotFoundError(2, "object not found", name)
+                    reason = f"HTTP {r.status} {r.reason or ''}".strip()
+                    if r.status in RETRY_STATUS:
+                        err = OSError(5, reason, name)
+                        continue
+                    if kind == "s3":  # a region, a policy, a signature: s3fs words it
+                        return FALLBACK
+                    if r.status in (401, 403):
+                        return PermissionError(13, f"access denied ({reason})", name)
+                    return OSError(5, reason, name)
+            except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+                text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+                err = OSError(5, f"{type(exc).__name__}: {text}".rstrip(": "), name)
+        return err
+
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, auto_decompress=False
+    ) as session:
+        queue = iter(range(len(jobs)))
+
+        async def worker() -> None:
+            for i in queue:  # shared iterator: each index is taken once
+                out[i] = await one(jobs[i][0], jobs[i][1], session)
+
+        await asyncio.gather(*(worker() for _ in range(min(limit, len(jobs)))))
+    return out
