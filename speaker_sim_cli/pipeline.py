@@ -322,7 +322,11 @@ def _read_failure(exc: OSError) -> str:
 
 
 def _probe_all(paths: Sequence[str]) -> list[AudioInfo | AudioError]:
-    """:func:`probe` each path (a header read; libsndfile releases the GIL), in threads."""
+    """:func:`probe` each path (a header read; libsndfile releases the GIL), in threads. URL
+    recordings are read from the bytes their hashing kept; any that were not kept (a run larger
+    than the kept bytes' bound) are fetched many at once, a window at a time, and kept for the
+    decode."""
+    from .io import storage
 
     def one(p: str) -> AudioInfo | AudioError:
         try:
@@ -330,7 +334,16 @@ def _probe_all(paths: Sequence[str]) -> list[AudioInfo | AudioError]:
         except AudioError as exc:
             return exc
 
-    return map_in_threads(one, paths)
+    if not any(storage.is_url(p) for p in paths):
+        return map_in_threads(one, paths)
+    out: list[AudioInfo | AudioError] = []
+    for c in range(0, len(paths), 256):
+        part = paths[c : c + 256]
+        missing = [p for p in part if storage.is_url(p) and not storage.is_kept(p)]
+        if missing:
+            storage.read_many(missing, keep=True)
+        out += map_in_threads(one, part)
+    return out
 
 
 class EmbeddingSource(Protocol):

@@ -132,7 +132,10 @@ def test_s3_round_trip_gives_the_scores_of_local_files(s3, speech, real_ckpt, tm
     want = score_map(ref.stdout)
     assert len(want) == len(pairs)
     url = f"s3://{BUCKET}/rt"
+    from speaker_sim_cli.io import fetch
+
     for attempt in ("cold", "warm"):
+        before = dict(fetch.COUNTS)
         res = run(
             [
                 "score",
@@ -148,6 +151,9 @@ def test_s3_round_trip_gives_the_scores_of_local_files(s3, speech, real_ckpt, tm
             s3["options"],
         )
         assert res.exit_code == 0, res.output
+        # cold: one signed GET per recording (hash, header and decode share it); warm: a HEAD
+        assert fetch.COUNTS["fetched"] - before["fetched"] == len(names)
+        assert fetch.COUNTS["fallback"] == before["fallback"]
         got = score_map(fs.cat_file(f"{BUCKET}/rt/out/scores.csv").decode())
         assert got.keys() == want.keys()
         for k in want:
@@ -235,18 +241,79 @@ def test_atomic_output_to_a_bucket_is_all_or_nothing(s3):
     assert fs.cat_file(f"{BUCKET}/atomic/out.txt") == b"whole"
 
 
+def test_read_many_fetches_s3_objects_in_one_batch(s3, monkeypatch):
+    from speaker_sim_cli.io import fetch
+
+    fs = s3["fs"]
+    want = {f"s3://{BUCKET}/many/a b+{i}.bin": os.urandom(500 + i) for i in range(30)}
+    for url, data in want.items():
+        fs.pipe_file(url[5:], data)
+    gone = f"s3://{BUCKET}/many/not-there.bin"
+    urls = [*want, gone]
+    before = dict(fetch.COUNTS)
+    got = storage.read_many(urls, in_flight=4)
+    assert fetch.COUNTS["fetched"] - before["fetched"] == len(urls)  # signed GETs, no s3fs
+    assert fetch.COUNTS["fallback"] == before["fallback"]
+    assert got[:-1] == list(want.values())
+    assert isinstance(got[-1], FileNotFoundError) and got[-1].filename == gone
+    monkeypatch.setenv(fetch.ENV_MODE, "fsspec")  # the old path gives the same
+    old = storage.read_many(urls)
+    assert old[:-1] == got[:-1] and isinstance(old[-1], FileNotFoundError)
+
+
+def test_batch_content_hashes_match_the_one_at_a_time_ones(s3, tmp_path):
+    import hashlib
+
+    from speaker_sim_cli.engine.hash_memo import HashMemo
+    from speaker_sim_cli.io import fetch
+
+    fs = s3["fs"]
+    data = {f"s3://{BUCKET}/hash/{i}.bin": os.urandom(700 + i) for i in range(6)}
+    for url, d in data.items():
+        fs.pipe_file(url[5:], d)
+    urls = list(data)
+    gone = f"s3://{BUCKET}/hash/gone.bin"
+    memo = HashMemo(tmp_path / "files.sqlite", None)
+    got = storage.content_sha256_many([*urls, gone], memo)
+    memo.commit()
+    assert got[:-1] == [hashlib.sha256(d).hexdigest() for d in data.values()]
+    assert isinstance(got[-1], FileNotFoundError) and got[-1].filename == gone
+    # The stamp remembered from the GET is the one the one-at-a-time path (HEAD) finds.
+    assert all(memo.known(u) for u in urls)
+    os.environ[fetch.ENV_MODE] = "fsspec"
+    try:
+        fs.invalidate_cache()
+        assert all(storage.is_kept(u) for u in urls)  # the GETs' bytes, kept for the decode
+        before = dict(fetch.COUNTS)
+        assert storage.read_many(urls) == list(data.values())  # taken, not fetched again
+        assert [storage.content_sha256(u, memo) for u in urls] == got[:-1]
+        assert not any(storage.is_kept(u) for u in urls)  # from the memo: nothing fetched
+    finally:
+        os.environ.pop(fetch.ENV_MODE)
+    assert before == fetch.COUNTS
+    # A changed object is hashed again (its ETag moved), through the batch path.
+    fs.pipe_file(urls[0][5:], b"changed")
+    again = storage.content_sha256_many(urls, memo)
+    assert again[0] == hashlib.sha256(b"changed").hexdigest() and again[1:] == got[1:-1]
+
+
 # -- HTTP -----------------------------------------------------------------------------------------
 class FlakyHandler(http.server.SimpleHTTPRequestHandler):
-    """Serves a folder; the first GET of each path answers 503 (a transient error)."""
+    """Serves a folder; the first GET of each path answers 503 (a transient error); a path
+    under /reset/ has its first connection closed without an answer; one under /down/ is 503
+    every time. Every GET is counted by path."""
 
-    seen: ClassVar[set[str]] = set()
+    seen: ClassVar[dict[str, int]] = {}
     lock = threading.Lock()
 
     def do_GET(self) -> None:
         with self.lock:
-            first = self.path not in self.seen
-            self.seen.add(self.path)
-        if first:
+            n = self.seen.get(self.path, 0)
+            self.seen[self.path] = n + 1
+        if self.path.startswith("/reset/") and n == 0:
+            self.close_connection = True  # no status line: the client sees a dropped connection
+            return
+        if (n == 0 and not self.path.startswith("/reset/")) or self.path.startswith("/down/"):
             self.send_error(503, "try again")
             return
         super().do_GET()
@@ -279,9 +346,65 @@ def test_http_reads_retry_a_transient_error(http_root):
         storage.read_bytes(f"{base}/absent.txt")
 
 
+def test_read_many_over_http_retries_and_fails_per_url(http_root, monkeypatch):
+    from speaker_sim_cli.io import fetch
+
+    root, base = http_root
+    for d in ("many", "reset", "down"):
+        (root / d).mkdir(exist_ok=True)
+    want = {f"{base}/many/{i}.bin": os.urandom(1000 + i) for i in range(40)}
+    for url, data in want.items():
+        (root / "many" / url.rsplit("/", 1)[1]).write_bytes(data)
+    (root / "reset" / "r.bin").write_bytes(b"after a reset")
+    (root / "down" / "d.bin").write_bytes(b"never served")
+    monkeypatch.setattr(storage, "RETRIES", 3)
+    bad = [f"{base}/many/absent.bin", f"{base}/down/d.bin"]
+    urls = [*want, f"{base}/reset/r.bin", *bad]
+    before = dict(fetch.COUNTS)
+    got = storage.read_many(urls, in_flight=8)
+    assert fetch.COUNTS["fetched"] - before["fetched"] == len(urls)  # no URL left to fsspec
+    assert fetch.COUNTS["fallback"] == before["fallback"]
+    assert got[: len(want)] == list(want.values())  # each after a 503
+    assert got[len(want)] == b"after a reset"
+    absent, down = got[-2:]
+    assert isinstance(absent, FileNotFoundError) and absent.filename == bad[0]
+    assert isinstance(down, OSError) and not isinstance(down, FileNotFoundError)
+    assert down.filename == bad[1] and "503" in str(down)
+    assert FlakyHandler.seen["/down/d.bin"] == 3  # bounded: RETRIES tries, then the error
+    assert FlakyHandler.seen["/many/absent.bin"] == 2  # 503, then 404 (not retried)
+
+
+def test_the_decode_plan_carries_fetched_bytes(http_root, tmp_path):
+    from speaker_sim_cli.engine.data import with_bytes
+
+    root, base = http_root
+    (root / "plan").mkdir(exist_ok=True)
+    for i in range(5):
+        (root / "plan" / f"{i}.bin").write_bytes(bytes([i]) * 10)
+    local = tmp_path / "l.wav"
+    plan = [
+        [(0, f"{base}/plan/0.bin"), (1, str(local))],
+        [(2, f"{base}/plan/1.bin"), (3, f"{base}/plan/2.bin")],
+        [(4, f"{base}/plan/absent.bin")],
+        [(5, str(local))],
+        [(6, f"{base}/plan/3.bin"), (7, f"{base}/plan/4.bin")],
+    ]
+    got = list(with_bytes(plan, window=2))
+    assert [[r[:2] for r in b] for b in got] == plan  # same batches, same order
+    flat = {r[0]: r for b in got for r in b}
+    assert len(flat[1]) == 2 and len(flat[5]) == 2  # local files are read by the worker
+    for i, k in ((0, 0), (2, 1), (3, 2), (6, 3), (7, 4)):
+        assert flat[i][2] == bytes([k]) * 10
+    assert isinstance(flat[4][2], FileNotFoundError)
+
+
 @pytest.mark.slow
 @pytest.mark.weights
-def test_http_recordings_score_as_local_files(http_root, speech, real_ckpt, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_http_recordings_score_as_local_files(http_root, speech, real_ckpt, tmp_path, workers):
+    """Decoded in this process, or in a worker process that gets the bytes with its request."""
+    from speaker_sim_cli.io import fetch
+
     root, base = http_root
     for p in speech[:3]:
         (root / p.name).write_bytes(p.read_bytes())
@@ -302,15 +425,16 @@ def test_http_recordings_score_as_local_files(http_root, speech, real_ckpt, tmp_
         "--device",
         "cpu",
         "--workers",
-        "0",
+        str(workers),
         "-q",
-        "--cache-dir",
-        str(tmp_path / "c"),
     ]
-    ref = run(["score", str(local), *common])
-    got = run(["score", str(trials), *common])
+    ref = run(["score", str(local), *common, "--cache-dir", str(tmp_path / "c")])
+    before = dict(fetch.COUNTS)
+    got = run(["score", str(trials), *common, "--cache-dir", str(tmp_path / "u")])
     assert ref.exit_code == 0 and got.exit_code == 0, got.output
     assert score_map(got.stdout) == pytest.approx(score_map(ref.stdout), abs=1e-6)
+    assert fetch.COUNTS["fetched"] - before["fetched"] == 3  # each object fetched once
+    assert fetch.COUNTS["fallback"] == before["fallback"]
 
 
 # -- URL parsing ----------------------------------------------------------------------------------

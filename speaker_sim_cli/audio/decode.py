@@ -78,6 +78,7 @@ def load(
     channel: int | str = 0,
     command_timeout: float = 600,
     resampler: str = "soxr",
+    data: bytes | OSError | None = None,
 ) -> np.ndarray:
     """Decode ``path`` to a float32 mono waveform at ``sample_rate``.
 
@@ -86,6 +87,9 @@ def load(
 
     ``resampler``: ``"soxr"`` (HQ), ``"kaiser_best"`` (resampy's filter, as mvector) or
     ``"sinc_hann"`` (torchaudio's default, as seed-tts-eval before the SIM model).
+
+    ``data``: for a URL, its bytes (or the error fetching them) when they were fetched already
+    (:func:`..io.storage.read_many`), so the object is not asked for again.
 
     ``path`` may be a wav.scp command (``sox a.sph -t wav - |``), run through the shell. Returns a
     1-D float32 array (samples,). Raises AudioError for a missing, empty, undecodable,
@@ -100,7 +104,7 @@ def load(
     if url is None:
         _check_file(p)
     try:
-        with sf.SoundFile(io.BytesIO(_fetch(url)) if url else str(p)) as f:
+        with sf.SoundFile(io.BytesIO(_fetch(url, data=data)) if url else str(p)) as f:
             rate, channels, frames = f.samplerate, f.channels, f.frames
             pick = _channel_picker(str(p), channel, channels)
             if channels > 1 and frames * channels > _BLOCK_READ_SAMPLES:
@@ -121,11 +125,14 @@ def load(
     return _finish(url or str(p), wav, rate, sample_rate, resampler)
 
 
-def _fetch(url: str, keep: bool = False) -> bytes:
+def _fetch(url: str, keep: bool = False, data: bytes | OSError | None = None) -> bytes:
     """The object's bytes (AudioError naming the URL when it cannot be had). ``keep``: leave
-    them for the next read (the decode after a probe)."""
+    them for the next read (the decode after a probe); ``data``: what a batch fetch got."""
     try:
-        data = storage.read_bytes(url, keep=keep)
+        if isinstance(data, OSError):
+            raise data
+        if data is None:
+            data = storage.read_bytes(url, keep=keep)
     except FileNotFoundError:
         raise AudioError(url, "object not found") from None
     except IsADirectoryError:

@@ -56,8 +56,13 @@ class AudioDataset(torch.utils.data.Dataset[Loaded]):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Loaded:
+        return self.load(i)
+
+    def load(self, i: int, data: bytes | OSError | None = None) -> Loaded:
+        """Item ``i``; ``data``: the bytes of its URL when they were fetched already."""
         try:
-            wav = load(self.paths[i], self.sample_rate, self.channel, resampler=self.resampler)
+            wav = load(self.paths[i], self.sample_rate, self.channel, resampler=self.resampler,
+                       data=data)  # fmt: skip
             check_wave(wav, self.sample_rate, self.min_samples, self.max_samples)
             if self.loudness_db is not None:
                 wav = normalize_recording(wav, self.loudness_db)
@@ -141,26 +146,70 @@ class FileDataset(torch.utils.data.Dataset[Loaded]):
     def __len__(self) -> int:  # requests come from the sampler; the length is not used
         return 0
 
-    def __getitem__(self, request: tuple[int, str]) -> Loaded:
-        index, path = request
+    def __getitem__(self, request: tuple[int, str] | tuple[int, str, Any]) -> Loaded:
+        index, path = request[0], request[1]
+        data = request[2] if len(request) > 2 else None
         one = AudioDataset([path], self.sample_rate, self.min_samples, self.max_samples,
                            self.channel, self.loudness_db, self.resampler)  # fmt: skip
-        got = one[0]
+        got = one.load(0, data)
         return Loaded(index, got.wave, got.error)
 
 
 class PlanSampler(torch.utils.data.Sampler[list[Any]]):
     """The batch sampler of a persistent DataLoader: each ``iter(loader)`` walks the plan set
-    last (lists of ``(index, path)`` requests)."""
+    last (lists of ``(index, path)`` requests). A URL's request carries its bytes,
+    ``(index, url, bytes-or-OSError)``: they are fetched here, in the main process, many at once
+    (:func:`with_bytes`), so worker processes never fetch one object at a time."""
 
     def __init__(self) -> None:
         self.plan: list[list[tuple[int, str]]] = []
 
     def __iter__(self) -> Iterator[list[Any]]:
-        return iter(list(self.plan))
+        return with_bytes(list(self.plan))
 
     def __len__(self) -> int:
         return len(self.plan)
+
+
+#: URL recordings fetched together ahead of the batches that need them.
+FETCH_WINDOW = 256
+
+
+def with_bytes(
+    plan: Sequence[Sequence[tuple[int, str]]], window: int = FETCH_WINDOW
+) -> Iterator[list[Any]]:
+    """The batches of ``plan`` with the bytes of each URL recording attached. Batches are taken
+    in groups holding about ``window`` URLs; a group's objects are fetched at once
+    (:func:`storage.read_many`: bytes kept by the hashing are taken, not fetched again) while
+    the previous group is being decoded. Batches without URLs pass unchanged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..io import storage
+
+    groups: list[tuple[int, int, list[str]]] = []
+    i = 0
+    while i < len(plan):
+        j, urls = i, list[str]()
+        while j < len(plan) and (j == i or len(urls) < window):
+            urls += [p for _, p in plan[j] if storage.is_url(p)]
+            j += 1
+        groups.append((i, j, list(dict.fromkeys(urls))))
+        i = j
+    if not any(urls for _, _, urls in groups):
+        yield from (list(b) for b in plan)
+        return
+
+    def fetch(urls: list[str]) -> dict[str, bytes | OSError]:
+        return dict(zip(urls, storage.read_many(urls))) if urls else {}
+
+    with ThreadPoolExecutor(1, thread_name_prefix="speaker-sim-fetch") as pool:
+        ahead = pool.submit(fetch, groups[0][2])
+        for g, (a, b, _) in enumerate(groups):
+            got = ahead.result()
+            if g + 1 < len(groups):
+                ahead = pool.submit(fetch, groups[g + 1][2])
+            for batch in plan[a:b]:
+                yield [(i, p, got[p]) if p in got else (i, p) for i, p in batch]
 
 
 def windows(

@@ -194,6 +194,12 @@ def _keep(url: str, data: bytes) -> None:
             total -= len(_KEPT.popitem(last=False)[1])
 
 
+def is_kept(x: str | os.PathLike[str]) -> bool:
+    """Whether the bytes of URL ``x`` are held for its next read."""
+    with _KEPT_LOCK:
+        return as_url(x) in _KEPT
+
+
 def read_bytes(x: str | os.PathLike[str], keep: bool = False) -> bytes:
     """The whole file or object. Raises OSError (FileNotFoundError when it does not exist).
     ``keep``: hold a URL's bytes for the next read of it (see ``_KEPT``)."""
