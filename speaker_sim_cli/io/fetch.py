@@ -19,6 +19,8 @@ a second opinion.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import json
 import os
 import threading
@@ -197,26 +199,54 @@ def fetch(urls: Sequence[str], head: bool = False, limit: int | None = None) -> 
     return out
 
 
+# One event loop per process, in a daemon thread, with one aiohttp session on it: keep-alive
+# connections (and TLS sessions) are reused from one call to the next, and a caller that runs
+# its own loop (the login service) is not blocked by ours. A forked child starts its own.
+_LOOP: tuple[int, asyncio.AbstractEventLoop] | None = None
+_LOOP_LOCK = threading.Lock()
+_SESSION: Any = None  # touched on the loop's thread only
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    global _LOOP, _SESSION
+    with _LOOP_LOCK:
+        if _LOOP is None or _LOOP[0] != os.getpid():
+            loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="speaker-sim-fetch", daemon=True).start()
+            _LOOP, _SESSION = (os.getpid(), loop), None
+        return _LOOP[1]
+
+
 def _run(coro: Any) -> Any:
-    """Run ``coro`` to its end on a loop of its own (in a thread when this one has a loop)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    box: list[Any] = []
+    """Run ``coro`` on the fetch loop and wait for its result."""
+    return asyncio.run_coroutine_threadsafe(coro, _loop()).result()
 
-    def target() -> None:
-        try:
-            box.append(asyncio.run(coro))
-        except BaseException as exc:
-            box.append(exc)
 
-    t = threading.Thread(target=target, name="speaker-sim-fetch")
-    t.start()
-    t.join()
-    if isinstance(box[0], BaseException):
-        raise box[0]
-    return box[0]
+async def _session() -> Any:
+    import aiohttp
+
+    global _SESSION
+    if _SESSION is None or _SESSION.closed:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=TIMEOUT_S, sock_read=TIMEOUT_S)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)  # calls bound their own
+        # auto_decompress off (and Accept-Encoding identity): the stored bytes, as s3fs gives.
+        _SESSION = aiohttp.ClientSession(
+            connector=connector, timeout=timeout, auto_decompress=False
+        )
+    return _SESSION
+
+
+@atexit.register
+def _close() -> None:
+    with _LOOP_LOCK:
+        if _LOOP is None or _LOOP[0] != os.getpid():
+            return
+        loop = _LOOP[1]
+    session = _SESSION
+    with contextlib.suppress(Exception):
+        if session is not None and not session.closed:
+            asyncio.run_coroutine_threadsafe(session.close(), loop).result(timeout=5)
+    loop.call_soon_threadsafe(loop.stop)
 
 
 async def _fetch_all(jobs: list[tuple[str, Any]], method: str, limit: int) -> list[Any]:
@@ -225,9 +255,6 @@ async def _fetch_all(jobs: list[tuple[str, Any]], method: str, limit: int) -> li
     from .storage import RETRIES
 
     out: list[Any] = [None] * len(jobs)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=TIMEOUT_S, sock_read=TIMEOUT_S)
-    connector = aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300)
-    # Accept-Encoding identity + no decompression: the stored bytes, as s3fs returns them.
     headers = {"Accept-Encoding": "identity"}
 
     async def one(name: str, target: tuple[str, Any], session: Any) -> Any:
@@ -267,14 +294,12 @@ async def _fetch_all(jobs: list[tuple[str, Any]], method: str, limit: int) -> li
                 err = OSError(5, f"{type(exc).__name__}: {text}".rstrip(": "), name)
         return err
 
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, auto_decompress=False
-    ) as session:
-        queue = iter(range(len(jobs)))
+    session = await _session()
+    queue = iter(range(len(jobs)))
 
-        async def worker() -> None:
-            for i in queue:  # shared iterator: each index is taken once
-                out[i] = await one(jobs[i][0], jobs[i][1], session)
+    async def worker() -> None:
+        for i in queue:  # shared iterator: each index is taken once
+            out[i] = await one(jobs[i][0], jobs[i][1], session)
 
-        await asyncio.gather(*(worker() for _ in range(min(limit, len(jobs)))))
+    await asyncio.gather(*(worker() for _ in range(min(limit, len(jobs)))))
     return out
