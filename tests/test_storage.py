@@ -261,6 +261,22 @@ def test_read_many_fetches_s3_objects_in_one_batch(s3, monkeypatch):
     assert old[:-1] == got[:-1] and isinstance(old[-1], FileNotFoundError)
 
 
+def test_s3_options_the_signer_does_not_know_go_through_s3fs(s3):
+    from speaker_sim_cli.io import fetch
+
+    fs = s3["fs"]
+    fs.pipe_file(f"{BUCKET}/opt/a.bin", b"via s3fs")
+    url = f"s3://{BUCKET}/opt/a.bin"
+    try:
+        storage.set_options({"s3": {"endpoint_url": s3["endpoint"], "default_block_size": 1 << 20}})
+        before = dict(fetch.COUNTS)
+        assert storage.read_many([url, f"{url}.gone"])[0] == b"via s3fs"
+        assert fetch.COUNTS["fallback"] - before["fallback"] == 2
+        assert fetch.COUNTS["fetched"] == before["fetched"]
+    finally:
+        storage.set_options(s3["options"])
+
+
 def test_batch_content_hashes_match_the_one_at_a_time_ones(s3, tmp_path):
     import hashlib
 

@@ -10,12 +10,16 @@ as ``{"endpoint_url": "http://127.0.0.1:9000"}``, flat or per scheme (``{"s3": {
 options live in the environment so worker processes (DataLoader, Ray) see them too.
 
 Reads of a URL are retried on transient errors (3 tries, 0.2 s then 0.4 s back-off); a missing
-object (FileNotFoundError) or a refused one (PermissionError) is not retried. Writes are whole:
+object (FileNotFoundError) or a refused one (PermissionError) is not retried. Many objects at
+once (``read_many``, ``content_sha256_many``: the hashing, header reads and decode of a run's
+recordings) go through :mod:`.fetch`: presigned GETs over aiohttp, 64 in flight, instead of one
+s3fs call per object. Writes are whole:
 a local file is written to a temp name and renamed; an object is uploaded in one PUT, which
 object stores publish atomically, so nothing is ever visible half written.
 
 Content keys of URLs: the sha256 of the fetched bytes (the same key a local copy of the file
-gets), memoised against the object's ETag and size, so a warm run costs one HEAD per URL.
+gets), memoised against the object's ETag and size, so a warm run costs one HEAD per URL and a
+cold one a single GET (its ETag comes with the body).
 """
 
 from __future__ import annotations
