@@ -506,3 +506,16 @@ def test_wav_scp_and_trial_items_keep_their_urls(tmp_path):
     recs, _ = resolve_trial_items(read_trials(local))
     assert storage.as_url(recs["s3://bucket/a/u1.wav"].path) == "s3://bucket/a/u1.wav"
     assert recs["b.wav"].path == tmp_path / "b.wav"
+
+
+def test_kept_bytes_stay_within_their_bound(monkeypatch):
+    monkeypatch.setattr(storage, "_KEPT_MAX", 1000)
+    monkeypatch.setattr(storage, "_KEPT", type(storage._KEPT)())
+    monkeypatch.setattr(storage, "_KEPT_BYTES", 0)
+    for i in range(20):
+        storage._keep(f"http://h.invalid/{i}", bytes([i]) * 100)
+    storage._keep("http://h.invalid/19", b"y" * 100)  # kept again: counted once
+    assert storage._KEPT_BYTES == sum(map(len, storage._KEPT.values())) == 1000
+    assert not storage.is_kept("http://h.invalid/5")  # the oldest went first
+    assert storage.read_bytes("http://h.invalid/19") == b"y" * 100  # taken, not fetched
+    assert storage._KEPT_BYTES == 900 and not storage.is_kept("http://h.invalid/19")

@@ -186,16 +186,28 @@ def _retrying(url: str, fn: Callable[[], T]) -> T:
 _KEPT: OrderedDict[str, bytes] = OrderedDict()
 _KEPT_MAX = 256 << 20
 _KEPT_LOCK = threading.Lock()
+_KEPT_BYTES = 0  # sum of the kept lengths
 
 
 def _keep(url: str, data: bytes) -> None:
     if len(data) > _KEPT_MAX // 8:
         return
+    global _KEPT_BYTES
     with _KEPT_LOCK:
+        _take_locked(url)
         _KEPT[url] = data
-        total = sum(len(v) for v in _KEPT.values())
-        while total > _KEPT_MAX:
-            total -= len(_KEPT.popitem(last=False)[1])
+        _KEPT_BYTES += len(data)
+        while _KEPT_BYTES > _KEPT_MAX:
+            _KEPT_BYTES -= len(_KEPT.popitem(last=False)[1])
+
+
+def _take_locked(url: str) -> bytes | None:
+    """Pop the kept bytes of ``url`` (the caller holds ``_KEPT_LOCK``)."""
+    global _KEPT_BYTES
+    data = _KEPT.pop(url, None)
+    if data is not None:
+        _KEPT_BYTES -= len(data)
+    return data
 
 
 def is_kept(x: str | os.PathLike[str]) -> bool:
@@ -211,7 +223,7 @@ def read_bytes(x: str | os.PathLike[str], keep: bool = False) -> bytes:
     if not is_url(s):
         return Path(s).read_bytes()
     with _KEPT_LOCK:
-        data = _KEPT.pop(s, None)
+        data = _take_locked(s)
     if data is None:
         fs, path = filesystem(s)
         data = _retrying(s, lambda: fs.cat_file(path))
@@ -237,7 +249,7 @@ def read_many(
     remote = [i for i, u in enumerate(urls) if is_url(u)]
     with _KEPT_LOCK:
         for i in remote:
-            out[i] = _KEPT.pop(urls[i], None)
+            out[i] = _take_locked(urls[i])
     batch = [i for i in remote if out[i] is None]
     if batch and fetch.enabled():
         for i, got in zip(batch, fetch.fetch([urls[i] for i in batch], limit=in_flight)):
