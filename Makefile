@@ -72,7 +72,7 @@ bench: install
 	$(BIN)/python benchmarks/bench_metrics.py
 	$(BIN)/python benchmarks/bench_serve.py --out bench-results/serve.json
 	$(BIN)/python benchmarks/bench_warm.py --out bench-results/warm.json
-	SPEAKER_SIM_SHARED=$(SHARED) $(BIN)/python benchmarks/bench_store.py --formats --s3 --out bench-results/store.json
+	SPEAKER_SIM_SHARED=$(SHARED) $(BIN)/python benchmarks/bench_store.py --formats --s3 --http --out bench-results/store.json
 	$(BIN)/python benchmarks/bench_ray.py --out bench-results/ray.json
 	$(BIN)/python benchmarks/bench_ray.py --driver --unit-rows 1024 --out bench-results/ray-driver.json
 	$(BIN)/python benchmarks/bench_wavlm.py --seconds 30 --out bench-results/wavlm.json

@@ -160,15 +160,18 @@ def _s3_signer(options: dict[str, Any]) -> _S3Signer | None:
         return _SIGNERS[ident]
 
 
-def _target(url: str) -> tuple[str, Any] | None:
-    """``(kind, signer-or-url)`` for a URL the batch path can fetch, else None."""
+def _target(url: str, signers: dict[str, Any]) -> tuple[str, Any] | None:
+    """``(kind, signer-or-url)`` for a URL the batch path can fetch, else None. ``signers``:
+    the signer of each scheme seen so far in this call."""
     from . import storage
 
     scheme, rest = storage.parse_url(url)
     if scheme in ("http", "https"):
         return "http", f"{scheme}://{rest}"  # aiohttp quotes what needs quoting
     if scheme in ("s3", "s3a"):
-        signer = _s3_signer(storage.options_for(scheme))
+        if scheme not in signers:
+            signers[scheme] = _s3_signer(storage.options_for(scheme))
+        signer = signers[scheme]
         return ("s3", (signer, rest)) if signer is not None else None
     return None
 
@@ -179,9 +182,10 @@ def fetch(urls: Sequence[str], head: bool = False, limit: int | None = None) -> 
     input order, a :class:`Got`, an ``OSError`` naming the URL, or :data:`FALLBACK` for a URL
     to read through fsspec instead."""
     targets: list[Any] = []
+    signers: dict[str, Any] = {}  # one options lookup per scheme and call, not per URL
     for u in urls:
         try:
-            targets.append(_target(u))
+            targets.append(_target(u, signers))
         except ValueError:
             targets.append(None)
     out: list[Any] = [FALLBACK] * len(urls)
