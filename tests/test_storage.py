@@ -277,6 +277,69 @@ def test_s3_options_the_signer_does_not_know_go_through_s3fs(s3):
         storage.set_options(s3["options"])
 
 
+class S3Flaky(http.server.BaseHTTPRequestHandler):
+    """A proxy in front of moto whose first answer for each object is 503."""
+
+    upstream = ""
+    failed: ClassVar[set[str]] = set()
+    lock = threading.Lock()
+
+    def _forward(self) -> None:
+        import http.client
+
+        key = self.path.split("?", 1)[0]
+        with self.lock:
+            first = key not in self.failed
+            self.failed.add(key)
+        if first:
+            self.send_error(503, "Slow Down")
+            return
+        conn = http.client.HTTPConnection(self.upstream, timeout=30)
+        conn.request(self.command, self.path, headers=dict(self.headers.items()))
+        r = conn.getresponse()
+        body = r.read()
+        conn.close()
+        self.send_response(r.status)
+        for k, v in r.getheaders():
+            if k.lower() not in ("connection", "transfer-encoding", "server", "date"):
+                self.send_header(k, v)
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(body)
+
+    do_GET = do_HEAD = _forward
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_s3_batch_reads_retry_a_503(s3):
+    from speaker_sim_cli.io import fetch
+
+    fs = s3["fs"]
+    want = {f"s3://{BUCKET}/slow/{i}.bin": os.urandom(300 + i) for i in range(8)}
+    for url, data in want.items():
+        fs.pipe_file(url[5:], data)
+    S3Flaky.upstream = s3["endpoint"].split("://", 1)[1]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), S3Flaky)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        storage.set_options({"s3": {"endpoint_url": f"http://127.0.0.1:{port}"}})
+        before = dict(fetch.COUNTS)
+        got = storage.read_many(list(want))  # every object: 503, then signed again, 200
+        assert got == list(want.values())
+        assert fetch.COUNTS["fetched"] - before["fetched"] == len(want)
+        assert fetch.COUNTS["fallback"] == before["fallback"]
+        assert len(S3Flaky.failed) == len(want)
+    finally:
+        storage.set_options(s3["options"])
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
 def test_batch_content_hashes_match_the_one_at_a_time_ones(s3, tmp_path):
     import hashlib
 
