@@ -582,3 +582,35 @@ def test_kept_bytes_stay_within_their_bound(monkeypatch):
     assert not storage.is_kept("http://h.invalid/5")  # the oldest went first
     assert storage.read_bytes("http://h.invalid/19") == b"y" * 100  # taken, not fetched
     assert storage._KEPT_BYTES == 900 and not storage.is_kept("http://h.invalid/19")
+
+
+@settings(max_examples=40, deadline=None, derandomize=True, database=None, print_blob=False)
+@given(
+    st.lists(st.lists(st.booleans(), min_size=1, max_size=5), max_size=12),
+    st.integers(1, 8),
+)
+def test_the_decode_plan_keeps_every_batch_whatever_the_window(shape, window):
+    """memory:// objects (read through fsspec) and local paths mixed in any plan."""
+    import fsspec
+
+    from speaker_sim_cli.engine.data import with_bytes
+
+    mem = fsspec.filesystem("memory")
+    plan, n = [], 0
+    for batch in shape:
+        rows = []
+        for is_url in batch:
+            path = f"memory://plan-fuzz/{n}.bin" if is_url else f"/nowhere/{n}.wav"
+            if is_url:
+                mem.pipe_file(f"/plan-fuzz/{n}.bin", str(n).encode())
+            rows.append((n, path))
+            n += 1
+        plan.append(rows)
+    got = list(with_bytes(plan, window=window))
+    assert [[r[:2] for r in b] for b in got] == plan
+    for b in got:
+        for r in b:
+            if r[1].startswith("memory://"):
+                assert r[2] == str(r[0]).encode()
+            else:
+                assert len(r) == 2
