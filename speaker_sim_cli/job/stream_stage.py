@@ -360,9 +360,9 @@ def _run(job: ScoreJob, progress: ProgressFn | None, once: bool, t0: float) -> S
     if progress is not None:
         progress(Progress("score", "done", st.trials))
     if summary is None:
-        summary = ListSummary(KeyTable(pa.array([], pa.string())), KeyTable(pa.array([], pa.string())),
-                              st.trials, st.targets if labelled else None, stream.format,
-                              stream.source)  # fmt: skip
+        none = KeyTable(pa.array([], pa.string()))
+        summary = ListSummary(none, none, st.trials, st.targets if labelled else None,
+                              stream.format, stream.source)  # fmt: skip
         assert one is not None
         lk.recordings = int(np.count_nonzero(one.seen))
         lk.result = EmbedResult({}, {}, 0, lk.recordings, lk.result.seconds)
