@@ -141,10 +141,10 @@ class TrialStream:
     ``has_labels`` says whether chunks carry labels.
     """
 
-    def __init__(self, path: str | Path, block_bytes: int = BLOCK_BYTES) -> None:
+    def __init__(self, path: str | Path, block_bytes: int | None = None) -> None:
         self.path = Path(path)
         self.source = str(self.path)
-        self.block_bytes = block_bytes
+        self.block_bytes = block_bytes or BLOCK_BYTES
         p = self.path
         if not p.exists():
             raise UsageError(f"{p}: file not found")
@@ -354,9 +354,10 @@ def prefetch(items: Iterable[Item], depth: int = 1) -> Iterator[Item]:
         th.join()
 
 
-def regroup(chunks: Iterable[TrialChunk], trials: int = CHUNK_TRIALS) -> Iterator[TrialChunk]:
-    """Consecutive chunks joined into chunks of at least ``trials`` (the last one less): the
-    key columns become Arrow ChunkedArrays, nothing is copied."""
+def regroup(chunks: Iterable[TrialChunk], trials: int | None = None) -> Iterator[TrialChunk]:
+    """Consecutive chunks joined into chunks of at least ``trials`` (default CHUNK_TRIALS; the
+    last one less): the key columns become Arrow ChunkedArrays, nothing is copied."""
+    trials = trials or CHUNK_TRIALS
     group: list[TrialChunk] = []
     size = 0
     for ch in chunks:
