@@ -352,8 +352,8 @@ def _run(job: ScoreJob, progress: ProgressFn | None, once: bool, t0: float) -> S
         progress(Progress("score", "start", total))
     with writer if writer is not None else contextlib.nullcontext():
         chunks = prefetch(looked_up(regroup(stream)))
-        st = score_chunks(chunks, lambda ch: ch.rows, lk.vt, reasons.get, writer, norm, advance,
-                          extra, collector=collector)  # fmt: skip
+        st = score_chunks(chunks, _rows_of, lk.vt, reasons.get, writer, norm, advance, extra,
+                          collector=collector)  # fmt: skip
         if st.trials == 0:
             raise UsageError(f"{path}: the trial list has no trials")
     lk.release()  # the vectors are no longer needed: the metrics get the memory
@@ -376,6 +376,11 @@ def _run(job: ScoreJob, progress: ProgressFn | None, once: bool, t0: float) -> S
         dup = int(np.count_nonzero(p[1:] == p[:-1]))
         del pairs, p
     return _report(job, summary, lk, st, stage_info, dup, t0, load_s)
+
+
+def _rows_of(ch: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The key rows the reader's thread looked up (``looked_up`` in :func:`_run`)."""
+    return ch.rows
 
 
 def _distinct(x: np.ndarray) -> np.ndarray:

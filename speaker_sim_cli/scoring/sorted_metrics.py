@@ -38,7 +38,9 @@ class ScoreCollector:
         if self._fixed:
             self._t = [np.empty(targets or 0, dtype)]
             self._n = [np.empty(nontargets or 0, dtype)]
-        self._both = np.empty(capacity, dtype) if capacity and not self._fixed else None
+        self._both: np.ndarray | None = None
+        if capacity and not self._fixed:
+            self._both = np.empty(capacity, dtype)
         self._fill = [0, 0]
         self.count = 0
 
