@@ -498,3 +498,30 @@ def test_score_collector_with_a_capacity_gives_the_same_metrics():
             c.add(s[lo : lo + 4096], y[lo : lo + 4096])
         assert c.count == len(s)
         assert c.evaluate() == want
+
+
+def test_an_interrupt_in_one_pass_leaves_no_file_and_no_reader_thread(
+    vectors, tmp_path, monkeypatch
+):
+    import threading
+
+    from speaker_sim_cli.io import trial_stream
+
+    monkeypatch.setattr(trial_stream, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(trial_stream, "CHUNK_TRIALS", 500)
+    lst = present_list(vectors, tmp_path / "t.txt")
+    seen = []
+
+    def progress(ev):
+        if ev.stage == "score" and ev.event == "advance":
+            seen.append(ev.n)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "o" / "s.csv"
+    job = ScoreJob(TrialSource(lst), ModelSource(embeddings=vectors), ScoringSetup(),
+                   Outputs(out, "csv", stream=True))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        job.run(progress)
+    assert list(out.parent.iterdir()) == []
+    assert not any(t.name == "speaker-sim-prefetch" for t in threading.enumerate())

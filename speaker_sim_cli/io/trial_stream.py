@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import queue
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -312,7 +312,7 @@ class TrialStream:
                           np.asarray(numbers, dtype=np.int64))  # fmt: skip
 
 
-def prefetch(items: Iterable[Item], depth: int = 1) -> Iterator[Item]:
+def prefetch(items: Iterable[Item], depth: int = 1) -> Generator[Item, None, None]:
     """``items`` produced by a background thread up to ``depth`` ahead of the consumer (the
     Arrow parser and numpy release the GIL, so reading the next chunk overlaps scoring this
     one). The producer's exception is raised where its item would have come; a consumer that

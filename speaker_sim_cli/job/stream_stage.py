@@ -352,8 +352,11 @@ def _run(job: ScoreJob, progress: ProgressFn | None, once: bool, t0: float) -> S
         progress(Progress("score", "start", total))
     with writer if writer is not None else contextlib.nullcontext():
         chunks = prefetch(looked_up(regroup(stream)))
-        st = score_chunks(chunks, _rows_of, lk.vt, reasons.get, writer, norm, advance, extra,
-                          collector=collector)  # fmt: skip
+        try:
+            st = score_chunks(chunks, _rows_of, lk.vt, reasons.get, writer, norm, advance,
+                              extra, collector=collector)  # fmt: skip
+        finally:
+            chunks.close()  # a run that stops early (an error, an interrupt) stops the reader
         if st.trials == 0:
             raise UsageError(f"{path}: the trial list has no trials")
     lk.release()  # the vectors are no longer needed: the metrics get the memory
