@@ -27,8 +27,12 @@ def expected(table: list[str], queries: list[str]) -> list[int]:
     return [where.get(q, -1) for q in queries]
 
 
+@pytest.mark.parametrize("words", [0, 8])  # table keys checked in their bytes / word columns
 @pytest.mark.parametrize("bits", [1, 3, 64])
-def test_rows_are_a_dicts_answers_even_when_every_hash_collides(bits):
+def test_rows_are_a_dicts_answers_even_when_every_hash_collides(bits, words, monkeypatch):
+    from speaker_sim_cli.io import key_index
+
+    monkeypatch.setattr(key_index, "WORDS", words)
     rng = np.random.default_rng(bits)
     table = random_keys(rng, 3000 if bits == 64 else 300)  # few bits: chains as long as that
     absent = [k + "!" for k in table[:100]] + [k[:-1] for k in table[:100] if k] + ["", "a"]

@@ -25,6 +25,7 @@ _M3 = np.uint64(0x94D049BB133111EB)
 _MASKS = np.array([(1 << (8 * k)) - 1 for k in range(9)], np.uint64)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 SLICE = 1 << 16  # keys hashed / compared at a time (bounds the temporaries)
+WORDS = 4  # table keys of up to 32 bytes are kept as word columns too
 
 
 class _Bytes:
@@ -100,9 +101,19 @@ class KeyIndex:
         self._row = np.full(size, -1, np.int32 if n < 2**31 else np.int64)
         self._hash = np.zeros(size, np.uint64)
         h = np.empty(n, np.uint64)
+        words = _count(self.keys.lengths)
+        # Keys of up to WORDS words keep them as columns (8 bytes a key each): a probe's
+        # check reads one word a key there instead of finding it in the key bytes.
+        self._words = [np.empty(n, np.uint64) for _ in range(words)] if words <= WORDS else None
         for lo in range(0, n, SLICE):
             sl = slice(lo, min(n, lo + SLICE))
-            h[sl] = _hashes(*self.keys.key_words(sl, _count(self.keys.lengths[sl])))
+            length, w = self.keys.key_words(sl, _count(self.keys.lengths[sl]))
+            h[sl] = _hashes(length, w)
+            if self._words is not None:
+                for col, x in zip(self._words, w):
+                    col[sl] = x
+                for col in self._words[len(w) :]:
+                    col[sl] = 0
         h &= self._hmask
         rows = np.arange(n, dtype=np.int64)
         pos = (h & np.uint64(self._mask)).astype(np.int64)
@@ -155,7 +166,11 @@ class KeyIndex:
                 ql = length[qi]
                 same = ql == tl
                 most = min(int(ql.max()), self.keys.longest)
-                _, tw = self.keys.key_words(ti, _count(np.array([most])))
+                need = _count(np.array([most]))
+                if self._words is not None:
+                    tw = [col[ti] for col in self._words[:need]]
+                else:
+                    _, tw = self.keys.key_words(ti, need)
                 for w, t in zip(words, tw):
                     same &= w[qi] == t
                 out[qi[same]] = ti[same]
