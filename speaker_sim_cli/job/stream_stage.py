@@ -312,17 +312,21 @@ def _run(job: ScoreJob, progress: ProgressFn | None, once: bool, t0: float) -> S
         names = tuple(rescaled_columns(scale, np.zeros(1)))
         writer = StreamedScores(out.out, out.fmt, labelled, bool(reasons),
                                 sc.on_error == "skip", names)  # fmt: skip
-    # duplicate trials: one int64 per trial, for lists up to DUPLICATES_LIMIT
-    cap = total if one is None else DUPLICATES_LIMIT
-    pairs = np.empty(cap, np.int64) if total <= DUPLICATES_LIMIT else None
+    # duplicate trials: one int64 per trial, for lists up to DUPLICATES_LIMIT (one pass: the
+    # count is known at the end, so the array is let go as soon as the list is longer)
+    pairs = None
+    if total <= DUPLICATES_LIMIT or one is not None:
+        pairs = np.empty(total if one is None else DUPLICATES_LIMIT, np.int64)
     table, n_keys = lk.table, max(len(lk.table), 1)
     done = 0
 
     def ids(ch: Any) -> tuple[np.ndarray, np.ndarray]:
-        nonlocal done
+        nonlocal done, pairs
         a, b = one.ids(ch) if one is not None else table.ids(ch.enroll, ch.test)
-        if pairs is not None and done + len(a) <= len(pairs):  # the same two keys (keys with
-            pairs[done : done + len(a)] = _pair_codes(ch, a, b, n_keys)  # no row: by text)
+        if pairs is not None and done + len(a) > len(pairs):
+            pairs = None
+        if pairs is not None:  # the same two keys (keys with no row: told apart by their text)
+            pairs[done : done + len(a)] = _pair_codes(ch, a, b, n_keys)
         done += len(a)
         return a, b
 
@@ -373,7 +377,7 @@ def _run(job: ScoreJob, progress: ProgressFn | None, once: bool, t0: float) -> S
         raise RuntimeError(f"{path}: changed while it was read ({summary.trials} trials, "
                            f"then {st.trials})")  # fmt: skip
     dup = None
-    if pairs is not None and done == st.trials and done <= len(pairs):
+    if pairs is not None and done == st.trials:
         p = pairs[:done]
         p.sort()
         dup = int(np.count_nonzero(p[1:] == p[:-1]))
