@@ -23,6 +23,7 @@ _M2 = np.uint64(0xBF58476D1CE4E5B9)
 _M3 = np.uint64(0x94D049BB133111EB)
 # the low k bytes of a word kept, k = 0..8
 _MASKS = np.array([(1 << (8 * k)) - 1 for k in range(9)], np.uint64)
+_S32 = np.uint64(32)
 _S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
 SLICE = 1 << 16  # keys hashed / compared at a time (bounds the temporaries)
 WORDS = 4  # table keys of up to 32 bytes are kept as word columns too
@@ -99,7 +100,7 @@ class KeyIndex:
         size = 1 << max(4, int(4 * n - 1).bit_length())  # load factor <= 1/4
         self._mask = np.int64(size - 1)
         self._row = np.full(size, -1, np.int32 if n < 2**31 else np.int64)
-        self._hash = np.zeros(size, np.uint64)
+        self._hash = np.zeros(size, np.uint32)  # each slot's key's hash, its high half
         h = np.empty(n, np.uint64)
         words = _count(self.keys.lengths)
         # Keys of up to WORDS words keep them as columns (8 bytes a key each): a probe's
@@ -121,7 +122,7 @@ class KeyIndex:
             free = np.flatnonzero(self._row[pos] < 0)
             slots, first = np.unique(pos[free], return_index=True)
             self._row[slots] = rows[free[first]]
-            self._hash[slots] = h[rows[free[first]]]
+            self._hash[slots] = (h[rows[free[first]]] >> _S32).astype(np.uint32)
             left = np.ones(len(rows), bool)
             left[free[first]] = False
             rows, pos = rows[left], (pos[left] + 1) & self._mask
@@ -155,6 +156,7 @@ class KeyIndex:
         out = np.full(len(length), -1, np.int64)
         h = _hashes(length, words) & self._hmask
         pos = (h & np.uint64(self._mask)).astype(np.int64)
+        h = (h >> _S32).astype(np.uint32)  # the slot keeps this half: a first filter
         todo = np.arange(len(length))
         while len(todo):
             r = self._row[pos].astype(np.int64)

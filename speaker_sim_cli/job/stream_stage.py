@@ -92,8 +92,9 @@ class _Lookup:
         self.source = source  # what the report's "model" block describes
 
     def release(self) -> None:
-        """Let go of the vectors (a memory-mapped matrix is unmapped)."""
+        """Let go of the vectors (a memory-mapped matrix is unmapped) and the key index."""
         self.vt = VectorTable(np.zeros((0, 1), np.float32))
+        self.table = KeyTable(pa.array([], pa.string()))  # and the hash index
         release = getattr(self.source, "release", None)
         if release is not None:
             release()
@@ -363,7 +364,10 @@ def _run(job: ScoreJob, progress: ProgressFn | None, once: bool, t0: float) -> S
             chunks.close()  # a run that stops early (an error, an interrupt) stops the reader
         if st.trials == 0:
             raise UsageError(f"{path}: the trial list has no trials")
-    lk.release()  # the vectors are no longer needed: the metrics get the memory
+    lk.release()  # the vectors and the index are no longer needed: the metrics get the memory
+    table = lk.table
+    if one is not None:
+        one.table = table
     if progress is not None:
         progress(Progress("score", "done", st.trials))
     if summary is None:
