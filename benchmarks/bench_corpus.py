@@ -2,7 +2,7 @@
 recordings whose embeddings were computed earlier, whole command, with labels.
 
 Usage: ``python benchmarks/bench_corpus.py [--trials 100000000] [--recordings 1000000]
-[--scratch DIR] [--out bench-results/corpus.json]``
+[--scratch DIR] [--out bench-results/corpus.json] [--baseline TREE]``
 
 Generates, deterministically (seeded, vectorised), R speaker-structured random 192-dim vectors
 (an ``embed`` folder: embeddings.npy + index.csv — the seam where the sharded store's vectors
@@ -13,6 +13,11 @@ peak RSS (wait4's ru_maxrss of that process alone), and checks its EER / minDCF 
 float64 for the first ``--reference`` trials (compared score for score with the Parquet
 output), and the command's metrics against ``evaluate`` of all the scores it wrote (read back
 from the Parquet file) when ``--trials`` is at most ``--reference-all``.
+
+``--baseline TREE`` first runs the same command with another checkout's code (its
+``.venv/bin/python``, e.g. main's tree) on the same files, and reports both runs, the ratio of
+their trials/s, and whether the two score files hold the same rows and the two reports the
+same metrics.
 """
 
 from __future__ import annotations
@@ -94,15 +99,34 @@ def generate(scratch: Path, n_trials: int, n_rec: int, dim: int, seed: int) -> P
     return lst
 
 
-def run_command(cmd: list[str], env: dict[str, str]) -> tuple[int, float, float, str]:
-    """(exit code, wall seconds, peak RSS MiB of that process, stderr tail)."""
+def run_command(
+    cmd: list[str], env: dict[str, str], cwd: Path | None = None
+) -> tuple[int, float, float, float, str]:
+    """(exit code, wall seconds, peak RSS MiB, CPU seconds of that process, stderr tail)."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         cwd=cwd)  # fmt: skip
     assert p.stderr is not None
     err = p.stderr.read().decode(errors="replace")
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
-    return p.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024, err[-2000:]
+    cpu = usage.ru_utime + usage.ru_stime
+    return p.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024, cpu, err[-2000:]
+
+
+def _same_runs(a: Path, b: Path, rep_a: Path, rep_b: Path, fmt: str) -> dict:
+    """Whether two runs wrote the same score rows and the same metrics."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        same_rows = pq.read_table(a).equals(pq.read_table(b))
+    else:
+        import filecmp
+
+        same_rows = filecmp.cmp(a, b, shallow=False)
+    ma = json.loads(rep_a.read_text()).get("metrics")
+    mb = json.loads(rep_b.read_text()).get("metrics")
+    return {"score_rows_identical": same_rows, "metrics_identical": ma == mb}
 
 
 def reference(scratch: Path, out: Path, n_trials: int, n_rec: int, n_ref: int, seed: int,
@@ -166,7 +190,14 @@ def main(argv: list[str] | None = None) -> int:
         help="check the metrics against all written scores up to this many trials",
     )
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout (with its .venv) run first on the same files",
+    )
     args = ap.parse_args(argv)
+    args.scratch = args.scratch.resolve()
     args.scratch.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     lst = generate(args.scratch, args.trials, args.recordings, args.dim, args.seed)
@@ -178,8 +209,24 @@ def main(argv: list[str] | None = None) -> int:
     cmd = [*exe, "score", str(lst), "--embeddings", str(args.scratch / "emb"), "--out",
            str(scores), "--format", args.format, "--report", str(rep), "--quiet"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base = None
+    if args.baseline is not None:
+        b_scores = args.scratch / f"scores-baseline.{suffix}"
+        b_rep = args.scratch / "report-baseline.json"
+        b_cmd = [str(args.baseline / ".venv" / "bin" / "python"), *cmd[1:]]
+        b_cmd[b_cmd.index(str(scores))] = str(b_scores)
+        b_cmd[b_cmd.index(str(rep))] = str(b_rep)
+        b_load0 = os.getloadavg()
+        b_rc, b_wall, b_rss, b_cpu, b_err = run_command(b_cmd, {**env, "PYTHONPATH": ""},
+                                                 cwd=args.baseline)  # fmt: skip
+        base = {"tree": str(args.baseline), "exit_code": b_rc, "wall_s": round(b_wall, 2),
+                "trials_per_s": round(args.trials / b_wall), "cpu_s": round(b_cpu, 1),
+                "peak_rss_mib": round(b_rss),
+                "loadavg_before": b_load0, "loadavg_after": os.getloadavg()}  # fmt: skip
+        if b_rc != 0:
+            base["stderr"] = b_err
     load0 = os.getloadavg()
-    rc, wall, rss, err = run_command(cmd, env)
+    rc, wall, rss, cpu, err = run_command(cmd, env)
     load1 = os.getloadavg()
     doc: dict = {
         "trials": args.trials,
@@ -190,11 +237,17 @@ def main(argv: list[str] | None = None) -> int:
         "exit_code": rc,
         "wall_s": round(wall, 2),
         "trials_per_s": round(args.trials / wall),
+        "cpu_s": round(cpu, 1),
         "peak_rss_mib": round(rss),
         "loadavg_before": load0,
         "loadavg_after": load1,
         "cpus": os.cpu_count(),
     }
+    if base is not None:
+        doc["baseline"] = base
+        doc["speedup_vs_baseline"] = round(base["wall_s"] / wall, 2)
+        if rc == 0 and base["exit_code"] == 0:
+            doc["same_as_baseline"] = _same_runs(scores, b_scores, rep, b_rep, args.format)
     if rc != 0:
         doc["stderr"] = err
     else:

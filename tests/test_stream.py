@@ -330,3 +330,198 @@ def test_eval_reads_csv_and_parquet_score_files_in_chunks(shared, vectors, tmp_p
     (tmp_path / "b.csv").write_text("\n".join(text) + "\n")
     with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'b.csv'}:3001: ")):
         score_stream.score_arrays(tmp_path / "b.csv")
+
+
+# -- the one-pass route, its pieces ------------------------------------------------------------
+
+
+def present_list(vectors: Path, path: Path, n: int = 3000, bad_line: int | None = None) -> Path:
+    """A Kaldi list of ``n`` labelled trials over keys that all have a vector."""
+    keys = [k for k in (vectors / "index.csv").read_text().splitlines()[1:] if " " not in k]
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, len(keys), n), rng.integers(0, len(keys), n)
+    lines = [f"{keys[i]} {keys[j]} {'target' if (i + j) % 3 else 'nontarget'}"
+             for i, j in zip(a.tolist(), b.tolist())]  # fmt: skip
+    if bad_line is not None:
+        lines[bad_line - 1] += " extra"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "kaldi", "wespeaker", "parquet"])
+def test_one_pass_writes_what_two_passes_and_the_in_memory_route_write(
+    vectors, tmp_path, monkeypatch, fmt
+):
+    from speaker_sim_cli.io import trial_stream
+    from speaker_sim_cli.job import stream_stage
+
+    lst = present_list(vectors, tmp_path / "t.txt")
+    scans = []
+    real_scan = stream_stage.scan
+    monkeypatch.setattr(stream_stage, "scan", lambda s: scans.append(1) or real_scan(s))
+    monkeypatch.setattr(trial_stream, "BLOCK_BYTES", 4096)  # many blocks, many chunks
+    monkeypatch.setattr(trial_stream, "CHUNK_TRIALS", 700)
+    one = run_job(lst, vectors, tmp_path / f"one.{fmt}", True, fmt)
+    assert scans == []  # read once
+    mem = run_job(lst, vectors, tmp_path / f"mem.{fmt}", False, fmt if fmt != "parquet" else "csv")
+    if fmt == "parquet":  # the in-memory route writes no Parquet: its report, its CSV
+        mem["score_format"] = "parquet"
+    job = ScoreJob(TrialSource(lst), ModelSource(embeddings=vectors), ScoringSetup(),
+                   Outputs(tmp_path / f"two.{fmt}", fmt, stream=True))  # fmt: skip
+    two = stream_stage._run(job, None, False, 0.0).comparable()
+    two.pop("scores")
+    assert scans == [1]
+    assert one == mem == two
+    assert one["counts"]["trials"] == 3000 and one["metrics"]["eer"] is not None
+    if fmt == "parquet":
+        assert pq.read_table(tmp_path / "one.parquet").equals(
+            pq.read_table(tmp_path / "two.parquet")
+        )
+    else:
+        assert filecmp.cmp(tmp_path / f"one.{fmt}", tmp_path / f"mem.{fmt}", shallow=False)
+        assert filecmp.cmp(tmp_path / f"one.{fmt}", tmp_path / f"two.{fmt}", shallow=False)
+
+
+def test_one_pass_hands_a_list_with_an_unknown_key_to_two_passes(vectors, tmp_path):
+    lst = present_list(vectors, tmp_path / "t.txt")
+    text = lst.read_text().splitlines()
+    text[2500] = "no/such/key.wav " + text[2500].split(" ", 1)[1]
+    lst.write_text("\n".join(text) + "\n")
+    one = run_job(lst, vectors, tmp_path / "s.csv", True)
+    mem = run_job(lst, vectors, tmp_path / "m.csv", False)
+    assert one == mem and one["counts"]["failed_recordings"] == 1
+    assert filecmp.cmp(tmp_path / "s.csv", tmp_path / "m.csv", shallow=False)
+    assert ",error" in (tmp_path / "s.csv").read_text().splitlines()[0]
+
+
+def test_one_pass_names_a_late_bad_line_and_leaves_no_file(vectors, tmp_path):
+    lst = present_list(vectors, tmp_path / "t.txt", 40_000, bad_line=39_001)
+    out = tmp_path / "o" / "s.parquet"
+    res = CliRunner().invoke(app, ["score", str(lst), "--embeddings", str(vectors), "--out",
+                                   str(out), "--quiet"])  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "39001" in res.output
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
+def test_fixed6_is_pythons_format_for_every_value():
+    from speaker_sim_cli.io.score_text import fixed6
+
+    rng = np.random.default_rng(0)
+    edges = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e300, -1e-300, 5e-7, -5e-7, 0.0078125,
+             -0.0078125, 2.5e-6, 0.9999995, -0.9999995, 1.0000005, 1e15, 2.0**52 / 1e6,
+             123456789.1234565, 4503599627.370497, -1.0, 1.0]  # fmt: skip
+    x = np.concatenate([
+        rng.uniform(-1, 1, 50_000), rng.normal(0, 40, 5000), np.array(edges),
+        rng.integers(-(2**20), 2**20, 5000) / 2**20,  # exact binary halves of 1e-6 steps
+        rng.integers(-(10**7), 10**7, 5000) / 1e6 + 5e-7,  # near-ties
+    ])  # fmt: skip
+    want = ["" if np.isnan(v) else f"{v:.6f}" for v in x.tolist()]
+    assert fixed6(x).to_pylist() == want
+
+
+@pytest.mark.parametrize("fmt", ["csv", "kaldi", "wespeaker"])
+def test_arrow_score_lines_are_pythons_with_quoting_errors_and_extra_columns(tmp_path, fmt):
+    from speaker_sim_cli.io.score_text import text_rows
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    e = [f"e{i % 13}" + ("," if fmt == "csv" and i == 2000 else "") for i in range(n)]
+    t = [f't"{i % 17}' if fmt == "csv" and i == 2500 else f"t{i % 17}" for i in range(n)]
+    s = rng.normal(size=n)
+    s[rng.random(n) < 0.05] = np.nan
+    s[:4] = [-0.0, np.inf, -np.inf, 0.0078125]
+    y = (rng.random(n) < 0.3).astype(np.int8)
+    err = [None if np.isfinite(v) else "e: bad, really" for v in s]
+    extra = {"score_pct": s * 100} if fmt == "csv" else None
+    for skip in (False, True):
+        whole = tmp_path / f"whole{skip}"
+        with open(whole, "w", newline="") as f:
+            write_scores(f, e, t, s, y, err, fmt, skip_failed=skip, extra=extra)
+        out = tmp_path / f"part{skip}"
+        with StreamedScores(out, fmt, True, True, skip, tuple(extra or ())) as w:
+            for lo in range(0, n, 1000):  # the 3rd part has a key that needs quoting
+                sl = slice(lo, lo + 1000)
+                w.write(
+                    pa.array(e[sl]),
+                    pa.chunked_array([pa.array(t[sl])]),
+                    s[sl],
+                    y[sl],
+                    err[sl],
+                    {k: v[sl] for k, v in extra.items()} if extra else None,
+                )
+        assert out.read_bytes() == whole.read_bytes()
+    quoted = text_rows("csv", pa.array(["a,b"]), pa.array(["c"]), np.ones(1), None, None, None,
+                       False, False)  # fmt: skip
+    assert quoted is None  # Python's csv writer quotes it
+
+
+def test_prefetch_raises_where_the_item_would_come_and_stops_its_producer():
+    import threading
+
+    from speaker_sim_cli.io.trial_stream import prefetch
+
+    def items():
+        yield 1
+        yield 2
+        raise UsageError("line 3: bad")
+
+    got = []
+    with pytest.raises(UsageError, match="line 3"):
+        for x in prefetch(items()):
+            got.append(x)
+    assert got == [1, 2]
+    made = []
+
+    def endless():
+        i = 0
+        while True:
+            made.append(i)
+            yield i
+            i += 1
+
+    it = prefetch(endless(), depth=2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # the consumer stops: so does the thread
+    assert not any(t.name == "speaker-sim-prefetch" for t in threading.enumerate())
+    assert len(made) <= 6
+
+
+def test_score_collector_with_a_capacity_gives_the_same_metrics():
+    rng = np.random.default_rng(0)
+    s = rng.normal(size=30_000)
+    y = (rng.random(30_000) < 0.2).astype(np.int8)
+    want = evaluate(s, y)
+    for cap in (40_000, 30_000, 10_000, 0):  # fits, exactly, overflows, none
+        c = ScoreCollector(np.float64, capacity=cap)
+        for lo in range(0, len(s), 4096):
+            c.add(s[lo : lo + 4096], y[lo : lo + 4096])
+        assert c.count == len(s)
+        assert c.evaluate() == want
+
+
+def test_an_interrupt_in_one_pass_leaves_no_file_and_no_reader_thread(
+    vectors, tmp_path, monkeypatch
+):
+    import threading
+
+    from speaker_sim_cli.io import trial_stream
+
+    monkeypatch.setattr(trial_stream, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(trial_stream, "CHUNK_TRIALS", 500)
+    lst = present_list(vectors, tmp_path / "t.txt")
+    seen = []
+
+    def progress(ev):
+        if ev.stage == "score" and ev.event == "advance":
+            seen.append(ev.n)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "o" / "s.csv"
+    job = ScoreJob(TrialSource(lst), ModelSource(embeddings=vectors), ScoringSetup(),
+                   Outputs(out, "csv", stream=True))  # fmt: skip
+    with pytest.raises(KeyboardInterrupt):
+        job.run(progress)
+    assert list(out.parent.iterdir()) == []
+    assert not any(t.name == "speaker-sim-prefetch" for t in threading.enumerate())

@@ -88,6 +88,24 @@ class StreamedScores:
         if self._pq is not None:
             return self._write_parquet(enroll, test, scores, labels, errors, extra)
         assert self._text is not None
+        if self._first and self.fmt == "csv":  # the header, as write_scores words it
+            write_scores(self._text, [], [], np.empty(0),
+                         np.empty(0, np.int8) if labels is not None else None, None, self.fmt,
+                         self.skip_failed, {k: v[:0] for k, v in (extra or {}).items()} or None,
+                         header=True, error_column=self.error_column)  # fmt: skip
+            self._first = False
+        from .score_text import text_rows
+
+        fast = text_rows(self.fmt, enroll, test, scores, labels, errors, extra,
+                         self.skip_failed, self.error_column)  # fmt: skip
+        if fast is not None:  # Arrow built the lines: the same bytes as the loop below
+            raw = getattr(self._text, "buffer", None)
+            if raw is None:
+                self._text.write(bytes(fast[0]).decode())
+            else:
+                self._text.flush()
+                raw.write(fast[0])
+            return fast[1]
         n = 0
         for lo in range(0, len(scores), TEXT_ROWS):  # Python strings for a slice at a time
             hi = min(len(scores), lo + TEXT_ROWS)

@@ -9,9 +9,12 @@ line) is read by that module's line reader, which names the bad line.
 from __future__ import annotations
 
 import io
-from collections.abc import Iterable, Iterator
+import queue
+import threading
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -20,12 +23,14 @@ import pyarrow.csv as pacsv
 
 from ..errors import UsageError
 from . import trials as T
+from .key_index import KeyIndex
 
 # Text parsed at a time (about 250 k Kaldi lines): the parser's working memory scales with it.
 # regroup() then joins parsed blocks into chunks of ~0.5 M trials for the key lookup, whose
 # cost per call (hashing the key table) does not.
 BLOCK_BYTES = 8 << 20
 CHUNK_TRIALS = 1 << 19
+Item = TypeVar("Item")
 
 # A block the Arrow parser reads exactly as the line reader would: only single spaces (or the
 # delimiter) between fields, no other whitespace, no blank line, no leading / trailing space.
@@ -101,6 +106,7 @@ class TrialChunk:
     labels: np.ndarray | None
     first_line: int  # line (text) or row (Parquet) of the first trial, 1-based
     lines: np.ndarray | None = None  # each trial's line where they are not consecutive
+    rows: tuple[np.ndarray, np.ndarray] | None = None  # both sides' key rows, once looked up
 
     def __len__(self) -> int:
         return len(self.enroll)
@@ -135,10 +141,10 @@ class TrialStream:
     ``has_labels`` says whether chunks carry labels.
     """
 
-    def __init__(self, path: str | Path, block_bytes: int = BLOCK_BYTES) -> None:
+    def __init__(self, path: str | Path, block_bytes: int | None = None) -> None:
         self.path = Path(path)
         self.source = str(self.path)
-        self.block_bytes = block_bytes
+        self.block_bytes = block_bytes or BLOCK_BYTES
         p = self.path
         if not p.exists():
             raise UsageError(f"{p}: file not found")
@@ -306,9 +312,52 @@ class TrialStream:
                           np.asarray(numbers, dtype=np.int64))  # fmt: skip
 
 
-def regroup(chunks: Iterable[TrialChunk], trials: int = CHUNK_TRIALS) -> Iterator[TrialChunk]:
-    """Consecutive chunks joined into chunks of at least ``trials`` (the last one less): the
-    key columns become Arrow ChunkedArrays, nothing is copied."""
+def prefetch(items: Iterable[Item], depth: int = 1) -> Generator[Item, None, None]:
+    """``items`` produced by a background thread up to ``depth`` ahead of the consumer (the
+    Arrow parser and numpy release the GIL, so reading the next chunk overlaps scoring this
+    one). The producer's exception is raised where its item would have come; a consumer that
+    stops early (an exception, ``close``) stops the producer."""
+    q: queue.Queue[tuple[int, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(kind: int, x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put((kind, x), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for x in items:
+                if not put(0, x):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(1, exc)
+            return
+        put(2, None)
+
+    th = threading.Thread(target=produce, name="speaker-sim-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            kind, x = q.get()
+            if kind == 1:
+                raise x
+            if kind == 2:
+                return
+            yield x
+    finally:
+        stop.set()
+        th.join()
+
+
+def regroup(chunks: Iterable[TrialChunk], trials: int | None = None) -> Iterator[TrialChunk]:
+    """Consecutive chunks joined into chunks of at least ``trials`` (default CHUNK_TRIALS; the
+    last one less): the key columns become Arrow ChunkedArrays, nothing is copied."""
+    trials = trials or CHUNK_TRIALS
     group: list[TrialChunk] = []
     size = 0
     for ch in chunks:
@@ -344,25 +393,21 @@ def _join(group: list[TrialChunk]) -> TrialChunk:
 
 
 class KeyTable:
-    """Unique keys as one Arrow string array; a key's id is its row (int64, -1 if absent)."""
+    """Unique keys as one Arrow string array; a key's id is its row (int64, -1 if absent),
+    found by a :class:`.key_index.KeyIndex` built on the first lookup."""
 
     def __init__(self, keys: pa.Array) -> None:
         self.keys = keys.cast(pa.string())
+        self._index: KeyIndex | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def ids(self, *cols: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
-        """The id of every key of each column: one hash of the table for all of them."""
-        parts_in = [x for c in cols for x in (c.chunks if isinstance(c, pa.ChunkedArray) else [c])]
-        both = pa.chunked_array([c.cast(pa.string()) for c in parts_in], type=pa.string())
-        got = pc.index_in(both, value_set=self.keys).combine_chunks()
-        ids = got.fill_null(-1).to_numpy()  # int32: rows of a table of < 2**31 keys
-        parts, lo = [], 0
-        for c in cols:
-            parts.append(ids[lo : lo + len(c)])
-            lo += len(c)
-        return parts
+        """The id of every key of each column."""
+        if self._index is None:
+            self._index = KeyIndex(self.keys)
+        return [self._index.rows(c) for c in cols]
 
     def to_list(self) -> list[str]:
         return self.keys.to_pylist()

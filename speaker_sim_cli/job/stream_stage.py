@@ -1,9 +1,14 @@
 """The streamed route of a :class:`~speaker_sim_cli.job.score.ScoreJob`: a trial file read in
-chunks twice (a first pass checks every line and collects the unique keys before any model
-work; the second scores), vectors looked up by Arrow hash, scores written as they come and
+chunks, vectors looked up by a hash index over the key table, scores written as they come and
 kept for the metrics as two compact arrays. Same scores, metrics and report as the in-memory
 route (:func:`~speaker_sim_cli.job.stage.score_stage`), in memory of the recordings' vectors
 plus one chunk.
+
+When every vector is known before the list is read (an ``embed`` npy folder, plain cosine,
+scores to a file) the list is read once: each chunk is parsed (a thread ahead), looked up,
+scored and written; a bad line late in the list still leaves no score file (the temp file is
+removed) and its message names the line. Otherwise a first pass checks every line and
+collects the unique keys before any model work, and a second pass scores.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..errors import UsageError
-from ..io.trial_stream import KeyTable, ListSummary, TrialStream, regroup, scan
+from ..io.trial_stream import KeyTable, ListSummary, TrialStream, prefetch, regroup, scan
 from ..records import EmbedResult, Failure
 from ..scoring.sorted_metrics import ScoreCollector
 from ..scoring.stream import CohortNorm, StreamStats, VectorTable, score_chunks
@@ -87,8 +92,9 @@ class _Lookup:
         self.source = source  # what the report's "model" block describes
 
     def release(self) -> None:
-        """Let go of the vectors (a memory-mapped matrix is unmapped)."""
+        """Let go of the vectors (a memory-mapped matrix is unmapped) and the key index."""
         self.vt = VectorTable(np.zeros((0, 1), np.float32))
+        self.table = KeyTable(pa.array([], pa.string()))  # and the hash index
         release = getattr(self.source, "release", None)
         if release is not None:
             release()
@@ -157,18 +163,96 @@ def _general(
                    emb.recordings, dict(v.info), np.arange(len(v.keys)), source)  # fmt: skip
 
 
+class _Unknown(Exception):
+    """A key of the list has no vector: the one-pass route hands over to the two-pass one."""
+
+
+class _OnePass:
+    """The keys of a list read once, looked up chunk by chunk in a key table that holds every
+    one of them (else :class:`_Unknown`); which rows the list used."""
+
+    def __init__(self, table: KeyTable, check_fmt: str | None) -> None:
+        self.table, self.check_fmt = table, check_fmt
+        self.seen = np.zeros(len(table), bool)
+
+    def ids(self, ch: Any) -> tuple[np.ndarray, np.ndarray]:
+        from ..io.scorefiles import check_whitespace_safe
+
+        if self.check_fmt is not None:  # keys of a CSV / TSV / Parquet list may hold spaces
+            u = pa.chunked_array([ch.enroll, ch.test]).unique()
+            check_whitespace_safe(u.to_pylist(), self.check_fmt)
+        a, b = self.table.ids(ch.enroll, ch.test)
+        if (a < 0).any() or (b < 0).any():
+            raise _Unknown
+        self.seen[a] = True
+        self.seen[b] = True
+        return a, b
+
+
+def _table(job: ScoreJob) -> _Lookup:
+    """An ``embed`` npy folder's keys (hash-indexed) and memory-mapped matrix, for a list
+    not read yet."""
+    from ..io.vector_table import load_npy_folder
+
+    assert job.model.embeddings is not None
+    t0 = time.perf_counter()
+    km = load_npy_folder(job.model.embeddings)
+    table = KeyTable(km.keys)
+    table.ids()  # the index, built now
+    res = EmbedResult({}, {}, 0, 0, time.perf_counter() - t0)
+    job.extractor = None
+    return _Lookup(table, VectorTable(km.matrix), {}, None, [], res, 0, {},
+                   np.empty(0, np.int64), km)  # fmt: skip
+
+
+def _estimate_trials(path: Path) -> int:
+    """About how many trials a list holds, from its size and its first MiB."""
+    from ..io.trials import is_parquet
+
+    if is_parquet(path):
+        import pyarrow.parquet as pq
+
+        try:
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        except (pa.ArrowException, OSError):
+            return 0
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    return int(size * max(head.count(b"\n"), 1) / max(len(head), 1))
+
+
 def run_streamed(job: ScoreJob, progress: ProgressFn | None = None) -> ScoreReport:
     """The job's run for a streamable trial file (:func:`streamable`)."""
+    from ..io.vector_table import is_npy_folder
+
+    t0 = time.perf_counter()
+    m, out, sc = job.model, job.outputs, job.scoring
+    # Every vector known before the list is read, plain cosine, scores to a file: one pass
+    # (to stdout, a late bad line would follow rows already printed). A key with no vector
+    # makes an error column, which a score file's header must know of: then two passes.
+    once = (m.embeddings is not None and is_npy_folder(Path(m.embeddings))
+            and not sc.norm and sc.cohort is None and sc.enroll_map is None
+            and sc.mean_from is None and (out.out is not None or not out.stdout))  # fmt: skip
+    if once:
+        try:
+            return _run(job, progress, True, t0)
+        except _Unknown:
+            pass  # nothing was written (the temp file is gone)
+    return _run(job, progress, False, t0)
+
+
+def _run(job: ScoreJob, progress: ProgressFn | None, once: bool, t0: float) -> ScoreReport:
     from ..io.score_writer import StreamedScores
     from ..io.scorefiles import check_whitespace_safe
     from ..io.trials import read_wav_scp
     from ..io.vector_table import is_npy_folder
 
-    t0 = time.perf_counter()
     src, m, out, sc = job.source, job.model, job.outputs, job.scoring
     assert src.path is not None
     path = Path(src.path)
-    summary = scan(TrialStream(path))  # every line read and checked before any model work
+    stream = TrialStream(path)
+    summary = None if once else scan(stream)  # every line read and checked before model work
     if m.embeddings is not None and src.wav_scp is not None:
         raise UsageError("--embeddings and --wav-scp do not go together: trial items are keys")
     if m.embeddings is not None and m.ray is not None:
@@ -176,7 +260,7 @@ def run_streamed(job: ScoreJob, progress: ProgressFn | None = None) -> ScoreRepo
     scp = read_wav_scp(src.wav_scp, src.allow_commands) if src.wav_scp else None
     if src.root is not None and not src.root.is_dir():
         raise UsageError(f"--root {src.root}: not a folder")
-    if out.fmt not in ("csv", "parquet"):
+    if out.fmt not in ("csv", "parquet") and summary is not None:
         check_whitespace_safe(summary.keys.to_list(), out.fmt)
     if sc.score_scale and out.fmt not in ("csv", "parquet"):
         raise UsageError(f"--score-scale adds a column, which the {out.fmt} format has no "
@@ -186,13 +270,27 @@ def run_streamed(job: ScoreJob, progress: ProgressFn | None = None) -> ScoreRepo
     root = src.root or path.resolve().parent
     opt = scoring_options(sc, root, scp, src.scp_dir)
     t_load = time.perf_counter()
-    compact = (m.embeddings is not None and is_npy_folder(Path(m.embeddings))
-               and opt.enroll_map is None and opt.mean_from is None)  # fmt: skip
-    lk = _compact(job, summary, opt) if compact else _general(job, summary, scp, opt, progress)
+    one: _OnePass | None = None
+    if summary is None:
+        lk = _table(job)
+        keys_as_paths(opt)
+        check = None
+        if out.fmt not in ("csv", "parquet") and stream.format not in ("kaldi", "voxceleb"):
+            check = out.fmt
+        one = _OnePass(lk.table, check)
+        total = _estimate_trials(path)
+        labelled = stream.has_labels
+    else:
+        compact = (m.embeddings is not None and is_npy_folder(Path(m.embeddings))
+                   and opt.enroll_map is None and opt.mean_from is None)  # fmt: skip
+        lk = _compact(job, summary, opt) if compact else _general(job, summary, scp, opt,
+                                                                  progress)  # fmt: skip
+        # The list's keys are looked up: let them go (and the parser's freed buffers too).
+        summary.keys = summary.enroll_keys = KeyTable(pa.array([], pa.string()))
+        pa.default_memory_pool().release_unused()
+        total = summary.trials
+        labelled = summary.targets is not None
     load_s = time.perf_counter() - t_load - lk.result.seconds
-    # The list's keys are looked up: let them go (and the parser's freed buffers with them).
-    summary.keys = summary.enroll_keys = KeyTable(pa.array([], pa.string()))
-    pa.default_memory_pool().release_unused()
     if progress is not None:
         progress(Progress("embed", "done"))
     norm = None
@@ -213,20 +311,30 @@ def run_streamed(job: ScoreJob, progress: ProgressFn | None = None) -> ScoreRepo
         from ..scoring.scales import rescaled_columns
 
         names = tuple(rescaled_columns(scale, np.zeros(1)))
-        writer = StreamedScores(out.out, out.fmt, summary.targets is not None, bool(reasons),
+        writer = StreamedScores(out.out, out.fmt, labelled, bool(reasons),
                                 sc.on_error == "skip", names)  # fmt: skip
-    # duplicate trials: one int64 per trial, for lists up to DUPLICATES_LIMIT
-    pairs = np.empty(summary.trials, np.int64) if summary.trials <= DUPLICATES_LIMIT else None
+    # duplicate trials: one int64 per trial, for lists up to DUPLICATES_LIMIT (one pass: the
+    # count is known at the end, so the array is let go as soon as the list is longer)
+    pairs = None
+    if total <= DUPLICATES_LIMIT or one is not None:
+        pairs = np.empty(total if one is None else DUPLICATES_LIMIT, np.int64)
     table, n_keys = lk.table, max(len(lk.table), 1)
     done = 0
 
     def ids(ch: Any) -> tuple[np.ndarray, np.ndarray]:
-        nonlocal done
-        a, b = table.ids(ch.enroll, ch.test)
-        if pairs is not None and done + len(a) <= len(pairs):  # the same two keys (keys with
-            pairs[done : done + len(a)] = _pair_codes(ch, a, b, n_keys)  # no row: by text)
+        nonlocal done, pairs
+        a, b = one.ids(ch) if one is not None else table.ids(ch.enroll, ch.test)
+        if pairs is not None and done + len(a) > len(pairs):
+            pairs = None
+        if pairs is not None:  # the same two keys (keys with no row: told apart by their text)
+            pairs[done : done + len(a)] = _pair_codes(ch, a, b, n_keys)
         done += len(a)
         return a, b
+
+    def looked_up(chunks: Any) -> Any:  # in the reader's thread: parse, then look up
+        for ch in chunks:
+            ch.rows = ids(ch)
+            yield ch
 
     def advance(n: int) -> None:
         if progress is not None:
@@ -239,28 +347,51 @@ def run_streamed(job: ScoreJob, progress: ProgressFn | None = None) -> ScoreRepo
         def extra(s: np.ndarray) -> dict[str, np.ndarray]:
             return rescaled_columns(scale, s)
 
-    t = summary.targets
     collector = None
-    if t is not None:
+    if summary is not None and summary.targets is not None:
+        t = summary.targets
         collector = ScoreCollector(np.float64, t, summary.trials - t)
+    elif labelled:
+        collector = ScoreCollector(np.float64, capacity=total + total // 4 + 1024)
     if progress is not None:
-        progress(Progress("score", "start", summary.trials))
+        progress(Progress("score", "start", total))
     with writer if writer is not None else contextlib.nullcontext():
-        chunks = regroup(TrialStream(path))
-        st = score_chunks(chunks, ids, lk.vt, reasons.get, writer, norm, advance, extra,
-                          collector=collector)  # fmt: skip
-    lk.release()  # the vectors are no longer needed: the metrics get the memory
+        chunks = prefetch(looked_up(regroup(stream)))
+        try:
+            st = score_chunks(chunks, _rows_of, lk.vt, reasons.get, writer, norm, advance,
+                              extra, collector=collector)  # fmt: skip
+        finally:
+            chunks.close()  # a run that stops early (an error, an interrupt) stops the reader
+        if st.trials == 0:
+            raise UsageError(f"{path}: the trial list has no trials")
+    lk.release()  # the vectors and the index are no longer needed: the metrics get the memory
+    table = lk.table
+    if one is not None:
+        one.table = table
     if progress is not None:
-        progress(Progress("score", "done", summary.trials))
-    if st.trials != summary.trials:
+        progress(Progress("score", "done", st.trials))
+    if summary is None:
+        none = KeyTable(pa.array([], pa.string()))
+        summary = ListSummary(none, none, st.trials, st.targets if labelled else None,
+                              stream.format, stream.source)  # fmt: skip
+        assert one is not None
+        lk.recordings = int(np.count_nonzero(one.seen))
+        lk.result = EmbedResult({}, {}, 0, lk.recordings, lk.result.seconds)
+    elif st.trials != summary.trials:
         raise RuntimeError(f"{path}: changed while it was read ({summary.trials} trials, "
                            f"then {st.trials})")  # fmt: skip
     dup = None
-    if pairs is not None and done == len(pairs):
-        pairs.sort()
-        dup = int(np.count_nonzero(pairs[1:] == pairs[:-1]))
-        del pairs
+    if pairs is not None and done == st.trials:
+        p = pairs[:done]
+        p.sort()
+        dup = int(np.count_nonzero(p[1:] == p[:-1]))
+        del pairs, p
     return _report(job, summary, lk, st, stage_info, dup, t0, load_s)
+
+
+def _rows_of(ch: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The key rows the reader's thread looked up (``looked_up`` in :func:`_run`)."""
+    return ch.rows
 
 
 def _distinct(x: np.ndarray) -> np.ndarray:

@@ -23,11 +23,14 @@ class ScoreCollector:
     Python object per trial)."""
 
     def __init__(
-        self, dtype: type = np.float64, targets: int | None = None, nontargets: int | None = None
-    ) -> None:
+        self, dtype: type = np.float64, targets: int | None = None, nontargets: int | None = None,
+        capacity: int | None = None,
+    ) -> None:  # fmt: skip
         """``targets`` / ``nontargets``: at most how many of each will come (a first pass
         counted them): one array each, filled in place, instead of chunks joined at the end
-        (which would hold the scores twice)."""
+        (which would hold the scores twice). ``capacity``: about how many will come, classes
+        unknown (a list read once): one array, targets filled from its start and non-targets
+        from its end, so only what is filled takes memory; past it, chunks are joined."""
         self.dtype = dtype
         self._t: list[np.ndarray] = []
         self._n: list[np.ndarray] = []
@@ -35,25 +38,43 @@ class ScoreCollector:
         if self._fixed:
             self._t = [np.empty(targets or 0, dtype)]
             self._n = [np.empty(nontargets or 0, dtype)]
+        self._both: np.ndarray | None = None
+        if capacity and not self._fixed:
+            self._both = np.empty(capacity, dtype)
         self._fill = [0, 0]
         self.count = 0
 
     def add(self, scores: np.ndarray, labels: np.ndarray) -> None:
         s: np.ndarray = scores.astype(self.dtype, copy=False)
         is_t = labels == 1
-        for k, (parts, part) in enumerate(((self._t, s[is_t]), (self._n, s[~is_t]))):
-            if self._fixed:
-                lo = self._fill[k]
-                parts[0][lo : lo + len(part)] = part
-                self._fill[k] = lo + len(part)
-            else:
-                parts.append(part)
+        t, n = s[is_t], s[~is_t]
+        b = self._both
+        if b is not None and self._fill[0] + self._fill[1] + len(s) <= len(b):
+            lo, hi = self._fill[0], len(b) - self._fill[1]
+            b[lo : lo + len(t)] = t
+            b[hi - len(n) : hi] = n
+            self._fill[0] += len(t)
+            self._fill[1] += len(n)
+        else:
+            for k, (parts, part) in enumerate(((self._t, t), (self._n, n))):
+                if self._fixed:
+                    lo = self._fill[k]
+                    parts[0][lo : lo + len(part)] = part
+                    self._fill[k] = lo + len(part)
+                else:
+                    parts.append(part)
         self.count += len(s)
 
     def _take(self, k: int) -> np.ndarray:
         parts = self._t if k == 0 else self._n
         if self._fixed:
             return parts[0][: self._fill[k]]
+        b = self._both
+        if b is not None:
+            mine = b[: self._fill[0]] if k == 0 else b[len(b) - self._fill[1] :]
+            if not parts:
+                return mine
+            parts = [mine, *parts]
         return np.concatenate(parts) if parts else np.empty(0, self.dtype)
 
     def evaluate(
@@ -65,7 +86,7 @@ class ScoreCollector:
     ) -> Metrics:
         """EER / minDCF as :func:`evaluate` gives them for these scores; the chunks are freed."""
         t, n = self._take(0), self._take(1)
-        self._t, self._n = [], []
+        self._t, self._n, self._both = [], [], None
         if len(t) + len(n) <= EXACT_LIMIT:
             labels = np.zeros(len(t) + len(n), dtype=np.int8)
             labels[: len(t)] = 1
