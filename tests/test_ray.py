@@ -45,6 +45,20 @@ def test_ray_address_after_flag_is_read_positional_stays():
     assert split_ray_address(["--", "--ray", "auto"]) == ["--", "--ray", "auto"]
 
 
+def test_steady_rate_counts_only_while_every_actor_is_at_work():
+    """The window runs from the last actor's first unit to the first actor's last one."""
+    from speaker_sim_cli.engine.ray_engine import steady_rate
+
+    # Actor 1 loads late (first unit at 5 s); actor 0 runs out of work at 9 s.
+    t = [1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 9.0, 9.5, 10.0]
+    who = [0, 0, 0, 1, 0, 1, 0, 1, 1]
+    n = [10, 10, 10, 8, 10, 8, 10, 8, 8]
+    assert steady_rate(t, who, n) == ((10 + 8 + 10) / 4.0, 4.0, 28)
+    assert steady_rate([1.0, 2.0], [0, 1], [5, 5]) is None  # one unit each: no window
+    assert steady_rate([], [], []) is None
+    assert steady_rate([1.0, 3.0, 4.0], [0, 0, 0], [2, 2, 3]) == (5 / 3.0, 3.0, 5)
+
+
 def test_without_ray_installed_ray_is_a_usage_error(monkeypatch, tmp_path):
     import importlib.util
 
