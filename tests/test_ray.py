@@ -59,6 +59,21 @@ def test_steady_rate_counts_only_while_every_actor_is_at_work():
     assert steady_rate([1.0, 3.0, 4.0], [0, 0, 0], [2, 2, 3]) == (5 / 3.0, 3.0, 5)
 
 
+def test_a_unit_travels_as_one_block_and_the_worker_resolves_it_against_the_drivers_cwd():
+    from speaker_sim_cli.engine.ray_worker import absolute, pack_paths, unpack_paths
+
+    odd = "caf\u00e9 \udcff.wav"  # non-ASCII and an undecodable byte (surrogate escape)
+    paths = ["/a/b.wav", "rel/c.flac", "s3://bucket/d.wav", "sox e.sph -t wav - |", odd, ""]
+    block = pack_paths(paths)
+    assert isinstance(block, bytes) and unpack_paths(block) == paths
+    assert [absolute(p, "/work/x") for p in paths[:5]] == [
+        "/a/b.wav", "/work/x/rel/c.flac", "s3://bucket/d.wav", "sox e.sph -t wav - |",
+        f"/work/x/{odd}"]  # fmt: skip
+    assert absolute("../y/./z.wav", "/work/x") == "/work/y/z.wav"  # as os.path.abspath does
+    with_nul = ["/a.wav", "/b\0c.wav"]  # no real path holds a NUL: it goes as the list
+    assert pack_paths(with_nul) == with_nul and unpack_paths(with_nul) == with_nul
+
+
 def test_without_ray_installed_ray_is_a_usage_error(monkeypatch, tmp_path):
     import importlib.util
 

@@ -40,7 +40,7 @@ from ..errors import SpeakerSimError, UsageError
 from .config import EngineConfig, EngineStats
 from .ray_connect import INSTALL_HINT, Connection, _refused, connect
 from .ray_pool import ActorPool, Unit
-from .ray_worker import CACHED, CRASH_ENV, FAILED, EmbedActor
+from .ray_worker import CACHED, CRASH_ENV, FAILED, EmbedActor, pack_paths
 
 __all__ = ["RAY_SPEC", "EmbedActor", "RayOptions", "RayRun", "_refused", "load_weights"]
 
@@ -346,16 +346,17 @@ class RayRun:
             "cache_root": str(Path(self.cache.root).resolve()),
             "ingredients": self.cache.ingredients, "threads": 1, "decode_threads": threads,
             "crash_pattern": os.environ.get(CRASH_ENV, ""), "standin": self.standin,
+            "cwd": os.getcwd(),
         }  # fmt: skip
         need = {"CPU": cpus, "GPU": gpa}
         pool = ActorPool(ray, lambda: remote.remote(**kwargs),
                          lambda: self._want(ray, gpa, cpus), stall,
                          lambda: self._describe_cluster(ray, need))  # fmt: skip
 
-        def units() -> Iterator[Unit]:  # absolute paths (URLs and commands as they are)
+        def units() -> Iterator[Unit]:  # one bytes block each; the actors resolve them
             for lo in range(0, total, rows):
-                yield Unit(lo, [p if p[:1] == "/" or "://" in p or p.rstrip().endswith("|")
-                                else os.path.abspath(p) for p in paths[lo:lo + rows]])  # fmt: skip
+                chunk = paths[lo : lo + rows]
+                yield Unit(lo, len(chunk), pack_paths(chunk))
 
         done = failed = 0
         audio = 0.0

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SpeakerSimError
+from .ray_worker import pack_paths, unpack_paths
 
 # A recording whose worker process died this many times (counting the crash of the unit it was
 # first part of) fails alone; a node lost with the actor does not count.
@@ -29,10 +30,12 @@ RESIZE_S = 2.0
 
 @dataclass
 class Unit:
-    """Work items ``lo .. lo+len(paths)-1`` (their paths) and the crashes they have caused."""
+    """Work items ``lo .. lo+n-1`` (their paths as one :func:`pack_paths` block) and the
+    crashes they have caused."""
 
     lo: int
-    paths: list[str]
+    n: int
+    paths: bytes | list[str]
     crashes: int = 0
     last: str = ""
     # Was on an actor that died with more than one unit on it: runs alone from then on (no
@@ -216,12 +219,12 @@ class ActorPool:
         lost with the actor): every recording of them is retried alone as a suspect."""
         self.crashes += 1
         why = _first_line(exc)
-        if len(lost) > 1 or len(lost[0].paths) > 1:
+        if len(lost) > 1 or lost[0].n > 1:
             for u in reversed(lost):
-                for k in reversed(range(len(u.paths))):
-                    self.retry.appendleft(
-                        Unit(u.lo + k, [u.paths[k]], u.crashes, u.last or why, suspect=True)
-                    )
+                paths = unpack_paths(u.paths)
+                for k in reversed(range(u.n)):
+                    self.retry.appendleft(Unit(u.lo + k, 1, pack_paths([paths[k]]), u.crashes,
+                                               u.last or why, suspect=True))  # fmt: skip
             return
         unit = lost[0]
         unit.crashes += 1
