@@ -250,10 +250,17 @@ def scaling(files: list[str], nodes: list[int], copies: int) -> dict[str, Any]:
 
 
 class Synthetic:
-    """``n`` synthetic work items, made on demand (the caller's list is not the engine's cost)."""
+    """``n`` synthetic work items ``/corpus/000000001.wav`` ..., made on demand (a list of 10 M
+    str would be the caller's memory, not the engine's). As a plain sequence it makes a str per
+    item (~0.25 us each, counted in the driver's CPU); with ``blocks`` it also hands out each
+    unit's packed block (:meth:`block`, vectorised), as a list held compactly would."""
 
-    def __init__(self, n: int) -> None:
+    PREFIX, SUFFIX, DIGITS = b"/corpus/", b".wav", 9
+
+    def __init__(self, n: int, blocks: bool = False) -> None:
         self.n = n
+        if blocks:
+            self.block = self._block
 
     def __len__(self) -> int:
         return self.n
@@ -261,9 +268,28 @@ class Synthetic:
     def __getitem__(self, k: slice) -> list[str]:
         return [f"/corpus/{i:09d}.wav" for i in range(*k.indices(self.n))]
 
+    def _block(self, lo: int, hi: int) -> bytes:
+        """Items ``lo .. hi-1`` NUL-separated, as ``pack_paths(self[lo:hi])`` gives them."""
+        if not hasattr(self, "_row"):  # one item's bytes, and "000" .. "999"
+            self._row = np.frombuffer(self.PREFIX + b"0" * 9 + self.SUFFIX + b"\0", np.uint8)
+            self._triples = np.frombuffer("".join(f"{k:03d}" for k in range(1000)).encode(),
+                                          np.uint8).reshape(1000, 3)  # fmt: skip
+        i = np.arange(lo, hi, dtype=np.int64)
+        out = np.tile(self._row, (hi - lo, 1))
+        p = len(self.PREFIX)
+        for k, part in enumerate((i // 1_000_000, i // 1000 % 1000, i % 1000)):
+            out[:, p + 3 * k : p + 3 * k + 3] = self._triples[part]
+        return out.tobytes()[:-1]
+
 
 def driver_cost(
-    sizes: list[int], rows: int, actors: int, mean_seconds: float, api: str
+    sizes: list[int],
+    rows: int,
+    actors: int,
+    mean_seconds: float,
+    api: str,
+    blocks: bool = False,
+    in_flight: int = 2,
 ) -> dict[str, Any]:
     """Driver CPU-us, bytes and peak RSS per synthetic item through the real scheduling path."""
     import pickle
@@ -275,7 +301,9 @@ def driver_cost(
     from speaker_sim_cli.engine.config import EngineConfig
     from speaker_sim_cli.engine.ray_engine import RayOptions, RayRun
 
-    out: dict[str, Any] = {"unit_rows": rows, "actors": actors, "api": api, "sizes": []}
+    out: dict[str, Any] = {"unit_rows": rows, "actors": actors, "api": api,
+                           "items": "blocks" if blocks else "str", "in_flight": in_flight,
+                           "sizes": []}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-ray-", dir="/tmp") as tmp:
         os.environ.setdefault("RAY_TMPDIR", tmp)
         ray.init(num_cpus=actors, include_dashboard=False, logging_level="WARNING")
@@ -284,7 +312,7 @@ def driver_cost(
             for n in sizes:
                 run = RayRun(RayOptions(actors=actors, device="cpu"), None, Path("/none"),
                              EngineConfig(device="cpu", batch_size=rows), cache,
-                             standin=True)  # fmt: skip
+                             standin=True, in_flight=in_flight)  # fmt: skip
                 sampled: list[int] = []
                 orig = run._count
 
@@ -299,7 +327,8 @@ def driver_cost(
                 got = 0
                 c0, t0 = time.process_time(), time.perf_counter()
                 if api == "units":  # what a driver at scale consumes: one row per unit
-                    for _lo, status, _digests, _reasons in run.embed_units(Synthetic(n)):
+                    items = Synthetic(n, blocks)
+                    for _lo, status, _digests, _reasons in run.embed_units(items):
                         got += len(status) - status.count(2)
                 else:  # one Python tuple per recording (what Extractor.embed_paths uses)
                     for _i, digest, _why, _c in run.embed_items(Synthetic(n)):
@@ -352,9 +381,20 @@ def main() -> None:
         metavar="N",
         help="measure the driver's cost per item at these sizes instead",
     )
-    ap.add_argument("--unit-rows", type=int, default=256)
+    ap.add_argument("--unit-rows", type=int, default=1024)
     ap.add_argument("--mean-seconds", type=float, default=8.0)
     ap.add_argument("--api", choices=["units", "items"], default="units")
+    ap.add_argument(
+        "--blocks",
+        action="store_true",
+        help="--driver: the items hand out packed blocks (a compact list)",
+    )
+    ap.add_argument(
+        "--in-flight",
+        type=int,
+        default=2,
+        help="--driver: units queued on each actor (2 x actors in flight)",
+    )
     ap.add_argument(
         "--scaling",
         action="store_true",
@@ -367,7 +407,8 @@ def main() -> None:
         doc = {"what": "driver cost per work item (synthetic items, stand-in actors)",
                "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
                **driver_cost(args.driver or [10_000, 100_000, 1_000_000], args.unit_rows,
-                             2, args.mean_seconds, args.api)}  # fmt: skip
+                             2, args.mean_seconds, args.api, args.blocks,
+                             args.in_flight)}  # fmt: skip
         text = json.dumps(doc, indent=2)
         print(text)
         if args.out:

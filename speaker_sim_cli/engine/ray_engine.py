@@ -39,7 +39,7 @@ from typing import Any
 from ..errors import SpeakerSimError, UsageError
 from .config import EngineConfig, EngineStats
 from .ray_connect import INSTALL_HINT, Connection, _refused, connect
-from .ray_pool import ActorPool, Unit
+from .ray_pool import IN_FLIGHT, ActorPool, Unit
 from .ray_worker import CACHED, CRASH_ENV, FAILED, EmbedActor, pack_paths
 
 __all__ = ["RAY_SPEC", "EmbedActor", "RayOptions", "RayRun", "_refused", "load_weights"]
@@ -213,6 +213,7 @@ class RayRun:
     cfg: EngineConfig
     cache: Any  # the driver's EmbeddingCache / store (its root and ingredients go to the actors)
     standin: bool = False  # benchmarks: synthetic items, no file work, no network
+    in_flight: int = IN_FLIGHT  # units queued on each actor (benchmarks raise it)
     stats: EngineStats = field(default_factory=EngineStats)
     info: dict[str, Any] = field(default_factory=dict)
     actors: dict[str, _Tally] = field(default_factory=dict)
@@ -256,7 +257,11 @@ class RayRun:
         in ``digests`` (the key under which the worker wrote the vector to the store), and a
         reason by offset when they failed. Every path comes back exactly once. A worker that
         cannot serve (store or checkpoint out of its reach) stops the job with a
-        SpeakerSimError naming its node and the path."""
+        SpeakerSimError naming its node and the path.
+
+        ``paths`` is any sequence of str; one that also has ``block(lo, hi) -> bytes`` (the
+        paths ``lo .. hi-1`` as :func:`~.ray_worker.pack_paths` packs them) hands out each
+        unit's block itself, so a list held compactly costs the driver nothing per item."""
         if self.cache.root is None:
             raise UsageError("--ray needs the embedding cache (the workers hand the embeddings "
                              "back through it): drop --no-cache")  # fmt: skip
@@ -351,12 +356,15 @@ class RayRun:
         need = {"CPU": cpus, "GPU": gpa}
         pool = ActorPool(ray, lambda: remote.remote(**kwargs),
                          lambda: self._want(ray, gpa, cpus), stall,
-                         lambda: self._describe_cluster(ray, need))  # fmt: skip
+                         lambda: self._describe_cluster(ray, need), self.in_flight)  # fmt: skip
+
+        # A compact path list (one buffer, no str per item) hands out its blocks itself.
+        block: Callable[[int, int], bytes] | None = getattr(paths, "block", None)
 
         def units() -> Iterator[Unit]:  # one bytes block each; the actors resolve them
             for lo in range(0, total, rows):
-                chunk = paths[lo : lo + rows]
-                yield Unit(lo, len(chunk), pack_paths(chunk))
+                hi = min(total, lo + rows)
+                yield Unit(lo, hi - lo, block(lo, hi) if block else pack_paths(paths[lo:hi]))
 
         done = failed = 0
         audio = 0.0

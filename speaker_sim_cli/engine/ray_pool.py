@@ -10,9 +10,11 @@ message saying what the cluster lacks. The driver holds only the units in flight
 
 from __future__ import annotations
 
+import queue
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +67,7 @@ class ActorPool:
         want: Callable[[], int],
         stall_s: float,
         describe: Callable[[], str],
+        in_flight: int = IN_FLIGHT,
     ) -> None:
         self.ray = ray
         self.make = make
@@ -81,9 +84,15 @@ class ActorPool:
         self.crashes = 0
         self.retried_units = 0
         self.target = 0
+        self.in_flight = in_flight
+        # Actors with room for another unit (insertion-ordered set): assigning work visits
+        # only these, and a finished unit's answer arrives on ``done`` (a callback per ref), so
+        # the driver's work per unit does not grow with the number of actors or units in
+        # flight (ray.wait over every ref in flight costs ~0.6 us per ref per call).
+        self.hungry: dict[Any, None] = {}
+        self.done: queue.SimpleQueue[tuple[Any, Future[Any]]] = queue.SimpleQueue()
 
     def run(self, units: Iterator[Unit]) -> Iterator[dict[str, Any]]:
-        ray = self.ray
         source: Iterator[Unit] | None = units
         last_progress = time.monotonic()
         next_resize = 0.0
@@ -94,7 +103,9 @@ class ActorPool:
                 next_resize = now + RESIZE_S
             while len(self.slots) + len(self.starting) < self.target:
                 handle = self.make()
-                self.starting[handle.ready.remote()] = handle
+                ref = handle.ready.remote()
+                self.starting[ref] = handle
+                self._watch(ref)
             source = self._assign(source)
             while self.failed:
                 unit, why = self.failed.pop()
@@ -106,13 +117,10 @@ class ActorPool:
                 yield row
             if source is None and not self.work and not self.retry and not self.rows:
                 return
-            refs = list(self.work) + list(self.starting)
-            if not refs:  # nothing running and no actor starting: retried units wait for one
-                time.sleep(0.2)
-            done, _ = ray.wait(refs, num_returns=1, timeout=1.0) if refs else ([], [])
-            for ref in done:
+            done = self._completed(0.2 if not self.work and not self.starting else 1.0)
+            for ref, fut in done:
                 if ref in self.starting:
-                    if self._started(ref):
+                    if self._started(ref, fut):
                         last_progress = time.monotonic()
                     continue
                 if ref not in self.work:  # its actor died and its unit went back to the queue
@@ -120,14 +128,16 @@ class ActorPool:
                 aid, unit = self.work.pop(ref)
                 slot = self.slots.get(aid)
                 try:
-                    row = ray.get(ref)
+                    row = fut.result()
                 except Exception as exc:
                     if not _actor_gone(exc):
                         raise SpeakerSimError(f"a Ray worker failed: {_first_line(exc)}") from None
                     self._lost(aid, slot, ref, unit, exc)
                     continue
-                if slot is not None and ref in slot.queue:
-                    slot.queue.remove(ref)
+                if slot is not None:
+                    if ref in slot.queue:
+                        slot.queue.remove(ref)
+                    self.hungry[aid] = None
                 last_progress = time.monotonic()
                 if row.get("fatal"):
                     raise SpeakerSimError(row["fatal"])
@@ -140,9 +150,29 @@ class ActorPool:
                     f"{self.describe()}"
                 )
 
+    def _watch(self, ref: Any) -> None:
+        """``ref``'s outcome goes to ``done`` when it is ready (on a Ray thread)."""
+        ref.future().add_done_callback(lambda fut, ref=ref: self.done.put((ref, fut)))
+
+    def _completed(self, timeout: float) -> list[tuple[Any, Future[Any]]]:
+        """The refs that completed (waits up to ``timeout`` s for the first)."""
+        try:
+            done = [self.done.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                done.append(self.done.get_nowait())
+            except queue.Empty:
+                return done
+
     def _assign(self, source: Iterator[Unit] | None) -> Iterator[Unit] | None:
-        for aid, slot in list(self.slots.items()):
-            while len(slot.queue) < IN_FLIGHT:
+        for aid in list(self.hungry):
+            slot = self.slots.get(aid)
+            if slot is None:  # lost meanwhile
+                del self.hungry[aid]
+                continue
+            while len(slot.queue) < self.in_flight:
                 if any(self.work[r][1].suspect for r in slot.queue if r in self.work):
                     break  # a suspect runs alone on its actor
                 if self.retry:
@@ -159,12 +189,15 @@ class ActorPool:
                 ref = slot.handle.run.remote(unit.lo, unit.paths)
                 slot.queue.append(ref)
                 self.work[ref] = (aid, unit)
+                self._watch(ref)
+            # Full, or held by a suspect: it is hungry again when one of its units ends.
+            del self.hungry[aid]
         return source
 
-    def _started(self, ref: Any) -> bool:
+    def _started(self, ref: Any, fut: Future[Any]) -> bool:
         handle = self.starting.pop(ref)
         try:
-            info = self.ray.get(ref)
+            info = fut.result()
         except Exception as exc:  # its node went away while it started: replace it
             if "No module named" in str(exc):
                 raise SpeakerSimError(
@@ -178,6 +211,7 @@ class ActorPool:
         if info.get("fatal"):
             raise SpeakerSimError(info["fatal"])
         self.slots[handle._actor_id] = _Slot(handle, info)
+        self.hungry[handle._actor_id] = None
         return True
 
     def _lost(self, aid: Any, slot: _Slot | None, ref: Any, unit: Unit, exc: BaseException
