@@ -5,7 +5,9 @@ An actor lost with its node is replaced (on a node that has room, or one added l
 units go back to the queue; a unit whose actor *process* died is split into single recordings,
 and a recording that kills its worker ``MAX_CRASHES`` times fails alone with a reason. Nothing
 waits for an actor that cannot come back: no progress for ``stall_s`` stops the job with a
-message saying what the cluster lacks. The driver holds only the units in flight.
+message saying what the cluster lacks. An actor that Ray has placed on a node but that is still
+loading its model is waited for (``stall_s`` more from when the stall found it so); one that no
+node has room for is not. The driver holds only the units in flight.
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ class ActorPool:
         # the driver's work per unit does not grow with the number of actors or units in
         # flight (ray.wait over every ref in flight costs ~0.6 us per ref per call).
         self.hungry: dict[Any, None] = {}
+        # Starting actors seen placed on a node (loading the model) once the job stalled: when.
+        self.placed: dict[Any, float] = {}
+        self.slow_loads = 0
         self.done: queue.SimpleQueue[tuple[Any, Future[Any]]] = queue.SimpleQueue()
 
     def run(self, units: Iterator[Unit]) -> Iterator[dict[str, Any]]:
@@ -142,13 +147,36 @@ class ActorPool:
                 if row.get("fatal"):
                     raise SpeakerSimError(row["fatal"])
                 yield row
-            if time.monotonic() - last_progress > self.stall_s:
+            now = time.monotonic()
+            if now - last_progress > self.stall_s and not self._loading(now):
+                slow = f", {self.slow_loads} placed on a node but still loading the model " \
+                    f"{self.stall_s:.0f} s later" if self.slow_loads else ""  # fmt: skip
                 raise SpeakerSimError(
                     f"the Ray job made no progress for {self.stall_s:.0f} s "
-                    f"({len(self.slots)} actors ready, {len(self.starting)} waiting for room, "
-                    f"{len(self.work)} units running, {len(self.retry)} to retry): "
-                    f"{self.describe()}"
+                    f"({len(self.slots)} actors ready, {len(self.starting) - self.slow_loads} "
+                    f"waiting for a node with room{slow}, {len(self.work)} units running, "
+                    f"{len(self.retry)} to retry): {self.describe()}"
                 )
+
+    def _loading(self, now: float) -> bool:
+        """Is an actor placed on a node still loading its model (given ``stall_s`` more from
+        when it was first seen so), as opposed to waiting for a node with room? Asked only
+        once the job has made no progress for ``stall_s``."""
+        loading = False
+        self.slow_loads = 0
+        for ref, handle in self.starting.items():
+            try:  # a placed actor has a worker process (pid); one waiting for room has none
+                pid = self.ray._private.state.actors(handle._actor_id.hex()).get("Pid")
+            except Exception:
+                continue
+            if not pid:
+                continue
+            since = self.placed.setdefault(ref, now)
+            if now - since <= self.stall_s:
+                loading = True
+            else:
+                self.slow_loads += 1
+        return loading
 
     def _watch(self, ref: Any) -> None:
         """``ref``'s outcome goes to ``done`` when it is ready (on a Ray thread)."""
@@ -196,6 +224,7 @@ class ActorPool:
 
     def _started(self, ref: Any, fut: Future[Any]) -> bool:
         handle = self.starting.pop(ref)
+        self.placed.pop(ref, None)
         try:
             info = fut.result()
         except Exception as exc:  # its node went away while it started: replace it
