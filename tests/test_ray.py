@@ -276,6 +276,11 @@ def test_score_on_ray_equals_the_local_engine(cluster, local, shared, tmp_path):
     assert ray["actors"] == 2 and ray["address"] == cluster and not ray["started_here"]
     assert sum(a["recordings"] for a in ray["per_actor"]) == 80
     assert all(a["x_realtime"] > 0 for a in ray["per_actor"] if a["recordings"])
+    # Each actor's CPU time is its worker process's (no more than its busy time can hold,
+    # with one model thread and one decode thread); the steady window is inside the job.
+    assert all(0 < a["cpu_s"] <= 2.5 * a["busy_s"] for a in ray["per_actor"] if a["recordings"])
+    if "steady_window_s" in ray:
+        assert 0 < ray["steady_window_s"] <= ray["embed_s"] and 0 < ray["steady_recordings"] < 80
     assert rep["counts"]["embedded"] == 80 and len(store_entries(tmp_path / "cache")) == 80
     # Warm: the workers find everything in the store (the driver hashes nothing itself).
     warm = tmp_path / "warm"
