@@ -124,7 +124,7 @@ def test_node_removed_mid_run_and_node_added_mid_run(cluster, local, shared, tmp
         # Rows are committed when a worker ends its unit. Remove the node of one of the job's
         # two actors once both are at work (one still starting would be placed elsewhere).
         on = _job_actor_nodes()
-        if store_count(cache) >= 8 and len(on) == 2:
+        if store_count(cache) >= 2 and len(on) == 2:
             gone = next(k for k in nodes if nodes[k].node_id == on[0])
             c.remove_node(nodes.pop(gone), allow_graceful=False)
             added = nodes["w3"] = c.add_node(num_cpus=1, object_store_memory=STORE_MB)
