@@ -1,6 +1,7 @@
 """Local engine vs ``--ray`` with 1 and 2 actors on the same files: when does Ray pay?
 
-Usage: ``python benchmarks/bench_ray.py [--files LIST] [--actors 1 2] [--out FILE]``
+Usage: ``python benchmarks/bench_ray.py [--files LIST] [--actors 1 2] [--out FILE]``,
+``--scaling [--nodes 1 2 1] [--copies 4]``, ``--driver [N ...]``.
 
 Default files: every recording under ../shared/audio (dev_hard, VCTK, the 3D-Speaker and
 SpeechBrain samples). Each engine embeds them from an empty cache folder (the same files, the
@@ -23,6 +24,22 @@ the network by a hash of the key. Per size: the driver's CPU-us per item (its pr
 Ray's core-worker threads included), the bytes per item of the rows it receives, its peak RSS,
 and the slope of CPU and RSS against items; from the slope, a cost model: how many GPU nodes
 (CAM++ at 10,000x realtime per GPU, recordings of ``--mean-seconds``) one driver core feeds.
+
+``--scaling``: throughput against the number of worker nodes. A ``ray.cluster_utils.Cluster``
+on this host (a head with 0 CPUs, so it holds no actor; N worker nodes of 1 CPU each, each its
+own raylet) embeds a corpus of real speech with real CAM++: every shared recording in
+``--copies`` versions of distinct content (copy 0 the file itself, copy k the same speech
+rewritten with its first sample moved by k LSBs, so that each has its own content key and is
+embedded, never found in the store). ``--nodes 1 2 1`` runs N=1, adds a node for N=2, removes
+one for N=1 again (bracketing drift in the machine's load); each run starts from an empty
+store, with the default pool (one actor per CPU) and units. Steady throughput is the engine's
+own figure: recordings per second while every actor is at work, past its first unit
+(:func:`steady_rate` over the units' completion times). ``scaling`` = steady(N=2) / (2 x mean
+steady(N=1)); the target is >= 0.9. The local engine (one process, its defaults) on the same
+corpus is the baseline. Because the host is shared, every run also reports the CPU the actors
+got (``cpu_share``: their CPU time over their busy wall time), the machine's busy cores and
+load average (/proc), and ``cpu_scaling``: the same ratio per actor CPU-second, which is what
+the nodes would give with the cores to themselves.
 """
 
 from __future__ import annotations
@@ -41,6 +58,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 AUDIO = {".wav", ".flac", ".mp3", ".ogg"}
+ACTOR_KEYS = ("recordings", "x_realtime", "recordings_per_s", "busy_s", "cpu_s", "cpu_share")
+ENGINE_KEYS = ("actors", "unit_rows", "units", "first_result_s", "steady_recordings_per_s",
+               "steady_window_s", "steady_recordings")  # fmt: skip
 
 
 def find_shared() -> Path:
@@ -94,19 +114,159 @@ def run(files: list[str], cache: Path, ray: Any = None) -> tuple[dict[str, Any],
     }
     if ray is not None:
         info = ex.engine_report()["ray"]
-        row["per_actor"] = [
-            {k: a[k] for k in ("recordings", "x_realtime", "recordings_per_s")}
-            for a in info["per_actor"]
-        ]
+        row["per_actor"] = [{k: a[k] for k in ACTOR_KEYS} for a in info["per_actor"]]
         row["cpus_per_actor"] = info["cpus_per_actor"]
+        row["engine"] = {k: info.get(k) for k in ENGINE_KEYS}
     return row, res.embeddings
 
 
-class Synthetic:
-    """``n`` synthetic work items, made on demand (the caller's list is not the engine's cost)."""
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies over all cores since boot (/proc/stat; idle and iowait are idle)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v) - v[3] - v[4], sum(v)
 
-    def __init__(self, n: int) -> None:
+
+def make_corpus(files: list[str], copies: int, out: Path) -> list[str]:
+    """Each file, then ``copies - 1`` versions of distinct content: the same speech written as a
+    WAV (the source's sample rate, channels and, for a WAV, sample format) with its first
+    sample moved by k LSBs. Every version has its own content key, so each is embedded."""
+    import hashlib
+
+    import soundfile as sf
+
+    out.mkdir(parents=True, exist_ok=True)
+    corpus: list[str] = []
+    for i, f in enumerate(files):
+        corpus.append(f)
+        if copies <= 1:
+            continue
+        info = sf.info(f)
+        data, sr = sf.read(f, dtype="float32", always_2d=True)
+        subtype = info.subtype if info.format == "WAV" else "PCM_16"
+        for k in range(1, copies):
+            x = data.copy()
+            x[0, 0] = np.clip(x[0, 0] + k / 32768, -1.0, 1.0)
+            dst = out / f"{i:04d}-{k}.wav"
+            sf.write(dst, x, sr, subtype=subtype, format="WAV")
+            corpus.append(str(dst))
+    digests = {hashlib.sha256(Path(p).read_bytes()).digest() for p in corpus}
+    if len(digests) != len(corpus):
+        sys.exit(f"corpus: {len(corpus) - len(digests)} versions have the same content")
+    return corpus
+
+
+def scaling(files: list[str], nodes: list[int], copies: int) -> dict[str, Any]:
+    """Steady throughput of a head (0 CPUs) + N 1-CPU worker nodes, against N = 1."""
+    import secrets
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from speaker_sim_cli.engine.ray_engine import RayOptions
+
+    store_mb = 100 * 2**20
+    out: dict[str, Any] = {"runs": []}
+    with tempfile.TemporaryDirectory(prefix="bs", dir="/tmp") as tmp:
+        corpus = make_corpus(files, copies, Path(tmp) / "corpus")
+        out["recordings"] = len(corpus)
+        os.environ["RAY_TMPDIR"] = tmp  # Ray's socket paths must stay short
+        os.environ.pop("RAY_AUTH_MODE", None)
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+        ncpu = os.cpu_count() or 1
+
+        def measured(what: str, fn: Any) -> tuple[dict[str, Any], Any]:
+            load0, (b0, t0), c0 = os.getloadavg()[0], machine_cpu(), time.process_time()
+            row, emb = fn()
+            load1, (b1, t1), c1 = os.getloadavg()[0], machine_cpu(), time.process_time()
+            busy_cores = (b1 - b0) / max(1, t1 - t0) * ncpu
+            actors_cpu = sum(a["cpu_s"] for a in row.get("per_actor", []))
+            driver_cpu = c1 - c0  # this process (the driver; the local engine itself)
+            mine = (actors_cpu + driver_cpu) / row["total_s"]
+            row["machine"] = {"load_before": round(load0, 2), "load_after": round(load1, 2),
+                              "busy_cores": round(busy_cores, 2),
+                              "this_run_cores": round(mine, 2),
+                              "others_cores": round(max(0.0, busy_cores - mine), 2)}  # fmt: skip
+            print(f"{what}: {json.dumps(row)}", file=sys.stderr)
+            return row, emb
+
+        local, ref = measured("local", lambda: run(corpus, Path(tmp) / "local"))
+        out["local"] = local
+        t0 = time.perf_counter()
+        c = Cluster(initialize_head=True,
+                    head_node_args={"num_cpus": 0, "object_store_memory": store_mb})  # fmt: skip
+        held: list[Any] = []
+        try:
+            ray.init(address=c.address, logging_level="WARNING")
+            out["cluster_start_s"] = round(time.perf_counter() - t0, 2)
+            for k, n in enumerate(nodes):
+                while len(held) < n:
+                    held.append(c.add_node(num_cpus=1, object_store_memory=store_mb))
+                while len(held) > n:
+                    c.remove_node(held.pop())
+                c.wait_for_nodes()
+                deadline = time.monotonic() + 60
+                while ray.cluster_resources().get("CPU", 0) != n:
+                    if time.monotonic() > deadline:
+                        sys.exit(f"the cluster did not settle at {n} CPUs")
+                    time.sleep(0.5)
+                opts = RayOptions(address="auto", device="cpu")
+                where = Path(tmp) / f"ray{k}"
+                row, got = measured(f"ray {n} node(s)",
+                                    lambda w=where, o=opts: run(corpus, w, o))  # fmt: skip
+                worst = max(
+                    float(np.linalg.norm(got[f] - ref[f]) / np.linalg.norm(ref[f])) for f in ref
+                )
+                if worst > 1e-5:
+                    sys.exit(f"ray {n} nodes: vectors differ from the local engine's ({worst})")
+                row["max_rel_l2_vs_local"] = worst
+                row["nodes"] = n
+                out["runs"].append(row)
+        finally:
+            ray.shutdown()
+            c.shutdown()
+
+    def rate(r: dict[str, Any]) -> float:
+        return float(r["engine"]["steady_recordings_per_s"] or 0.0)
+
+    def per_cpu(r: dict[str, Any]) -> float:  # recordings per actor CPU-second
+        return sum(a["recordings"] for a in r["per_actor"]) / max(
+            1e-9, sum(a["cpu_s"] for a in r["per_actor"])
+        )
+
+    ones = [r for r in out["runs"] if r["nodes"] == 1]
+    twos = [r for r in out["runs"] if r["nodes"] == 2]
+    if ones and twos:
+        one = float(np.mean([rate(r) for r in ones]))
+        two = float(np.mean([rate(r) for r in twos]))
+        out["steady_rec_per_s"] = {"n1": round(one, 2), "n2": round(two, 2),
+                                   "local": local["steady_rec_per_s"]}  # fmt: skip
+        out["scaling"] = round(two / (2 * one), 3) if one > 0 else None
+        out["cpu_scaling"] = round(float(np.mean([per_cpu(r) for r in twos]))
+                                   / float(np.mean([per_cpu(r) for r in ones])), 3)  # fmt: skip
+        out["cpu_share"] = {f"n{r['nodes']}": [a["cpu_share"] for a in r["per_actor"]]
+                            for r in out["runs"]}  # fmt: skip
+    return out
+
+
+class Synthetic:
+    """``n`` synthetic work items ``/corpus/000000001.wav`` ... As a plain sequence it makes
+    a str per item on demand (~0.2 us each, counted in the driver's CPU; a list of 10 M str
+    would be the caller's memory, not the engine's). With ``blocks`` it holds the items as a
+    compact list does, one buffer of packed paths (22 bytes an item, built before the clock
+    starts and counted in the peak RSS), and hands out each unit's block as a slice of it."""
+
+    PREFIX, SUFFIX = b"/corpus/", b".wav"
+
+    def __init__(self, n: int, blocks: bool = False) -> None:
         self.n = n
+        if blocks:
+            self.width = len(self.PREFIX) + 9 + len(self.SUFFIX) + 1  # + the NUL
+            self.buf = np.empty(n * self.width, np.uint8)
+            for lo in range(0, n, 1_000_000):
+                hi = min(n, lo + 1_000_000)
+                self.buf[lo * self.width : hi * self.width] = self._packed(lo, hi).ravel()
+            self.block = self._block
 
     def __len__(self) -> int:
         return self.n
@@ -114,9 +274,29 @@ class Synthetic:
     def __getitem__(self, k: slice) -> list[str]:
         return [f"/corpus/{i:09d}.wav" for i in range(*k.indices(self.n))]
 
+    def _packed(self, lo: int, hi: int) -> np.ndarray:
+        """Items ``lo .. hi-1``, each followed by a NUL, one a row (vectorised)."""
+        row = np.frombuffer(self.PREFIX + b"0" * 9 + self.SUFFIX + b"\0", np.uint8)
+        i = np.arange(lo, hi, dtype=np.int64)
+        out = np.tile(row, (hi - lo, 1))
+        p = len(self.PREFIX)
+        for k in range(9):
+            out[:, p + 8 - k] = i // 10**k % 10 + ord("0")
+        return out
+
+    def _block(self, lo: int, hi: int) -> bytes:
+        """Items ``lo .. hi-1`` as ``pack_paths(self[lo:hi])`` packs them."""
+        return self.buf[lo * self.width : hi * self.width - 1].tobytes()
+
 
 def driver_cost(
-    sizes: list[int], rows: int, actors: int, mean_seconds: float, api: str
+    sizes: list[int],
+    rows: int,
+    actors: int,
+    mean_seconds: float,
+    api: str,
+    blocks: bool = False,
+    in_flight: int = 2,
 ) -> dict[str, Any]:
     """Driver CPU-us, bytes and peak RSS per synthetic item through the real scheduling path."""
     import pickle
@@ -128,7 +308,9 @@ def driver_cost(
     from speaker_sim_cli.engine.config import EngineConfig
     from speaker_sim_cli.engine.ray_engine import RayOptions, RayRun
 
-    out: dict[str, Any] = {"unit_rows": rows, "actors": actors, "api": api, "sizes": []}
+    out: dict[str, Any] = {"unit_rows": rows, "actors": actors, "api": api,
+                           "items": "blocks" if blocks else "str", "in_flight": in_flight,
+                           "sizes": []}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-ray-", dir="/tmp") as tmp:
         os.environ.setdefault("RAY_TMPDIR", tmp)
         ray.init(num_cpus=actors, include_dashboard=False, logging_level="WARNING")
@@ -137,7 +319,7 @@ def driver_cost(
             for n in sizes:
                 run = RayRun(RayOptions(actors=actors, device="cpu"), None, Path("/none"),
                              EngineConfig(device="cpu", batch_size=rows), cache,
-                             standin=True)  # fmt: skip
+                             standin=True, in_flight=in_flight)  # fmt: skip
                 sampled: list[int] = []
                 orig = run._count
 
@@ -150,9 +332,10 @@ def driver_cost(
 
                 run._count = count  # type: ignore[method-assign]
                 got = 0
+                items = Synthetic(n, blocks)  # before the clock: the caller's list
                 c0, t0 = time.process_time(), time.perf_counter()
                 if api == "units":  # what a driver at scale consumes: one row per unit
-                    for _lo, status, _digests, _reasons in run.embed_units(Synthetic(n)):
+                    for _lo, status, _digests, _reasons in run.embed_units(items):
                         got += len(status) - status.count(2)
                 else:  # one Python tuple per recording (what Extractor.embed_paths uses)
                     for _i, digest, _why, _c in run.embed_items(Synthetic(n)):
@@ -205,15 +388,34 @@ def main() -> None:
         metavar="N",
         help="measure the driver's cost per item at these sizes instead",
     )
-    ap.add_argument("--unit-rows", type=int, default=256)
+    ap.add_argument("--unit-rows", type=int, default=1024)
     ap.add_argument("--mean-seconds", type=float, default=8.0)
     ap.add_argument("--api", choices=["units", "items"], default="units")
+    ap.add_argument(
+        "--blocks",
+        action="store_true",
+        help="--driver: the items hand out packed blocks (a compact list)",
+    )
+    ap.add_argument(
+        "--in-flight",
+        type=int,
+        default=2,
+        help="--driver: units queued on each actor (2 x actors in flight)",
+    )
+    ap.add_argument(
+        "--scaling",
+        action="store_true",
+        help="throughput against worker nodes (ray.cluster_utils.Cluster)",
+    )
+    ap.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 1])
+    ap.add_argument("--copies", type=int, default=4)
     args = ap.parse_args()
     if args.driver is not None:
         doc = {"what": "driver cost per work item (synthetic items, stand-in actors)",
                "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
                **driver_cost(args.driver or [10_000, 100_000, 1_000_000], args.unit_rows,
-                             2, args.mean_seconds, args.api)}  # fmt: skip
+                             2, args.mean_seconds, args.api, args.blocks,
+                             args.in_flight)}  # fmt: skip
         text = json.dumps(doc, indent=2)
         print(text)
         if args.out:
@@ -225,6 +427,17 @@ def main() -> None:
     else:
         files = sorted(str(p) for p in (shared / "audio").rglob("*") if p.suffix in AUDIO)
     os.environ.setdefault("SPEAKER_SIM_PRETRAINED", str(shared / "pretrained"))
+    if args.scaling:
+        doc = {"what": "steady throughput, head (0 CPUs) + N 1-CPU worker nodes, real CAM++",
+               "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
+               "copies": args.copies, "nodes": args.nodes,
+               **scaling(files, args.nodes, args.copies)}  # fmt: skip
+        text = json.dumps(doc, indent=2)
+        print(text)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(text + "\n")
+        return
     import ray
 
     from speaker_sim_cli.engine.ray_engine import RayOptions

@@ -45,6 +45,35 @@ def test_ray_address_after_flag_is_read_positional_stays():
     assert split_ray_address(["--", "--ray", "auto"]) == ["--", "--ray", "auto"]
 
 
+def test_steady_rate_counts_only_while_every_actor_is_at_work():
+    """The window runs from the last actor's first unit to the first actor's last one."""
+    from speaker_sim_cli.engine.ray_engine import steady_rate
+
+    # Actor 1 loads late (first unit at 5 s); actor 0 runs out of work at 9 s.
+    t = [1.0, 2.0, 3.0, 5.0, 6.0, 7.0, 9.0, 9.5, 10.0]
+    who = [0, 0, 0, 1, 0, 1, 0, 1, 1]
+    n = [10, 10, 10, 8, 10, 8, 10, 8, 8]
+    assert steady_rate(t, who, n) == ((10 + 8 + 10) / 4.0, 4.0, 28)
+    assert steady_rate([1.0, 2.0], [0, 1], [5, 5]) is None  # one unit each: no window
+    assert steady_rate([], [], []) is None
+    assert steady_rate([1.0, 3.0, 4.0], [0, 0, 0], [2, 2, 3]) == (5 / 3.0, 3.0, 5)
+
+
+def test_a_unit_travels_as_one_block_and_the_worker_resolves_it_against_the_drivers_cwd():
+    from speaker_sim_cli.engine.ray_worker import absolute, pack_paths, unpack_paths
+
+    odd = "caf\u00e9 \udcff.wav"  # non-ASCII and an undecodable byte (surrogate escape)
+    paths = ["/a/b.wav", "rel/c.flac", "s3://bucket/d.wav", "sox e.sph -t wav - |", odd, ""]
+    block = pack_paths(paths)
+    assert isinstance(block, bytes) and unpack_paths(block) == paths
+    assert [absolute(p, "/work/x") for p in paths[:5]] == [
+        "/a/b.wav", "/work/x/rel/c.flac", "s3://bucket/d.wav", "sox e.sph -t wav - |",
+        f"/work/x/{odd}"]  # fmt: skip
+    assert absolute("../y/./z.wav", "/work/x") == "/work/y/z.wav"  # as os.path.abspath does
+    with_nul = ["/a.wav", "/b\0c.wav"]  # no real path holds a NUL: it goes as the list
+    assert pack_paths(with_nul) == with_nul and unpack_paths(with_nul) == with_nul
+
+
 def test_without_ray_installed_ray_is_a_usage_error(monkeypatch, tmp_path):
     import importlib.util
 
@@ -247,6 +276,11 @@ def test_score_on_ray_equals_the_local_engine(cluster, local, shared, tmp_path):
     assert ray["actors"] == 2 and ray["address"] == cluster and not ray["started_here"]
     assert sum(a["recordings"] for a in ray["per_actor"]) == 80
     assert all(a["x_realtime"] > 0 for a in ray["per_actor"] if a["recordings"])
+    # Each actor's CPU time is its worker process's (no more than its busy time can hold,
+    # with one model thread and one decode thread); the steady window is inside the job.
+    assert all(0 < a["cpu_s"] <= 2.5 * a["busy_s"] for a in ray["per_actor"] if a["recordings"])
+    if "steady_window_s" in ray:
+        assert 0 < ray["steady_window_s"] <= ray["embed_s"] and 0 < ray["steady_recordings"] < 80
     assert rep["counts"]["embedded"] == 80 and len(store_entries(tmp_path / "cache")) == 80
     # Warm: the workers find everything in the store (the driver hashes nothing itself).
     warm = tmp_path / "warm"

@@ -121,8 +121,12 @@ def test_node_removed_mid_run_and_node_added_mid_run(cluster, local, shared, tmp
     added = None
     deadline = time.monotonic() + 300
     while job.is_alive() and time.monotonic() < deadline:
-        if store_count(cache) >= 8:  # rows are committed when a worker ends its unit
-            c.remove_node(nodes.pop("w1"), allow_graceful=False)
+        # Rows are committed when a worker ends its unit. Remove the node of one of the job's
+        # two actors once both are at work (one still starting would be placed elsewhere).
+        on = _job_actor_nodes()
+        if store_count(cache) >= 2 and len(on) == 2:
+            gone = next(k for k in nodes if nodes[k].node_id == on[0])
+            c.remove_node(nodes.pop(gone), allow_graceful=False)
             added = nodes["w3"] = c.add_node(num_cpus=1, object_store_memory=STORE_MB)
             break
         time.sleep(0.02)
@@ -250,3 +254,118 @@ def test_driver_killed_then_rerun_runs_only_what_is_missing(cluster, local, shar
     assert len(store_entries(cache)) == n
     assert _close(_scores(tmp_path / "s.csv"), local) <= 1e-5
     print(f"driver killed after {done}/{n} stored; the rerun embedded {n - done}")
+
+
+def test_a_node_lost_under_a_fixed_pool_finishes_on_the_node_left(cluster, local, shared,
+                                                                  tmp_path):  # fmt: skip
+    """--ray-actors 2 on two nodes, one removed mid-run and none added: the pool re-creates
+    the lost actor, which no node has room for; the job does not wait for it, it finishes on
+    the node left with the local engine's scores."""
+    c, nodes = cluster
+    trials = _subset(shared, tmp_path, 24)
+    cache = tmp_path / "cache"
+    workers = list(nodes)
+    assert len(workers) == 2, nodes
+    args = _score_args(shared, trials, cache, tmp_path, "--ray", "--ray-actors", "2",
+                       "--batch-size", "1")  # fmt: skip
+    box: dict[str, Any] = {}
+    job = threading.Thread(target=lambda: box.setdefault("res", CliRunner().invoke(app, args)))
+    job.start()
+    removed = None
+    try:
+        deadline = time.monotonic() + 300
+        while job.is_alive() and time.monotonic() < deadline:
+            # Both of this job's actors at work (a killed driver's actor may still hold a CPU
+            # for a while): remove the node of one of them.
+            on = _job_actor_nodes()
+            if store_count(cache) >= 4 and len(on) == 2:
+                removed = next(k for k in workers if nodes[k].node_id == on[0])
+                c.remove_node(nodes.pop(removed), allow_graceful=False)
+                break
+            time.sleep(0.05)
+        job.join(300)
+    finally:
+        if removed:  # the next tests want two worker nodes again
+            nodes[removed] = c.add_node(num_cpus=1, object_store_memory=STORE_MB)
+    assert removed, "the job ended before a node could be removed"
+    assert not job.is_alive(), "the job hung after the node loss"
+    res = box["res"]
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rep["counts"]["failed_recordings"] == 0 and rep["ray"]["lost_actors"] >= 1
+    got = _scores(tmp_path / "s.csv")
+    assert len(got) and _close(got, local) <= 1e-5
+    assert len(store_entries(cache)) == rep["counts"]["embedded"] + rep["counts"]["from_cache"]
+
+
+def _job_actor_nodes() -> list[str]:
+    """The nodes of this process's live EmbedActors (Ray's actor table)."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    return [a["Address"]["NodeID"] for a in ray._private.state.actors().values()
+            if a.get("State") == "ALIVE" and "EmbedActor" in str(a.get("ActorClassName"))
+            and str(a.get("JobID")) == job]  # fmt: skip
+
+
+def _standin_pool(ray: Any, cls: Any, stall_s: float, **options: Any) -> Any:
+    """An ActorPool of stand-in actors (``cls``, built like EmbedActor) on the cluster."""
+    from speaker_sim_cli.engine.config import EngineConfig
+    from speaker_sim_cli.engine.ray_pool import ActorPool
+
+    remote = ray.remote(cls).options(max_restarts=0, max_task_retries=0, **options)
+    kwargs = {"spec": None, "checkpoint": "/none", "cfg": EngineConfig(device="cpu"),
+              "cache_root": "/none", "ingredients": {}, "standin": True}  # fmt: skip
+    return ActorPool(ray, lambda: remote.remote(**kwargs), lambda: 1, stall_s,
+                     lambda: "the cluster, described")  # fmt: skip
+
+
+def _units(n: int) -> list[Any]:
+    from speaker_sim_cli.engine.ray_pool import Unit
+    from speaker_sim_cli.engine.ray_worker import pack_paths
+
+    return [Unit(k, 1, pack_paths([f"/corpus/{k}.wav"])) for k in range(n)]
+
+
+def test_an_actor_no_node_has_room_for_stops_the_job_after_the_stall_bound(cluster):
+    """No node can place the pool's actor (it asks for more CPUs than any node has): the job
+    stops with a message after ``stall_s`` without progress; it never hangs."""
+    import ray
+
+    from speaker_sim_cli.engine.ray_worker import EmbedActor
+    from speaker_sim_cli.errors import SpeakerSimError
+
+    pool = _standin_pool(ray, EmbedActor, 3.0, num_cpus=64)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(SpeakerSimError) as err:
+            list(pool.run(iter(_units(4))))
+    finally:
+        pool.shutdown()
+    assert time.monotonic() - t0 < 60
+    msg = str(err.value)
+    assert "no progress for 3 s" in msg and "1 waiting for a node with room" in msg, msg
+    assert "the cluster, described" in msg
+
+
+def test_an_actor_still_loading_its_model_is_not_given_up(cluster):
+    """An actor placed on a node whose constructor (the model load) outlasts ``stall_s``: the
+    pool waits for it (up to ``stall_s`` more) and the job finishes."""
+    import ray
+
+    from speaker_sim_cli.engine.ray_worker import EmbedActor
+
+    load_s, stall_s = 12.0, 10.0
+
+    class SlowLoad(EmbedActor):
+        def __init__(self, **kwargs: Any) -> None:
+            time.sleep(load_s)
+            super().__init__(**kwargs)
+
+    pool = _standin_pool(ray, SlowLoad, stall_s, num_cpus=1)
+    try:
+        rows = list(pool.run(iter(_units(6))))
+    finally:
+        pool.shutdown()
+    assert sorted(r["lo"] for r in rows) == list(range(6))
+    assert all(len(r["digest"]) == 32 and not r["fatal"] for r in rows)

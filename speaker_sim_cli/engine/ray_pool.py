@@ -5,18 +5,23 @@ An actor lost with its node is replaced (on a node that has room, or one added l
 units go back to the queue; a unit whose actor *process* died is split into single recordings,
 and a recording that kills its worker ``MAX_CRASHES`` times fails alone with a reason. Nothing
 waits for an actor that cannot come back: no progress for ``stall_s`` stops the job with a
-message saying what the cluster lacks. The driver holds only the units in flight.
+message saying what the cluster lacks. An actor that Ray has placed on a node but that is still
+loading its model is waited for (``stall_s`` more from when the stall found it so); one that no
+node has room for is not. The driver holds only the units in flight.
 """
 
 from __future__ import annotations
 
+import queue
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import SpeakerSimError
+from .ray_worker import pack_paths, unpack_paths
 
 # A recording whose worker process died this many times (counting the crash of the unit it was
 # first part of) fails alone; a node lost with the actor does not count.
@@ -29,10 +34,12 @@ RESIZE_S = 2.0
 
 @dataclass
 class Unit:
-    """Work items ``lo .. lo+len(paths)-1`` (their paths) and the crashes they have caused."""
+    """Work items ``lo .. lo+n-1`` (their paths as one :func:`pack_paths` block) and the
+    crashes they have caused."""
 
     lo: int
-    paths: list[str]
+    n: int
+    paths: bytes | list[str]
     crashes: int = 0
     last: str = ""
     # Was on an actor that died with more than one unit on it: runs alone from then on (no
@@ -62,6 +69,7 @@ class ActorPool:
         want: Callable[[], int],
         stall_s: float,
         describe: Callable[[], str],
+        in_flight: int = IN_FLIGHT,
     ) -> None:
         self.ray = ray
         self.make = make
@@ -78,9 +86,18 @@ class ActorPool:
         self.crashes = 0
         self.retried_units = 0
         self.target = 0
+        self.in_flight = in_flight
+        # Actors with room for another unit (insertion-ordered set): assigning work visits
+        # only these, and a finished unit's answer arrives on ``done`` (a callback per ref), so
+        # the driver's work per unit does not grow with the number of actors or units in
+        # flight (ray.wait over every ref in flight costs ~0.6 us per ref per call).
+        self.hungry: dict[Any, None] = {}
+        # Starting actors seen placed on a node (loading the model) once the job stalled: when.
+        self.placed: dict[Any, float] = {}
+        self.slow_loads = 0
+        self.done: queue.SimpleQueue[tuple[Any, Future[Any]]] = queue.SimpleQueue()
 
     def run(self, units: Iterator[Unit]) -> Iterator[dict[str, Any]]:
-        ray = self.ray
         source: Iterator[Unit] | None = units
         last_progress = time.monotonic()
         next_resize = 0.0
@@ -91,7 +108,9 @@ class ActorPool:
                 next_resize = now + RESIZE_S
             while len(self.slots) + len(self.starting) < self.target:
                 handle = self.make()
-                self.starting[handle.ready.remote()] = handle
+                ref = handle.ready.remote()
+                self.starting[ref] = handle
+                self._watch(ref)
             source = self._assign(source)
             while self.failed:
                 unit, why = self.failed.pop()
@@ -103,13 +122,10 @@ class ActorPool:
                 yield row
             if source is None and not self.work and not self.retry and not self.rows:
                 return
-            refs = list(self.work) + list(self.starting)
-            if not refs:  # nothing running and no actor starting: retried units wait for one
-                time.sleep(0.2)
-            done, _ = ray.wait(refs, num_returns=1, timeout=1.0) if refs else ([], [])
-            for ref in done:
+            done = self._completed(0.2 if not self.work and not self.starting else 1.0)
+            for ref, fut in done:
                 if ref in self.starting:
-                    if self._started(ref):
+                    if self._started(ref, fut):
                         last_progress = time.monotonic()
                     continue
                 if ref not in self.work:  # its actor died and its unit went back to the queue
@@ -117,29 +133,74 @@ class ActorPool:
                 aid, unit = self.work.pop(ref)
                 slot = self.slots.get(aid)
                 try:
-                    row = ray.get(ref)
+                    row = fut.result()
                 except Exception as exc:
                     if not _actor_gone(exc):
                         raise SpeakerSimError(f"a Ray worker failed: {_first_line(exc)}") from None
                     self._lost(aid, slot, ref, unit, exc)
                     continue
-                if slot is not None and ref in slot.queue:
-                    slot.queue.remove(ref)
+                if slot is not None:
+                    if ref in slot.queue:
+                        slot.queue.remove(ref)
+                    self.hungry[aid] = None
                 last_progress = time.monotonic()
                 if row.get("fatal"):
                     raise SpeakerSimError(row["fatal"])
                 yield row
-            if time.monotonic() - last_progress > self.stall_s:
+            now = time.monotonic()
+            if now - last_progress > self.stall_s and not self._loading(now):
+                slow = f", {self.slow_loads} placed on a node but still loading the model " \
+                    f"{self.stall_s:.0f} s later" if self.slow_loads else ""  # fmt: skip
                 raise SpeakerSimError(
                     f"the Ray job made no progress for {self.stall_s:.0f} s "
-                    f"({len(self.slots)} actors ready, {len(self.starting)} waiting for room, "
-                    f"{len(self.work)} units running, {len(self.retry)} to retry): "
-                    f"{self.describe()}"
+                    f"({len(self.slots)} actors ready, {len(self.starting) - self.slow_loads} "
+                    f"waiting for a node with room{slow}, {len(self.work)} units running, "
+                    f"{len(self.retry)} to retry): {self.describe()}"
                 )
 
+    def _loading(self, now: float) -> bool:
+        """Is an actor placed on a node still loading its model (given ``stall_s`` more from
+        when it was first seen so), as opposed to waiting for a node with room? Asked only
+        once the job has made no progress for ``stall_s``."""
+        loading = False
+        self.slow_loads = 0
+        for ref, handle in self.starting.items():
+            try:  # a placed actor has a worker process (pid); one waiting for room has none
+                pid = self.ray._private.state.actors(handle._actor_id.hex()).get("Pid")
+            except Exception:
+                continue
+            if not pid:
+                continue
+            since = self.placed.setdefault(ref, now)
+            if now - since <= self.stall_s:
+                loading = True
+            else:
+                self.slow_loads += 1
+        return loading
+
+    def _watch(self, ref: Any) -> None:
+        """``ref``'s outcome goes to ``done`` when it is ready (on a Ray thread)."""
+        ref.future().add_done_callback(lambda fut, ref=ref: self.done.put((ref, fut)))
+
+    def _completed(self, timeout: float) -> list[tuple[Any, Future[Any]]]:
+        """The refs that completed (waits up to ``timeout`` s for the first)."""
+        try:
+            done = [self.done.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                done.append(self.done.get_nowait())
+            except queue.Empty:
+                return done
+
     def _assign(self, source: Iterator[Unit] | None) -> Iterator[Unit] | None:
-        for aid, slot in list(self.slots.items()):
-            while len(slot.queue) < IN_FLIGHT:
+        for aid in list(self.hungry):
+            slot = self.slots.get(aid)
+            if slot is None:  # lost meanwhile
+                del self.hungry[aid]
+                continue
+            while len(slot.queue) < self.in_flight:
                 if any(self.work[r][1].suspect for r in slot.queue if r in self.work):
                     break  # a suspect runs alone on its actor
                 if self.retry:
@@ -156,12 +217,16 @@ class ActorPool:
                 ref = slot.handle.run.remote(unit.lo, unit.paths)
                 slot.queue.append(ref)
                 self.work[ref] = (aid, unit)
+                self._watch(ref)
+            # Full, or held by a suspect: it is hungry again when one of its units ends.
+            del self.hungry[aid]
         return source
 
-    def _started(self, ref: Any) -> bool:
+    def _started(self, ref: Any, fut: Future[Any]) -> bool:
         handle = self.starting.pop(ref)
+        self.placed.pop(ref, None)
         try:
-            info = self.ray.get(ref)
+            info = fut.result()
         except Exception as exc:  # its node went away while it started: replace it
             if "No module named" in str(exc):
                 raise SpeakerSimError(
@@ -175,6 +240,7 @@ class ActorPool:
         if info.get("fatal"):
             raise SpeakerSimError(info["fatal"])
         self.slots[handle._actor_id] = _Slot(handle, info)
+        self.hungry[handle._actor_id] = None
         return True
 
     def _lost(self, aid: Any, slot: _Slot | None, ref: Any, unit: Unit, exc: BaseException
@@ -216,12 +282,12 @@ class ActorPool:
         lost with the actor): every recording of them is retried alone as a suspect."""
         self.crashes += 1
         why = _first_line(exc)
-        if len(lost) > 1 or len(lost[0].paths) > 1:
+        if len(lost) > 1 or lost[0].n > 1:
             for u in reversed(lost):
-                for k in reversed(range(len(u.paths))):
-                    self.retry.appendleft(
-                        Unit(u.lo + k, [u.paths[k]], u.crashes, u.last or why, suspect=True)
-                    )
+                paths = unpack_paths(u.paths)
+                for k in reversed(range(u.n)):
+                    self.retry.appendleft(Unit(u.lo + k, 1, pack_paths([paths[k]]), u.crashes,
+                                               u.last or why, suspect=True))  # fmt: skip
             return
         unit = lost[0]
         unit.crashes += 1

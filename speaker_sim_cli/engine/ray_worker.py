@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,30 @@ CRASH_ENV = "SPEAKER_SIM_TEST_RAY_CRASH"
 SUB_ROWS = {"cpu": 32, "cuda": 128}
 SUB_SECONDS = {"cpu": 600.0, "cuda": 4_000.0}
 HIDE_ENV = "SPEAKER_SIM_TEST_RAY_HIDE"
+
+
+def pack_paths(paths: Sequence[str]) -> bytes | list[str]:
+    """A unit's paths as one block to send: NUL-separated UTF-8 (no path can hold a NUL), so
+    the driver hands Ray one bytes object per unit, not a list of str objects to pickle. A
+    list where some path does hold a NUL goes as the list (that path then fails on the worker
+    as it would locally)."""
+    block = "\0".join(paths).encode("utf-8", "surrogatepass")
+    return block if block.count(0) == len(paths) - 1 else list(paths)
+
+
+def unpack_paths(block: bytes | Sequence[str]) -> list[str]:
+    """The paths of :func:`pack_paths`'s block (a list passes as it is)."""
+    if isinstance(block, bytes | bytearray):
+        return bytes(block).decode("utf-8", "surrogatepass").split("\0")
+    return list(block)
+
+
+def absolute(path: str, cwd: str) -> str:
+    """``path`` as the driver named it, made absolute against the driver's ``cwd`` (a URL or a
+    wav.scp command stays as it is; an empty ``cwd``: this process's)."""
+    if path[:1] == "/" or "://" in path or path.rstrip().endswith("|"):
+        return path
+    return os.path.normpath(os.path.join(cwd, path)) if cwd else os.path.abspath(path)
 
 
 def read_failure(exc: OSError) -> str:
@@ -85,6 +110,7 @@ class EmbedActor:
         decode_threads: int = 2,
         crash_pattern: str = "",
         standin: bool = False,
+        cwd: str = "",
     ) -> None:
         self.host = socket.gethostname()
         self.node_id = _node_id()
@@ -98,6 +124,7 @@ class EmbedActor:
         self.decode_threads = max(1, decode_threads)
         self.crash = re.compile(crash_pattern) if crash_pattern else None
         self.standin = standin
+        self.cwd = cwd  # the driver's working directory: relative paths are relative to it
         if standin:
             return
         try:
@@ -163,9 +190,11 @@ class EmbedActor:
         return {"key": self.key, "host": self.host, "node_id": self.node_id, "fatal": self.fatal}
 
     # -- one work unit ---------------------------------------------------------------------
-    def run(self, lo: int, paths: list[str]) -> dict[str, Any]:
-        """Process items ``lo .. lo+len(paths)-1``; returns the unit's small result row."""
-        t0 = time.perf_counter()
+    def run(self, lo: int, block: bytes | Sequence[str]) -> dict[str, Any]:
+        """Process items ``lo .. lo+n-1`` (their paths: a :func:`pack_paths` block, or a list);
+        returns the unit's small result row."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        paths = [absolute(p, self.cwd) for p in unpack_paths(block)]
         n = len(paths)
         status = bytearray(n)
         digests = bytearray(32 * n)
@@ -181,8 +210,10 @@ class EmbedActor:
                 digests[32 * j : 32 * j + 32] = hashlib.sha256(p.encode()).digest()
         else:
             self._files(paths, status, digests, reasons, row)
+        # busy_s: wall time of the unit; cpu_s: CPU time of this worker process meanwhile
+        # (decode threads included), so a loaded node shows as cpu_s well below busy_s.
         row.update(status=bytes(status), digest=bytes(digests), reasons=reasons,
-                   busy_s=time.perf_counter() - t0)  # fmt: skip
+                   busy_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)  # fmt: skip
         return row
 
     def _maybe_crash(self, path: str) -> None:
