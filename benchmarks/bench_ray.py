@@ -374,6 +374,15 @@ def driver_cost(
     return out
 
 
+def _emit(doc: dict[str, Any], out: Path | None) -> None:
+    """Print a result document and write it to ``out`` when given."""
+    text = json.dumps(doc, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def main() -> None:
     shared = find_shared()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -416,11 +425,7 @@ def main() -> None:
                **driver_cost(args.driver or [10_000, 100_000, 1_000_000], args.unit_rows,
                              2, args.mean_seconds, args.api, args.blocks,
                              args.in_flight)}  # fmt: skip
-        text = json.dumps(doc, indent=2)
-        print(text)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text + "\n")
+        _emit(doc, args.out)
         return
     if args.files:
         files = [ln.strip() for ln in args.files.read_text().splitlines() if ln.strip()]
@@ -432,11 +437,7 @@ def main() -> None:
                "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
                "copies": args.copies, "nodes": args.nodes,
                **scaling(files, args.nodes, args.copies)}  # fmt: skip
-        text = json.dumps(doc, indent=2)
-        print(text)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text + "\n")
+        _emit(doc, args.out)
         return
     import ray
 
@@ -472,11 +473,7 @@ def main() -> None:
         "ray": ray.__version__,
         **results,
     }
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    _emit(doc, args.out)
 
 
 if __name__ == "__main__":
