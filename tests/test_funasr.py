@@ -13,6 +13,7 @@ rows. Longer cases are marked slow.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -24,12 +25,14 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 import speaker_sim_cli.models.funasr_xvector as fx
+from speaker_sim_cli.audio.decode import load
+from speaker_sim_cli.audio.features import fbank_features
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.engine.config import EngineConfig
 from speaker_sim_cli.engine.embedder import Embedder
 from speaker_sim_cli.errors import CheckpointMismatchError
 from speaker_sim_cli.models.funasr_xvector import FunASRXVector
-from speaker_sim_cli.models.registry import DEFAULT_MODEL, get_model
+from speaker_sim_cli.models.registry import DEFAULT_MODEL, FUNASR_FBANK, get_model
 from speaker_sim_cli.models.weights import load_checkpoint_into
 from speaker_sim_cli.pipeline import Extractor
 from speaker_sim_cli.scoring.scales import funasr_percent
@@ -217,6 +220,35 @@ def test_whole_pipeline(model_dir: Path, fixture, shared: Path, folder: str) -> 
     errs = {k: rel_l2(res.embeddings[p], fixture[k]) for k, p in zip(keys, paths)}
     worst = max(errs, key=errs.__getitem__)
     assert errs[worst] <= FIXTURE_RL2, f"{worst}: relative L2 {errs[worst]:.3g}"
+
+
+WRONG_FRONT_ENDS = {
+    "per-utterance mean subtraction (CMN)": (dataclasses.replace(FUNASR_FBANK, mean_norm=True), 0.0),
+    "no int16 scaling": (dataclasses.replace(FUNASR_FBANK, input_scale=1.0), 0.0),
+    "no pre-emphasis": (dataclasses.replace(FUNASR_FBANK, preemphasis=0.0), 0.0),
+    "FunASR's default dither 1.0": (FUNASR_FBANK, 1.0),
+}
+
+
+@pytest.mark.parametrize("variant", [None, *WRONG_FRONT_ENDS])
+def test_the_bound_catches_the_wrong_front_ends(model, fixture, shared: Path, variant) -> None:
+    """FIXTURE_RL2 fails FunASR's known wrong front ends on two real files (measured over the six
+    speechbrain files: CMN 0.62-0.75, no int16 scaling 0.63-0.76, no pre-emphasis 0.096-0.11,
+    dither 1.0 (Gaussian noise of one int16 step, as Kaldi adds it) 1.1e-3-1.2e-2), and the
+    right one passes it on the same path."""
+    cfg, dither = (FUNASR_FBANK, 0.0) if variant is None else WRONG_FRONT_ENDS[variant]
+    g = torch.Generator().manual_seed(0)
+    for name in ("spk1_snt1", "spk2_snt3"):
+        key = f"e2e/audio/speechbrain_samples/{name}.wav"
+        wave = torch.from_numpy(load(shared / key.removeprefix("e2e/"), 16000))[None]
+        wave = wave + dither * torch.randn(wave.shape, generator=g) / 32768
+        with torch.no_grad():
+            feats, _ = fbank_features(wave, None, cfg)
+            err = rel_l2(model(feats)[0], fixture[key])
+        if variant is None:
+            assert err <= FIXTURE_RL2, f"{name}: relative L2 {err:.3g}"
+        else:
+            assert err > 20 * FIXTURE_RL2, f"{variant} passes on {name}: relative L2 {err:.3g}"
 
 
 def test_sv_pth_is_accepted(model_dir: Path, state, fixture, shared: Path, tmp_path: Path):

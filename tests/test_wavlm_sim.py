@@ -123,6 +123,21 @@ def test_tiny_every_clip_matches_the_reference(tiny, tiny_ref):
         assert rel_l2(emb[0], tiny_ref[f"emb_{name}"]) <= TOL, name
 
 
+def test_the_bound_catches_hf_waveform_normalisation(tiny, tiny_ref):
+    """HF's feature extractor normalises with eps 1e-7, s3prl with 1e-5: on the quiet clip
+    (peak 5e-4) that moves the embedding by relative L2 0.017, far over TOL; on the others it
+    does not show (4e-7), so it is only caught where the fixture has a quiet clip."""
+    wav = tiny_ref["wav_v120_quiet"]
+    n = torch.tensor([len(wav)])
+    errs = {}
+    for eps in (1e-5, 1e-7):
+        with torch.inference_mode():
+            x = normalize_waveform(torch.from_numpy(wav)[None], n, eps)
+            feat, frames = tiny.features(x, n)
+            errs[eps] = rel_l2(tiny.linear(tiny.pooled(feat, frames))[0], tiny_ref["emb_v120_quiet"])
+    assert errs[1e-5] <= TOL and errs[1e-7] > 100 * TOL, errs
+
+
 def test_tiny_intermediates_of_the_first_clip(tiny, tiny_ref):
     name = tiny_ref.names[0]
     wav = torch.from_numpy(tiny_ref[f"wav_{name}"])[None]
