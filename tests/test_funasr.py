@@ -2,10 +2,15 @@
 
 Weights: ``tools/synth_weights.py`` on ``funasr_xvector.schema.json`` (the conftest fixture),
 saved once per module as ``sv.pb`` in a model folder beside the fixture's ``sv.yaml``.
-Parity is relative L2 <= FIXTURE_RL2 = 1e-5 (about 8x the spread measured across CPU kernel
-settings and against the fixture, 1.2e-6; docs/portability.md): the network on FunASR's
-features (``feats_i -> emb_i``) and the whole pipeline (``e2e/<path>``: decode, int16-scale
-fbank without CMN, network) through :class:`Extractor`. Batches are exact: each stride-2 layer
+Parity is relative L2 <= FIXTURE_RL2 = 2e-6: the network on FunASR's features
+(``feats_i -> emb_i``) and the whole pipeline (``e2e/<path>``: decode, int16-scale fbank without
+CMN, network) through :class:`Extractor`. The bound is 6x the reference's own spread: FunASR
+0.8.8's ``Speech2Xvector`` (what ``inference_sv`` runs per utterance), rerun here under
+ATEN_CPU_CAPABILITY=default / avx2 / avx512, moves by at most 2.3e-7 (network) and 3.0e-7 (whole
+pipeline) between settings and 2.8e-7 / 3.3e-7 from the stored outputs; this code sits 1.2e-6
+from them at most (0.92e-6 here; docs/portability.md). The bound still fails the known wrong front ends
+(CMN, no int16 scaling, no pre-emphasis, FunASR's default dither): see
+``test_the_bound_catches_the_wrong_front_ends``. Batches are exact: each stride-2 layer
 pads by the parity of the row's own length, and rows of every parity pattern batch like lone
 rows. Longer cases are marked slow.
 """
@@ -41,7 +46,7 @@ pytestmark = pytest.mark.shared
 
 ID = "iic/speech_xvector_sv-zh-cn-cnceleb-16k-spk3465-pytorch"
 TOL = 1e-4  # relative L2, one process (batch vs lone rows)
-FIXTURE_RL2 = 1e-5  # relative L2 against FunASR's stored outputs (spread 1.2e-6)
+FIXTURE_RL2 = 2e-6  # relative L2 against FunASR's stored outputs (reference spread 3.3e-7)
 ENGINE = EngineConfig(device="cpu", batch_size=32, workers=0)
 
 
