@@ -1,8 +1,12 @@
 """The torch Kaldi fbank against 3D-Speaker's front end (torchaudio's Kaldi fbank).
 
-The fixture was made by torchaudio on another CPU: log-mel values of near-empty bands move with
-the CPU's float32 summation order, measured up to 5.1e-4 here, so fixture comparisons hold to
-FIXTURE_ABS = 2.5e-3 (about 5x; docs/portability.md). torchaudio in the same process: 1e-3.
+The fixture was made by torchaudio on another CPU. speakerlab's ``FBank`` (torchaudio 2.9.1's
+Kaldi fbank), rerun here on the fixture's waveforms under ATEN_CPU_CAPABILITY=default / avx2 /
+avx512, moves by up to 2.7e-4 max abs (log-mel of near-empty bands) from the stored values and
+between settings; this code's fbank sits 6.5e-4 from them (its float32 sums are its own).
+FIXTURE_ABS = 1.5e-3: 5.5x the reference's spread, 2.3x this code's offset
+(docs/portability.md). It still fails every wrong setting tried by 2000x or more. torchaudio in
+the same process: 1e-3.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from speaker_sim_cli.audio.features import (
     num_frames,
 )
 
-FIXTURE_ABS = 2.5e-3  # log-mel, max abs against the stored fixture (spread 5.1e-4)
+FIXTURE_ABS = 1.5e-3  # log-mel, max abs against the stored fixture (reference spread 2.7e-4)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +63,7 @@ def test_the_bound_catches_wrong_fbank_settings(fixture_waves, wrong):
     fixture utterance."""
     for wav, ref in fixture_waves:
         feats, _ = fbank(torch.from_numpy(wav), None, wrong)
-        assert np.abs(feats[0].numpy() - ref).max() > 100 * FIXTURE_ABS
+        assert np.abs(feats[0].numpy() - ref).max() > 1000 * FIXTURE_ABS
 
 
 def test_mean_normalisation_is_per_utterance(fixture_waves):

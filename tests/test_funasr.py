@@ -8,8 +8,8 @@ CMN, network) through :class:`Extractor`. The bound is 6x the reference's own sp
 0.8.8's ``Speech2Xvector`` (what ``inference_sv`` runs per utterance), rerun here under
 ATEN_CPU_CAPABILITY=default / avx2 / avx512, moves by at most 2.3e-7 (network) and 3.0e-7 (whole
 pipeline) between settings and 2.8e-7 / 3.3e-7 from the stored outputs; this code sits 1.2e-6
-from them at most (0.92e-6 here; docs/portability.md). The bound still fails the known wrong front ends
-(CMN, no int16 scaling, no pre-emphasis, FunASR's default dither): see
+from them at most (0.92e-6 here; docs/portability.md). The bound still fails the known wrong
+front ends (CMN, no int16 scaling, no pre-emphasis, FunASR's default dither): see
 ``test_the_bound_catches_the_wrong_front_ends``. Batches are exact: each stride-2 layer
 pads by the parity of the row's own length, and rows of every parity pattern batch like lone
 rows. Longer cases are marked slow.
@@ -228,7 +228,7 @@ def test_whole_pipeline(model_dir: Path, fixture, shared: Path, folder: str) -> 
 
 
 WRONG_FRONT_ENDS = {
-    "per-utterance mean subtraction (CMN)": (dataclasses.replace(FUNASR_FBANK, mean_norm=True), 0.0),
+    "mean subtraction (CMN)": (dataclasses.replace(FUNASR_FBANK, mean_norm=True), 0.0),
     "no int16 scaling": (dataclasses.replace(FUNASR_FBANK, input_scale=1.0), 0.0),
     "no pre-emphasis": (dataclasses.replace(FUNASR_FBANK, preemphasis=0.0), 0.0),
     "FunASR's default dither 1.0": (FUNASR_FBANK, 1.0),
