@@ -30,9 +30,14 @@ from speaker_sim_cli.models.registry import ARCHS as ALL_ARCHS
 # The 3D-Speaker archs (fixtures/arch/); other families have their own test files.
 ARCHS = {name: a for name, a in ALL_ARCHS.items() if a.fixture == "arch"}
 
-# Relative L2. Against the fixtures (made on another CPU) 8x the largest spread measured across
-# CPU kernel settings and against them, 1.25e-5 (docs/portability.md).
+# Relative L2 within one process (batch vs alone, padding content, lengths).
 TOL = 1e-4
+# Relative L2 against the fixtures (made on another CPU): about 5x speakerlab's own spread, its
+# models rerun here with the same weights under ATEN_CPU_CAPABILITY=default / avx512: at most
+# 1.9e-6 from the fixtures and between settings on the six light geometries, 1.14e-5 on the
+# three SLOW ones (eres2netv2_w24s4ep4; large512 3.0e-6, huge192 5.1e-6). docs/portability.md.
+FIXTURE_RL2 = 1e-5
+SLOW_FIXTURE_RL2 = 6e-5
 
 # Each of these takes well over 10 s per model run on a 2-core CPU; they still run in CI.
 SLOW = {"eres2net_large512", "eres2net_huge192", "eres2netv2_w24s4ep4"}
@@ -119,7 +124,8 @@ def test_fixture_parity(case, arch: str) -> None:
     for i, (emb, ref) in enumerate(zip(c.alone, c.refs, strict=True)):
         assert emb.shape == ref.shape
         err = rel_l2(emb, ref)
-        assert err <= TOL, f"{arch} utt {i}: relative L2 {err:.3g}"
+        bound = SLOW_FIXTURE_RL2 if arch in SLOW else FIXTURE_RL2
+        assert err <= bound, f"{arch} utt {i}: relative L2 {err:.3g}"
 
 
 @pytest.mark.parametrize("arch", LIGHT_PARAMS)
@@ -250,6 +256,9 @@ def test_campplus_real_checkpoint_loads_strict(real_ckpt: Path) -> None:
 
 
 # fbank fixture rows -> the recordings they were computed from (fixtures/frontend/fbank.npz)
+# The real CAM++ on the fixture's fbank against 3D-Speaker's embeddings: speakerlab's CAMPPlus
+# moves by 1.3e-6 across kernel settings and 1.7e-6 from them; this code 1.7e-6. About 5x:
+REAL_RL2 = 1e-5
 FBANK_SOURCES = {
     0: "audio/speechbrain_samples/spk1_snt1.wav",
     1: "audio/3dspeaker_examples/speaker1_a_cn_16k.wav",
@@ -279,11 +288,16 @@ def test_campplus_real_checkpoint_reproduces_reference_embeddings(
         feats.append(fb - fb.mean(dim=0))
         refs.append(torch.from_numpy(ref[rel]).float())
     for f, r in zip(feats, refs, strict=True):
-        assert rel_l2(model(f[None])[0], r) <= TOL
+        assert rel_l2(model(f[None])[0], r) <= REAL_RL2
     x, lengths = pad(feats)
     out = model(x, lengths)
     for i, r in enumerate(refs):
-        assert rel_l2(out[i], r) <= TOL
+        assert rel_l2(out[i], r) <= REAL_RL2
+    # The known wrong variant fails the bound: fbank without the per-utterance mean subtraction
+    # (measured: relative L2 0.40-0.88 on these four files).
+    for i, r in enumerate(refs):
+        fb = torch.from_numpy(fbank[f"fbank_{i}"])
+        assert rel_l2(model(fb[None])[0], r) > 1000 * REAL_RL2, f"fbank_{i} without the mean"
 
 
 # --- ECAPA-TDNN --------------------------------------------------------------------------------

@@ -9,9 +9,12 @@ elsewhere. The default tier runs a 3-row padded batch per case (rows of unequal 
 including the stereo and float32 inputs) plus one row alone; the slow tier runs all inputs and
 32 dev_hard recordings batched vs one by one.
 
-Against the fixtures (made on another CPU) the bound is FIXTURE_RL2 = 2e-4, about 5x the largest
-spread measured across CPU kernel settings and against the fixture (3.5e-5,
-docs/portability.md); batch-vs-alone comparisons in one process keep TOL = 1e-4.
+Against the fixtures (made on another CPU) the bound is FIXTURE_RL2 = 1.25e-4, 5x mvector's own
+spread: its backbones (``build_model`` + ``load_pretrained``, as ``MVectorPredictor``), rerun
+on the same ``feat_i`` under ATEN_CPU_CAPABILITY=default / avx512, move by at most 2.35e-5
+between settings and 2.48e-5 from the stored ``predict`` embeddings (ERes2NetV2 on
+MelSpectrogram); this code moved 3.5e-5 (docs/portability.md). Batch-vs-alone comparisons in one
+process keep TOL = 1e-4.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from speaker_sim_cli.models.mvector.pooling import make_pooling
 pytestmark = pytest.mark.shared
 
 TOL = 1e-4  # relative L2, one process (batch vs alone)
-FIXTURE_RL2 = 2e-4  # relative L2 against mvector's stored outputs (spread 3.5e-5)
+FIXTURE_RL2 = 1.25e-4  # relative L2 against mvector's stored outputs (its own spread 2.5e-5)
 CASES = (
     "CAMPPlus_Fbank", "CAMPPlus_MFCC", "CAMPPlus_MelSpectrogram",
     "ERes2NetV2_Fbank", "ERes2NetV2_MelSpectrogram",

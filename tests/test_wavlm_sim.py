@@ -3,9 +3,16 @@
 Reference: ``fixtures/wavlm_sim/sim_{tiny,large}.npz``, made by running UniSpeech's
 ``ECAPA_TDNN_SMALL`` on s3prl's WavLM with the weights of ``tools/synth_sim_weights.py``
 (``specs/wavlm_ecapa_sim.md``). Synthetic embeddings are mutually 0.97-0.99 cosine, so every
-check is element-wise (relative L2), not by cosine. TOL = 5e-5 is about 10x the largest spread
-measured across CPU kernel settings and against the fixtures (5.3e-6, WavLM-Large geometry;
-docs/portability.md).
+check is element-wise (relative L2), not by cosine.
+
+Bounds against the fixtures (made on another CPU), from the reference's own spread: UniSpeech's
+ECAPA_TDNN_SMALL on s3prl 0.4.18's WavLM, rerun here under ATEN_CPU_CAPABILITY=default / avx2 /
+avx512 (numpy's AVX-512 off changes no bit of it: it runs on torch alone), moves by at most
+1.43e-6 (tiny geometry: embeddings, the weighted-sum features, hidden states) and 4.84e-6
+(WavLM-Large: the features) from the stored outputs and between settings. TOL = 7.5e-6 (tiny)
+and LARGE_TOL = 2.5e-5 (Large) are about 5x those; this code sits 1.3e-6 / 5.3e-6 from the
+fixtures. The verification cosines move by 8.3e-8 in the reference: VERIF_ABS = 5e-7.
+docs/portability.md has the table.
 """
 
 from __future__ import annotations
@@ -37,7 +44,9 @@ from speaker_sim_cli.models.weights import load_checkpoint_into
 
 pytestmark = [pytest.mark.shared]
 
-TOL = 5e-5  # relative L2 (spread 5.3e-6)
+TOL = 7.5e-6  # relative L2 against the tiny fixture (reference spread 1.43e-6)
+LARGE_TOL = 2.5e-5  # relative L2 against the WavLM-Large fixture (reference spread 4.84e-6)
+VERIF_ABS = 5e-7  # the Large fixture's verification() cosines (reference spread 8.3e-8)
 LOSS_KEY = "loss_calculator.projection.weight"
 
 
@@ -123,6 +132,22 @@ def test_tiny_every_clip_matches_the_reference(tiny, tiny_ref):
         assert rel_l2(emb[0], tiny_ref[f"emb_{name}"]) <= TOL, name
 
 
+def test_the_bound_catches_hf_waveform_normalisation(tiny, tiny_ref):
+    """HF's feature extractor normalises with eps 1e-7, s3prl with 1e-5: on the quiet clip
+    (peak 5e-4) that moves the embedding by relative L2 0.017, far over TOL; on the others it
+    does not show (4e-7), so it is only caught where the fixture has a quiet clip."""
+    wav = tiny_ref["wav_v120_quiet"]
+    n = torch.tensor([len(wav)])
+    errs = {}
+    for eps in (1e-5, 1e-7):
+        with torch.inference_mode():
+            x = normalize_waveform(torch.from_numpy(wav)[None], n, eps)
+            feat, frames = tiny.features(x, n)
+            emb = tiny.linear(tiny.pooled(feat, frames))[0]
+        errs[eps] = rel_l2(emb, tiny_ref["emb_v120_quiet"])
+    assert errs[1e-5] <= TOL and errs[1e-7] > 100 * TOL, errs
+
+
 def test_tiny_intermediates_of_the_first_clip(tiny, tiny_ref):
     name = tiny_ref.names[0]
     wav = torch.from_numpy(tiny_ref[f"wav_{name}"])[None]
@@ -146,7 +171,7 @@ def test_tiny_intermediates_of_the_first_clip(tiny, tiny_ref):
 
 def test_tiny_padded_batch_gives_each_clips_lone_embedding(tiny, tiny_ref):
     """All six clips (0.4 s to 3 s, odd length, quiet, DC) in one zero-padded batch, both
-    orders: every row is its reference within 1e-4, so padding never leaks."""
+    orders: every row is its reference within TOL, so padding never leaks."""
     waves = [tiny_ref[f"wav_{n}"] for n in tiny_ref.names]
     refs = [tiny_ref[f"emb_{n}"] for n in tiny_ref.names]
     for order in (list(range(6)), list(range(5, -1, -1))):
@@ -513,17 +538,17 @@ def test_large_matches_the_reference(large):
         pooled = model.pooled(feat, frames)
     assert len(hs) == 25
     for k in [k for k in ref.z.files if k.startswith("hs") and k.endswith(name)]:
-        assert rel_l2(hs[int(k[2:4])][0], ref[k]) <= TOL, k
-    assert rel_l2(feat[0], ref[f"feat_{name}"]) <= TOL
-    assert rel_l2(pooled[0], ref[f"pooled_bn_{name}"]) <= TOL
+        assert rel_l2(hs[int(k[2:4])][0], ref[k]) <= LARGE_TOL, k
+    assert rel_l2(feat[0], ref[f"feat_{name}"]) <= LARGE_TOL
+    assert rel_l2(pooled[0], ref[f"pooled_bn_{name}"]) <= LARGE_TOL
     # Every clip, all in one padded batch: each row is its lone reference embedding.
     got = _embed(model, [ref[f"wav_{n}"] for n in ref.names])
     errs = {n: rel_l2(got[i], ref[f"emb_{n}"]) for i, n in enumerate(ref.names)}
-    assert max(errs.values()) <= TOL, errs
+    assert max(errs.values()) <= LARGE_TOL, errs
     # The reference's verification(): a 24 kHz clip resampled as torchaudio does, stereo as
     # channel 0 (the reference crashed on stereo as the generated side).
     v = ref.meta["verification"]
     b16 = sinc_hann_resample(ref["verif_b24_wav"], 24000, 16000)
     [eb] = _embed(model, [b16])
-    assert abs(cos(got[0], eb) - v["a16_b24"]) <= 1e-5
-    assert abs(cos(got[0], got[1]) - v["a16_stereo"]) <= 1e-5
+    assert abs(cos(got[0], eb) - v["a16_b24"]) <= VERIF_ABS
+    assert abs(cos(got[0], got[1]) - v["a16_stereo"]) <= VERIF_ABS
