@@ -364,10 +364,13 @@ def _run(job: ScoreJob, progress: ProgressFn | None, once: bool, t0: float) -> S
             chunks.close()  # a run that stops early (an error, an interrupt) stops the reader
         if st.trials == 0:
             raise UsageError(f"{path}: the trial list has no trials")
-    lk.release()  # the vectors and the index are no longer needed: the metrics get the memory
+    # The vectors and the key index are no longer needed: the metrics get the memory. The
+    # lookup closure (``table``) and the one-pass reader hold the index too: point them at the
+    # emptied table so that it is freed.
+    lk.release()
     table = lk.table
     if one is not None:
-        one.table = table
+        one.table = lk.table
     if progress is not None:
         progress(Progress("score", "done", st.trials))
     if summary is None:
