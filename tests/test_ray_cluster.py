@@ -9,7 +9,9 @@ failures.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import itertools
 import json
 import os
 import secrets
@@ -18,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,44 @@ def cluster():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@pytest.fixture(autouse=True)
+def two_workers(cluster):
+    """Every test starts on two live 1-CPU worker nodes with both CPUs free; a driver process a
+    test left running is killed after it."""
+    _two_free_workers(*cluster)
+    yield
+    for d in _DRIVERS:
+        if d.is_alive():
+            d.proc.kill()
+    _DRIVERS.clear()
+
+
+def _two_free_workers(c: Any, nodes: dict[str, Any], limit_s: float = 180) -> None:
+    """A node an earlier test removed (or that Ray marked dead) is replaced; then wait until
+    both worker CPUs are free (a killed driver's actors are gone)."""
+    import ray
+
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    for k in [k for k in nodes if nodes[k].node_id not in alive]:
+        with contextlib.suppress(Exception):
+            c.remove_node(nodes.pop(k), allow_graceful=False)
+    while len(nodes) < 2:
+        nodes[f"w{next(_NAMES)}"] = c.add_node(num_cpus=1, object_store_memory=STORE_MB)
+    deadline = time.monotonic() + limit_s
+    while True:
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        free = ray.available_resources().get("CPU", 0.0)
+        if all(n.node_id in alive for n in nodes.values()) and free >= 2:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"the cluster did not come back to two free worker nodes in "
+                        f"{limit_s:.0f} s: {len(alive)} nodes alive, {free} CPUs free")  # fmt: skip
+        time.sleep(0.2)
+
+
+_NAMES = itertools.count(3)
+
+
 def _score_args(shared: Path, trials: Path, cache: Path, out: Path, *extra: str) -> list[str]:
     return ["score", str(trials), "--root", str(shared), "--cache-dir", str(cache), "-o",
             str(out / "s.csv"), "--report", str(out / "r.json"), "-q", *extra]  # fmt: skip
@@ -108,41 +147,35 @@ def _close(got: dict, ref: dict) -> float:
 
 
 def test_node_removed_mid_run_and_node_added_mid_run(cluster, local, shared, tmp_path):
-    """Remove a worker node (no grace) while units are in flight, then add one: the job
+    """Remove a worker node (no grace) while both actors hold units, then add one: the job
     finishes, every recording has one store entry, scores equal the local engine's, nothing
-    failed, and the new node got work."""
+    failed, and the new node got work. The units wait at the package's test hold (HOLD_ENV)
+    until the new node's actor holds one too, so no step races the job; the job is a driver
+    process of its own, so that a hang ends with it killed, not with a job left running."""
     c, nodes = cluster
     cache = tmp_path / "cache"
+    hold = tmp_path / "hold"
+    hold.touch()
     args = _score_args(shared, shared / "audio/dev_hard/trials.csv", cache, tmp_path, "--ray",
                        "--batch-size", "1")  # fmt: skip
-    box: dict[str, Any] = {}
-    job = threading.Thread(target=lambda: box.setdefault("res", CliRunner().invoke(app, args)))
-    job.start()
-    added = None
-    deadline = time.monotonic() + 300
-    while job.is_alive() and time.monotonic() < deadline:
-        # Rows are committed when a worker ends its unit. Remove the node of one of the job's
-        # two actors once both are at work (one still starting would be placed elsewhere).
-        on = _job_actor_nodes()
-        if store_count(cache) >= 2 and len(on) == 2:
-            gone = next(k for k in nodes if nodes[k].node_id == on[0])
-            c.remove_node(nodes.pop(gone), allow_graceful=False)
-            added = nodes["w3"] = c.add_node(num_cpus=1, object_store_memory=STORE_MB)
-            break
-        time.sleep(0.02)
-    job.join(300)
-    assert added is not None, "the job ended before a node could be removed"
-    res = box["res"]
-    assert res.exit_code == 0, res.output
+    job = _Driver(args, tmp_path, hold)
+    try:
+        on = _held(hold, job, lambda ids: len(ids) == 2, "both actors holding a unit")
+        gone = next(k for k in nodes if nodes[k].node_id == on[0])
+        c.remove_node(nodes.pop(gone), allow_graceful=False)
+        added = nodes[f"w{next(_NAMES)}"] = c.add_node(num_cpus=1, object_store_memory=STORE_MB)
+        _held(hold, job, lambda ids: added.node_id in ids, "the added node's actor holding a unit")
+    finally:
+        hold.unlink(missing_ok=True)
+    assert job.finish() == 0, job.output()
     assert _close(_scores(tmp_path / "s.csv"), local) <= 1e-5
     assert len(_scores(tmp_path / "s.csv")) == len(local)
     rep = json.loads((tmp_path / "r.json").read_text())
     counts = rep["counts"]
     assert counts["failed_recordings"] == 0
-    # A unit the lost node finished but could not answer is found in the store by its retry.
-    assert counts["embedded"] + counts["from_cache"] == ALL and counts["from_cache"] <= 2
-    # One entry (distinct key) per recording, each row whole; a unit retried after the node
-    # loss may have stored its keys twice, in two shards: the copies are the same vector.
+    # The lost node's actor held its first unit until it went: nothing of it was stored.
+    assert counts["embedded"] == ALL and counts["from_cache"] == 0
+    # One entry (distinct key) per recording, each row whole.
     entries = store_entries(cache)
     assert len(entries) == ALL and all(v.shape == (192,) for v in entries.values())
     ray = rep["ray"]
@@ -211,40 +244,30 @@ def test_a_node_that_cannot_reach_the_store_or_weights_stops_the_job(
     assert res.exit_code == 1, res.output
     msg = " ".join(res.output.split())
     assert bad.node_id[:12] in msg and path in msg, msg
-    assert took < 120
+    assert took < 300  # a hang guard: the stall bound (120 s here) ends a stuck job first
     assert not (tmp_path / "s.csv").exists() and not (tmp_path / "r.json").exists()
 
 
 def test_driver_killed_then_rerun_runs_only_what_is_missing(cluster, local, shared, tmp_path):
     """SIGKILL the driver (a process of its own, on the cluster by address) mid-run: its actors
     go with it; a rerun against the same store embeds only the recordings not yet there."""
-    import ray
-
-    address = ray.get_runtime_context().gcs_address
     n = 32
     trials = _subset(shared, tmp_path, n)
     cache = tmp_path / "cache"
-    cmd = [
-        sys.executable,
-        "-m",
-        "speaker_sim_cli.cli.main",
-        *_score_args(shared, trials, cache, tmp_path, "--ray", address, "--batch-size", "1"),
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while proc.poll() is None and time.monotonic() < deadline:
-            if store_count(cache) >= 4:
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.02)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == -signal.SIGKILL
+    job = _Driver(_score_args(shared, trials, cache, tmp_path, "--ray", "--batch-size", "1"),
+                  tmp_path)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while job.is_alive() and time.monotonic() < deadline:
+        if store_count(cache) >= 4:
+            os.kill(job.proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    job.finish(60)
+    assert job.proc.returncode == -signal.SIGKILL, f"the driver ended first: {job.output()}"
     assert not (tmp_path / "s.csv").exists()
-    time.sleep(3)  # the dead driver's actors are killed by Ray (they are owned by it)
+    # Ray kills the dead driver's actors (it owned them); count the store once they are gone
+    # (a unit one of them was running may still have been committed).
+    _two_free_workers(*cluster)
     done = len(store_entries(cache))
     assert 4 <= done < n
     res = CliRunner().invoke(app, _score_args(shared, trials, cache, tmp_path, "--ray"))
@@ -258,39 +281,24 @@ def test_driver_killed_then_rerun_runs_only_what_is_missing(cluster, local, shar
 
 def test_a_node_lost_under_a_fixed_pool_finishes_on_the_node_left(cluster, local, shared,
                                                                   tmp_path):  # fmt: skip
-    """--ray-actors 2 on two nodes, one removed mid-run and none added: the pool re-creates
-    the lost actor, which no node has room for; the job does not wait for it, it finishes on
-    the node left with the local engine's scores."""
+    """--ray-actors 2 on two nodes, one removed while both hold units and none added: the pool
+    re-creates the lost actor, which no node has room for; the job does not wait for it, it
+    finishes on the node left with the local engine's scores."""
     c, nodes = cluster
     trials = _subset(shared, tmp_path, 24)
     cache = tmp_path / "cache"
-    workers = list(nodes)
-    assert len(workers) == 2, nodes
+    hold = tmp_path / "hold"
+    hold.touch()
     args = _score_args(shared, trials, cache, tmp_path, "--ray", "--ray-actors", "2",
                        "--batch-size", "1")  # fmt: skip
-    box: dict[str, Any] = {}
-    job = threading.Thread(target=lambda: box.setdefault("res", CliRunner().invoke(app, args)))
-    job.start()
-    removed = None
+    job = _Driver(args, tmp_path, hold)
     try:
-        deadline = time.monotonic() + 300
-        while job.is_alive() and time.monotonic() < deadline:
-            # Both of this job's actors at work (a killed driver's actor may still hold a CPU
-            # for a while): remove the node of one of them.
-            on = _job_actor_nodes()
-            if store_count(cache) >= 4 and len(on) == 2:
-                removed = next(k for k in workers if nodes[k].node_id == on[0])
-                c.remove_node(nodes.pop(removed), allow_graceful=False)
-                break
-            time.sleep(0.05)
-        job.join(300)
+        on = _held(hold, job, lambda ids: len(ids) == 2, "both actors holding a unit")
+        gone = next(k for k in nodes if nodes[k].node_id == on[0])
+        c.remove_node(nodes.pop(gone), allow_graceful=False)
     finally:
-        if removed:  # the next tests want two worker nodes again
-            nodes[removed] = c.add_node(num_cpus=1, object_store_memory=STORE_MB)
-    assert removed, "the job ended before a node could be removed"
-    assert not job.is_alive(), "the job hung after the node loss"
-    res = box["res"]
-    assert res.exit_code == 0, res.output
+        hold.unlink(missing_ok=True)
+    assert job.finish() == 0, job.output()
     rep = json.loads((tmp_path / "r.json").read_text())
     assert rep["counts"]["failed_recordings"] == 0 and rep["ray"]["lost_actors"] >= 1
     got = _scores(tmp_path / "s.csv")
@@ -298,14 +306,61 @@ def test_a_node_lost_under_a_fixed_pool_finishes_on_the_node_left(cluster, local
     assert len(store_entries(cache)) == rep["counts"]["embedded"] + rep["counts"]["from_cache"]
 
 
-def _job_actor_nodes() -> list[str]:
-    """The nodes of this process's live EmbedActors (Ray's actor table)."""
-    import ray
+_DRIVERS: list[_Driver] = []
 
-    job = ray.get_runtime_context().get_job_id()
-    return [a["Address"]["NodeID"] for a in ray._private.state.actors().values()
-            if a.get("State") == "ALIVE" and "EmbedActor" in str(a.get("ActorClassName"))
-            and str(a.get("JobID")) == job]  # fmt: skip
+
+class _Driver:
+    """``speaker-sim`` as a driver process of its own on this cluster (by address), its units
+    held while ``hold`` exists (the package's HOLD_ENV test hook). Its output goes to a file: a
+    pipe nobody reads while the test waits could fill up and stall it."""
+
+    def __init__(self, args: list[str], tmp: Path, hold: Path | None = None) -> None:
+        import ray
+
+        from speaker_sim_cli.engine.ray_worker import HOLD_ENV
+
+        env = dict(os.environ)
+        if hold is not None:
+            env[HOLD_ENV] = str(hold)
+            # Units wait at the hold for the test's steps: no stall bound may end the job.
+            env["SPEAKER_SIM_RAY_STALL_S"] = "900"
+        address = ray.get_runtime_context().gcs_address
+        self.log = tmp / "driver.log"
+        _DRIVERS.append(self)
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "speaker_sim_cli.cli.main", *args, "--ray-address",
+                 address], stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+
+    def is_alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def finish(self, limit_s: float = 600) -> int:
+        """Its exit status; past ``limit_s`` it is killed and the test fails."""
+        try:
+            return self.proc.wait(limit_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            pytest.fail(f"the job hung ({limit_s:.0f} s); its output: {self.output()}")
+
+
+def _held(hold: Path, job: _Driver, enough: Any, what: str, limit_s: float = 240) -> list[str]:
+    """The nodes (oldest first) whose actors have held a unit, once ``enough(ids)``."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        marks = sorted(hold.parent.glob(hold.name + ".*"), key=lambda p: p.stat().st_mtime_ns)
+        ids = [p.name[len(hold.name) + 1 :] for p in marks]
+        if enough(ids):
+            return ids
+        if not job.is_alive():
+            pytest.fail(f"the job ended before {what}: {job.output()}")
+        time.sleep(0.05)
+    job.proc.kill()
+    pytest.fail(f"no {what} after {limit_s:.0f} s; the job's output: {job.output()}")
 
 
 def _standin_pool(ray: Any, cls: Any, stall_s: float, **options: Any) -> Any:

@@ -40,7 +40,7 @@ from ..errors import SpeakerSimError, UsageError
 from .config import EngineConfig, EngineStats
 from .ray_connect import INSTALL_HINT, Connection, _refused, connect
 from .ray_pool import IN_FLIGHT, ActorPool, Unit
-from .ray_worker import CACHED, CRASH_ENV, FAILED, EmbedActor, pack_paths
+from .ray_worker import CACHED, CRASH_ENV, FAILED, HOLD_ENV, EmbedActor, pack_paths
 
 __all__ = ["RAY_SPEC", "EmbedActor", "RayOptions", "RayRun", "_refused", "load_weights"]
 
@@ -359,7 +359,7 @@ class RayRun:
             "cache_root": str(Path(self.cache.root).resolve()),
             "ingredients": self.cache.ingredients, "threads": 1, "decode_threads": threads,
             "crash_pattern": os.environ.get(CRASH_ENV, ""), "standin": self.standin,
-            "cwd": os.getcwd(),
+            "cwd": os.getcwd(), "hold": os.environ.get(HOLD_ENV, ""),
         }  # fmt: skip
         need = {"CPU": cpus, "GPU": gpa}
         pool = ActorPool(ray, lambda: remote.remote(**kwargs),

@@ -155,7 +155,8 @@ class ActorPool:
                     f"the Ray job made no progress for {self.stall_s:.0f} s "
                     f"({len(self.slots)} actors ready, {len(self.starting) - self.slow_loads} "
                     f"waiting for a node with room{slow}, {len(self.work)} units running, "
-                    f"{len(self.retry)} to retry): {self.describe()}"
+                    f"{len(self.retry)} to retry, {self.lost_actors} actors lost so far): "
+                    f"{self.describe()}"
                 )
 
     def _loading(self, now: float) -> bool:

@@ -33,7 +33,11 @@ CACHE_HINT = (
 # actors): a regex; a work item whose path matches makes the worker process os._exit, as a
 # decoder segfault would. HIDE_ENV (read in the worker's own environment, i.e. per node): a
 # path prefix this node behaves as if it could not see (a node without the shared mount).
+# HOLD_ENV (read on the driver, handed to the actors): a file; while it exists, every unit
+# waits before it starts, after leaving a marker ``<file>.<node id>`` (a test then acts while
+# units are in flight on nodes it knows, without racing the job).
 CRASH_ENV = "SPEAKER_SIM_TEST_RAY_CRASH"
+HOLD_ENV = "SPEAKER_SIM_TEST_RAY_HOLD"
 # A unit is embedded in sub-batches of at most this many recordings / seconds of audio.
 SUB_ROWS = {"cpu": 32, "cuda": 128}
 SUB_SECONDS = {"cpu": 600.0, "cuda": 4_000.0}
@@ -111,6 +115,7 @@ class EmbedActor:
         crash_pattern: str = "",
         standin: bool = False,
         cwd: str = "",
+        hold: str = "",
     ) -> None:
         self.host = socket.gethostname()
         self.node_id = _node_id()
@@ -123,6 +128,7 @@ class EmbedActor:
         self.spec = spec
         self.decode_threads = max(1, decode_threads)
         self.crash = re.compile(crash_pattern) if crash_pattern else None
+        self.hold = hold
         self.standin = standin
         self.cwd = cwd  # the driver's working directory: relative paths are relative to it
         if standin:
@@ -193,6 +199,8 @@ class EmbedActor:
     def run(self, lo: int, block: bytes | Sequence[str]) -> dict[str, Any]:
         """Process items ``lo .. lo+n-1`` (their paths: a :func:`pack_paths` block, or a list);
         returns the unit's small result row."""
+        if self.hold:
+            self._wait_while_held()
         t0, c0 = time.perf_counter(), time.process_time()
         paths = [absolute(p, self.cwd) for p in unpack_paths(block)]
         n = len(paths)
@@ -215,6 +223,16 @@ class EmbedActor:
         row.update(status=bytes(status), digest=bytes(digests), reasons=reasons,
                    busy_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)  # fmt: skip
         return row
+
+    def _wait_while_held(self, limit_s: float = 600.0) -> None:
+        """Test hook (HOLD_ENV): mark this node as holding a unit, then wait while the file
+        exists (at most ``limit_s``)."""
+        if not os.path.exists(self.hold):
+            return
+        Path(f"{self.hold}.{self.node_id}").touch()
+        deadline = time.monotonic() + limit_s
+        while os.path.exists(self.hold) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def _maybe_crash(self, path: str) -> None:
         if self.crash is not None and self.crash.search(path):
