@@ -289,6 +289,18 @@ class Synthetic:
         return self.buf[lo * self.width : hi * self.width - 1].tobytes()
 
 
+def _fill_store(cache: Any, paths: list[str]) -> None:
+    """Vectors under the keys the stand-in actors send for ``paths`` (sha256 of the path)."""
+    import hashlib
+
+    rng = np.random.default_rng(0)
+    for lo in range(0, len(paths), 65_536):
+        part = paths[lo : lo + 65_536]
+        keys = [hashlib.sha256(p.encode()).hexdigest() for p in part]
+        cache.put_many(keys, rng.standard_normal((len(part), 192)).astype(np.float32))
+        cache.flush()
+
+
 def driver_cost(
     sizes: list[int],
     rows: int,
@@ -306,7 +318,7 @@ def driver_cost(
 
     from speaker_sim_cli.engine.cache import EmbeddingCache
     from speaker_sim_cli.engine.config import EngineConfig
-    from speaker_sim_cli.engine.ray_engine import RayOptions, RayRun
+    from speaker_sim_cli.engine.ray_engine import RayOptions, RayRun, embed_unique
 
     out: dict[str, Any] = {"unit_rows": rows, "actors": actors, "api": api,
                            "items": "blocks" if blocks else "str", "in_flight": in_flight,
@@ -333,13 +345,21 @@ def driver_cost(
                 run._count = count  # type: ignore[method-assign]
                 got = 0
                 items = Synthetic(n, blocks)  # before the clock: the caller's list
+                if api.startswith("paths"):  # the store holds every stand-in key (unclocked)
+                    paths = items[0:n]
+                    _fill_store(cache, paths)
                 c0, t0 = time.process_time(), time.perf_counter()
                 if api == "units":  # what a driver at scale consumes: one row per unit
                     for _lo, status, _digests, _reasons in run.embed_units(items):
                         got += len(status) - status.count(2)
-                else:  # one Python tuple per recording (what Extractor.embed_paths uses)
+                elif api == "items":  # one Python tuple per recording
                     for _i, digest, _why, _c in run.embed_items(Synthetic(n)):
                         got += digest is not None
+                elif api == "paths":  # what Extractor.embed_paths runs: vectors read back
+                    got = len(embed_unique(run, paths)[0])
+                else:  # the previous read-back, for comparison: one store lookup per item
+                    for _i, digest, _why, _c in run.embed_items(paths):
+                        got += cache.get(digest.hex()) is not None
                 cpu, wall = time.process_time() - c0, time.perf_counter() - t0
                 if got != n:
                     sys.exit(f"driver bench: {got} of {n} items came back")
@@ -399,7 +419,8 @@ def main() -> None:
     )
     ap.add_argument("--unit-rows", type=int, default=1024)
     ap.add_argument("--mean-seconds", type=float, default=8.0)
-    ap.add_argument("--api", choices=["units", "items"], default="units")
+    ap.add_argument("--api", choices=["units", "items", "paths", "paths-per-item"],
+                    default="units")  # fmt: skip
     ap.add_argument(
         "--blocks",
         action="store_true",

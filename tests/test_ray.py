@@ -331,6 +331,49 @@ def test_embed_on_ray_equals_embed_and_bad_files_fail_alike(cluster, shared, tmp
 @pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.weights
+def test_the_driver_reads_vectors_back_in_batches_and_stops_at_the_first_failure(
+    cluster, shared, real_ckpt, tmp_path, monkeypatch
+):
+    """``Extractor.embed_paths`` on Ray reads the workers' vectors back from the store many
+    keys at a time (here 3, with 2-recording units: the first unit alone, then batches that
+    span units): the same vectors as the local engine, two paths of one content counted once.
+    With ``stop_on_error`` it stops at the first failure and keeps what came before it."""
+    from speaker_sim_cli.engine import ray_engine
+    from speaker_sim_cli.engine.config import EngineConfig
+    from speaker_sim_cli.pipeline import Extractor
+
+    monkeypatch.setattr(ray_engine, "READBACK_ROWS", 3)
+    wavs = sorted(str(p) for p in (shared / "audio/dev_hard").rglob("*.wav"))[:9]
+    twin = tmp_path / "twin.wav"
+    shutil.copy(wavs[0], twin)
+    missing = str(tmp_path / "missing.wav")
+    files = [*wavs, str(twin)]
+
+    def extractor(name: str, ray: Any = None) -> Extractor:
+        return Extractor("campplus-zh-en", model_dir=real_ckpt.parent,
+                         engine=EngineConfig(device="cpu", batch_size=2),
+                         cache_dir=tmp_path / f"cache-{name}", ray=ray)  # fmt: skip
+
+    ref = extractor("local").embed_paths(files)
+    opts = ray_engine.RayOptions(address=cluster, actors=1, device="cpu")
+    got = extractor("ray", opts).embed_paths(files)
+    assert sorted(got.embeddings) == sorted(files) and not got.failures
+    assert got.embedded == 9 and got.cached == 1  # the twin is the same content
+    for f in files:
+        a, b = ref.embeddings[f], got.embeddings[f]
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(a), f
+    # One actor, 2-recording units in list order: the failure is in the third unit; the
+    # units after it are not waited for.
+    some = [*wavs[:5], missing, *wavs[5:]]
+    stopped = extractor("stop", opts).embed_paths(some, stop_on_error=True)
+    assert list(stopped.failures) == [missing] and "not found" in stopped.failures[missing]
+    assert set(wavs[:5]) <= set(stopped.embeddings) and missing not in stopped.embeddings
+    assert len(stopped.embeddings) < len(wavs)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.weights
 def test_a_killed_actor_costs_nothing(cluster, local, shared, tmp_path):
     """SIGKILL one actor mid-run: Ray restarts it and retries its unit; the job finishes with
     every recording embedded once in the cache and the scores of a clean run."""

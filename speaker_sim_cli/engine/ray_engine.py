@@ -25,22 +25,33 @@ Connecting lives in :mod:`.ray_connect`; every Ray call of the project is in the
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import re
 import time
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ..errors import SpeakerSimError, UsageError
 from .config import EngineConfig, EngineStats
 from .ray_connect import INSTALL_HINT, Connection, _refused, connect
 from .ray_pool import IN_FLIGHT, ActorPool, Unit
-from .ray_worker import CACHED, CRASH_ENV, FAILED, HOLD_ENV, EmbedActor, pack_paths
+from .ray_worker import (
+    CACHE_HINT,
+    CACHED,
+    CRASH_ENV,
+    FAILED,
+    HOLD_ENV,
+    EmbedActor,
+    pack_paths,
+)
 
 __all__ = ["RAY_SPEC", "EmbedActor", "RayOptions", "RayRun", "_refused", "load_weights"]
 
@@ -50,6 +61,8 @@ RAY_SPEC = "ray[data]>=2.60,<2.61"
 # scheduling grain only (the actor embeds it in sub-batches), and the driver's cost per
 # recording falls with it (benchmarks/bench_ray.py --driver).
 UNIT_ROWS = {"cpu": 32, "cuda": 1024}
+# The driver reads the workers' vectors back from the store this many recordings at a time.
+READBACK_ROWS = 65_536
 # No result and no new actor for this long stops the job (a lost cluster, no room for any
 # actor): a message, never a hang. $SPEAKER_SIM_RAY_STALL_S overrides it.
 STALL_S = 600.0
@@ -255,7 +268,7 @@ class RayRun:
         self,
         paths: Sequence[str],
         progress: Callable[[int, float], None] | None = None,
-    ) -> Iterator[tuple[int, bytes, bytes, dict[int, str]]]:
+    ) -> Generator[tuple[int, bytes, bytes, dict[int, str]], None, None]:
         """Yield one ``(lo, status, digests, reasons)`` per work unit: items ``lo ..
         lo+len(status)-1`` have a status byte each (OK, CACHED, FAILED), a 32-byte digest each
         in ``digests`` (the key under which the worker wrote the vector to the store), and a
@@ -463,35 +476,60 @@ def embed_unique(
 ) -> tuple[dict[str, Any], dict[str, str], int, int]:
     """``Extractor.embed_paths`` on Ray: (embeddings by path, failures, embedded, from store).
 
-    The workers hash, look up, decode and embed; this process reads each vector back from the
-    store by the digest a worker sent (two paths with the same content count once).
+    The workers hash, look up, decode and embed; this process reads the vectors back from the
+    store by the digests the workers sent (two paths with the same content count once), many
+    at a time: the first unit's at once (a driver that cannot read the store stops the job
+    then, not at the end), the rest in batches of ``READBACK_ROWS``. One key at a time cost
+    ~100x more driver CPU per recording than the scheduling itself.
     """
-    from .ray_worker import CACHE_HINT
-
     cache = run.cache
     embeddings: dict[str, Any] = {}
     failures: dict[str, str] = {}
     new: set[str] = set()
-    embedded = cached = 0
-    if on_start is not None:
-        on_start(len(unique), 0.0)  # durations are only known on the workers
-    for i, digest, why, from_store in run.embed_items(unique, progress, stop_on_error):
-        path = unique[i]
-        if digest is None:
-            failures[path] = why or "unknown error"
-            continue
-        key = digest.hex()
-        emb = cache.get(key)
-        if emb is None:  # the cheap lookup trusts the shard folder's mtime: list it anew
-            mat, found = cache.get_many([key])
-            emb = mat[0] if found[0] else None
-        if emb is None:
+    counts = [0, 0]  # embedded, from the store
+    pending: list[tuple[int, bytes, bytes]] = []  # units not read back yet: (lo, status, digests)
+
+    def read_back() -> None:
+        where: list[int] = []
+        keys: list[str] = []
+        stored: list[bool] = []
+        for lo, status, digest in pending:
+            for j, s in enumerate(status):
+                if s != FAILED:
+                    where.append(lo + j)
+                    keys.append(digest[32 * j : 32 * j + 32].hex())
+                    stored.append(s == CACHED)
+        pending.clear()
+        mat, found = cache.get_many(keys)
+        if not found.all():
+            path = unique[where[int(np.flatnonzero(~found)[0])]]
             raise SpeakerSimError(f"{path}: embedded by a Ray worker under {cache.root}, but "
                                   f"this process cannot read it there; {CACHE_HINT}")  # fmt: skip
-        embeddings[path] = emb
-        if from_store or key in new:
-            cached += 1
-        else:
-            embedded += 1
-            new.add(key)
-    return embeddings, failures, embedded, cached
+        for i, key, from_store, vec in zip(where, keys, stored, mat, strict=True):
+            embeddings[unique[i]] = vec
+            if from_store or key in new:
+                counts[1] += 1
+            else:
+                counts[0] += 1
+                new.add(key)
+
+    if on_start is not None:
+        on_start(len(unique), 0.0)  # durations are only known on the workers
+    held, first = 0, True
+    with contextlib.closing(run.embed_units(unique, progress)) as units:
+        for lo, status, digest, reasons in units:
+            stop = len(status)
+            for j in [j for j, s in enumerate(status) if s == FAILED]:
+                failures[unique[lo + j]] = reasons.get(j) or "unknown error"
+                if stop_on_error:
+                    stop = j
+                    break
+            pending.append((lo, bytes(status[:stop]), digest))
+            held += stop
+            if first or held >= READBACK_ROWS or stop < len(status):
+                read_back()
+                held, first = 0, False
+            if stop < len(status):
+                break
+    read_back()
+    return embeddings, failures, counts[0], counts[1]
