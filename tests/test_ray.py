@@ -9,6 +9,7 @@ pid while a job runs, and send SIGTERM to a driver in a subprocess, then resume.
 from __future__ import annotations
 
 import csv
+import http.server
 import json
 import os
 import secrets
@@ -326,6 +327,71 @@ def test_embed_on_ray_equals_embed_and_bad_files_fail_alike(cluster, shared, tmp
     assert "broken.wav" in fails and "too short" in fails
     model = json.loads((outs["ray"] / "model.json").read_text())
     assert model["engine"] == "ray" and model["ray"]["per_actor"][0]["failed"] >= 1
+
+
+class _Counting(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; counts GETs and the most requests it held at once (each held 50 ms)."""
+
+    lock = threading.Lock()
+    active = peak = gets = 0
+
+    def do_GET(self) -> None:
+        cls = type(self)
+        with cls.lock:
+            cls.active += 1
+            cls.gets += 1
+            cls.peak = max(cls.peak, cls.active)
+        try:
+            time.sleep(0.05)
+            super().do_GET()
+        finally:
+            with cls.lock:
+                cls.active -= 1
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+@pytest.mark.weights
+def test_a_worker_fetches_the_urls_of_its_unit_many_at_a_time(cluster, local, shared, tmp_path):
+    """Trials whose recordings are http:// URLs on a local server, on Ray: a worker fetches the
+    objects of its unit together (several requests open at once, where one request per decode
+    thread would hold one), each object once (its bytes serve the hash and the decode), and
+    the scores are the local engine's on the same files."""
+    import functools
+
+    ref, _ = local
+    trials, pairs = _subset(shared, tmp_path, 12)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(_Counting, directory=str(shared))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        with trials.open() as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            r["enrollment"], r["test"] = base + r["enrollment"], base + r["test"]
+        urls = tmp_path / "urls.csv"
+        with urls.open("w", newline="") as f:
+            w = csv.DictWriter(f, ["enrollment", "test", "label"])
+            w.writeheader()
+            w.writerows(rows)
+        res = _invoke(["score", str(urls), "--cache-dir", str(tmp_path / "cache"), "-o",
+                       str(tmp_path / "s.csv"), "--report", str(tmp_path / "r.json"), "-q",
+                       "--ray", "--ray-actors", "1", "--batch-size", "12"])  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert res.exit_code == 0, res.output
+    got = {(a[len(base) :], b[len(base) :]): v for (a, b), v in _scores(tmp_path / "s.csv").items()}
+    assert set(got) == pairs
+    assert _close(got, {k: ref[k] for k in pairs}) <= 1e-5
+    n = len({x for pair in pairs for x in pair})
+    assert _Counting.gets == n, (_Counting.gets, n)
+    assert _Counting.peak >= 2, _Counting.peak
 
 
 @pytest.mark.slow

@@ -42,6 +42,8 @@ HOLD_ENV = "SPEAKER_SIM_TEST_RAY_HOLD"
 SUB_ROWS = {"cpu": 32, "cuda": 128}
 SUB_SECONDS = {"cpu": 600.0, "cuda": 4_000.0}
 HIDE_ENV = "SPEAKER_SIM_TEST_RAY_HIDE"
+# A worker fetches the objects of the URLs among its next this many items at once.
+URL_WINDOW = 64
 
 
 def pack_paths(paths: Sequence[str]) -> bytes | list[str]:
@@ -63,6 +65,10 @@ def unpack_paths(block: bytes | Sequence[str]) -> list[str]:
 def absolute(path: str, cwd: str) -> str:
     """``path`` as the driver named it, made absolute against the driver's ``cwd`` (a URL or a
     wav.scp command stays as it is; an empty ``cwd``: this process's)."""
+    from ..io.storage import as_url, is_url
+
+    if is_url(path):  # also one that went through pathlib (``http:/host/...``)
+        return as_url(path)
     if path[:1] == "/" or "://" in path or path.rstrip().endswith("|"):
         return path
     return os.path.normpath(os.path.join(cwd, path)) if cwd else os.path.abspath(path)
@@ -262,6 +268,7 @@ class EmbedActor:
         held = 0.0
         todo = iter(enumerate(paths))
         ahead: deque[tuple[int, Future[Any]]] = deque()
+        known: dict[str, str | OSError] = {}  # content keys of URLs fetched many at a time
         with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
 
             def fill() -> None:
@@ -269,7 +276,8 @@ class EmbedActor:
                     nxt = next(todo, None)
                     if nxt is None:
                         return
-                    ahead.append((nxt[0], pool.submit(self._load, nxt[1])))
+                    self._fetch_ahead(paths, nxt[0], known)
+                    ahead.append((nxt[0], pool.submit(self._load, nxt[1], known.get(nxt[1]))))
 
             fill()
             while ahead:
@@ -296,14 +304,35 @@ class EmbedActor:
             row["fatal"] = (f"{self.where}: cannot write the cache "
                             f"({self.cache.write_error}); {CACHE_HINT}")  # fmt: skip
 
-    def _load(self, path: str) -> tuple[str | None, Any, str | None, bool]:
-        """(digest, waveform, failure reason, already in the store) of one work item."""
+    def _fetch_ahead(self, paths: list[str], k: int, known: dict[str, str | OSError]) -> None:
+        """When item ``k`` is a URL not fetched yet: the content keys of the URLs among the next
+        ``URL_WINDOW`` items, their objects fetched many at a time (:mod:`..io.fetch`) and their
+        bytes kept for the decode, instead of one request per decode thread."""
+        from ..io import storage
+
+        if paths[k] in known or not storage.is_url(paths[k]):
+            return
+        window = list(dict.fromkeys(
+            p for p in paths[k : k + URL_WINDOW]
+            if p not in known and storage.is_url(p) and not _hidden(p)
+        ))  # fmt: skip
+        if len(window) > 1:
+            known.update(zip(window, self.cache.file_hashes(window), strict=True))
+
+    def _load(self, path: str, known: str | OSError | None = None
+              ) -> tuple[str | None, Any, str | None, bool]:  # fmt: skip
+        """(digest, waveform, failure reason, already in the store) of one work item;
+        ``known``: its content key (or why it could not be read), when already fetched."""
         from ..audio.decode import is_command, probe
         from ..errors import AudioError
         from .data import AudioDataset
 
         cfg, sr = self.cfg, self.spec.sample_rate
-        if is_command(path):
+        if isinstance(known, OSError):
+            return None, None, read_failure(known), False
+        if known is not None:
+            digest = known
+        elif is_command(path):
             digest = hashlib.sha256(f"command:{path}".encode()).hexdigest()
         else:
             try:
