@@ -8,9 +8,14 @@ on another torch device (SpeechBrain's habit).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -163,3 +168,61 @@ def store_count(cache: Path) -> int:
     from speaker_sim_cli.engine.store_admin import cache_info
 
     return sum(int(r["entries"]) for r in cache_info(cache)) if cache.exists() else 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen | None = None, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.communicate()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
+
+
+@contextlib.contextmanager
+def moto_s3(bucket: str) -> Iterator[dict[str, Any]]:
+    """moto's S3 server on a free port of 127.0.0.1, with ``bucket`` made; the storage options
+    and fake credentials of this process point at it (restored after)."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from speaker_sim_cli.io import storage
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", storage.ENV)
+    }
+    try:
+        wait_for_port(port, proc)
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="testing",
+            AWS_SECRET_ACCESS_KEY="testing",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
+        endpoint = f"http://127.0.0.1:{port}"
+        storage.set_options({"s3": {"endpoint_url": endpoint}})
+        fs, _ = storage.filesystem(f"s3://{bucket}")
+        fs.mkdir(bucket)
+        yield {"fs": fs, "endpoint": endpoint, "options": os.environ[storage.ENV]}
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

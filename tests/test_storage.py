@@ -9,11 +9,7 @@ import http.server
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -22,6 +18,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from conftest import moto_s3  # type: ignore[import-not-found]
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.io import storage
 
@@ -37,59 +34,11 @@ FUZZ = settings(
 BUCKET = "speaker-sim-test"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_port(port: int, proc: subprocess.Popen | None = None, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.communicate()}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {seconds} s")
-
-
 @pytest.fixture(scope="module")
 def s3():
     """moto's S3 server on a free port; the storage options and fake credentials point at it."""
-    pytest.importorskip("s3fs")
-    pytest.importorskip("moto.server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    saved = {
-        k: os.environ.get(k)
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", storage.ENV)
-    }
-    try:
-        wait_for_port(port, proc)
-        os.environ.update(
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_DEFAULT_REGION="us-east-1",
-        )
-        endpoint = f"http://127.0.0.1:{port}"
-        storage.set_options({"s3": {"endpoint_url": endpoint}})
-        fs, _ = storage.filesystem(f"s3://{BUCKET}")
-        fs.mkdir(BUCKET)
-        yield {"fs": fs, "endpoint": endpoint, "options": os.environ[storage.ENV]}
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with moto_s3(BUCKET) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -367,12 +367,16 @@ class RayRun:
             max_task_retries=0,
             enable_task_events=TASK_EVENTS,
         )
+        from ..io.storage import ENV as STORAGE_ENV
+
         kwargs = {
             "spec": self.spec, "checkpoint": str(self.checkpoint), "cfg": actor_cfg,
-            "cache_root": str(Path(self.cache.root).resolve()),
+            "cache_root": self.cache.root if isinstance(self.cache.root, str)  # a bucket
+            else str(Path(self.cache.root).resolve()),
             "ingredients": self.cache.ingredients, "threads": 1, "decode_threads": threads,
             "crash_pattern": os.environ.get(CRASH_ENV, ""), "standin": self.standin,
             "cwd": os.getcwd(), "hold": os.environ.get(HOLD_ENV, ""),
+            "storage_options": os.environ.get(STORAGE_ENV, ""),
         }  # fmt: skip
         need = {"CPU": cpus, "GPU": gpa}
         pool = ActorPool(ray, lambda: remote.remote(**kwargs),

@@ -122,6 +122,7 @@ class EmbedActor:
         standin: bool = False,
         cwd: str = "",
         hold: str = "",
+        storage_options: str = "",
     ) -> None:
         self.host = socket.gethostname()
         self.node_id = _node_id()
@@ -137,10 +138,15 @@ class EmbedActor:
         self.hold = hold
         self.standin = standin
         self.cwd = cwd  # the driver's working directory: relative paths are relative to it
+        if storage_options:  # the driver's --storage-options (endpoints, keys) hold here too
+            from ..io.storage import set_options
+
+            set_options(storage_options)
         if standin:
             return
         try:
-            self._setup(spec, Path(checkpoint), cfg, Path(cache_root), ingredients, threads)
+            root = cache_root if "://" in cache_root else Path(cache_root)  # or a bucket
+            self._setup(spec, Path(checkpoint), cfg, root, ingredients, threads)
         except Exception as exc:
             self.fatal = self.fatal or (
                 f"{self.where}: cannot load the model: {type(exc).__name__}: {exc}"
@@ -151,12 +157,13 @@ class EmbedActor:
         spec: Any,
         checkpoint: Path,
         cfg: EngineConfig,
-        root: Path,
+        root: Path | str,
         ingredients: dict[str, Any],
         threads: int,
     ) -> None:
         import torch
 
+        from ..io import storage
         from ..models.weights import checkpoint_hash
         from ..paths import atomic_write_bytes
         from .cache import EmbeddingCache
@@ -179,9 +186,13 @@ class EmbedActor:
             cache = EmbeddingCache(root, ingredients, spec.dim)
             if cache.write_error:
                 raise OSError(cache.write_error)
-            probe = cache.dir / f".probe-{self.host}-{os.getpid()}"
-            atomic_write_bytes(probe, b"")
-            probe.unlink()
+            probe = f"{cache.dir}/.probe-{self.host}-{os.getpid()}"
+            if isinstance(cache.root, str):  # a bucket (s3://...)
+                storage.atomic_write(probe, b"")
+                storage.remove(probe)
+            else:
+                atomic_write_bytes(Path(probe), b"")
+                Path(probe).unlink()
         except OSError as exc:
             self.fatal = (f"{self.where}: cannot write the cache {root} "
                           f"({exc.strerror or exc}); {CACHE_HINT}")  # fmt: skip
