@@ -26,8 +26,9 @@ OK, CACHED, FAILED = 0, 1, 2
 NON_FINITE = "the model produced a non-finite embedding"
 CACHE_HINT = (
     "with --ray, --cache-dir must be a path that every node and this machine can read and "
-    "write (NFS, a mounted bucket): the workers write the embeddings there and this process "
-    "reads them back"
+    "write (NFS, or a bucket URL such as s3://bucket/store with --storage-options or each "
+    "node's credentials): the workers write the embeddings there and this process reads them "
+    "back"
 )
 # Test hooks, off unless the variable is set. CRASH_ENV (read on the driver, handed to the
 # actors): a regex; a work item whose path matches makes the worker process os._exit, as a
