@@ -226,3 +226,31 @@ def moto_s3(bucket: str) -> Iterator[dict[str, Any]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def bucket_trials(fs: Any, where: str, speech: list[Path], local: Path) -> list[tuple[str, str]]:
+    """Every pair of ``speech`` as a trial list ``where/trials.csv`` (``where``: bucket/prefix)
+    over ``where/audio/NAME``; the same list and files under ``local``. Returns the pairs."""
+    names = [p.name for p in speech]
+    pairs = [(a, b) for a in names for b in names if a < b]
+    text = "enrollment,test\n" + "".join(f"audio/{a},audio/{b}\n" for a, b in pairs)
+    (local / "audio").mkdir(parents=True)
+    for p in speech:
+        fs.put_file(str(p), f"{where}/audio/{p.name}")
+        (local / "audio" / p.name).write_bytes(p.read_bytes())
+    fs.pipe_file(f"{where}/trials.csv", text.encode())
+    (local / "trials.csv").write_text(text)
+    return pairs
+
+
+def score_map(text: str) -> dict[tuple[str, str], float]:
+    """A score file's scores by (enrollment, test) file names."""
+    import csv
+    import io
+
+    rows = csv.DictReader(io.StringIO(text))
+    return {
+        (r["enrollment"].rsplit("/", 1)[-1], r["test"].rsplit("/", 1)[-1]): float(r["score"])
+        for r in rows
+        if r.get("score")
+    }

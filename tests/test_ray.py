@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import http.server
-import io
 import json
 import os
 import secrets
@@ -28,7 +27,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import moto_s3, store_count, store_entries  # type: ignore[import-not-found]
+from conftest import (  # type: ignore[import-not-found]
+    bucket_trials,
+    moto_s3,
+    score_map,
+    store_count,
+    store_entries,
+)
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.cli.ray_opt import split_ray_address
 
@@ -412,22 +417,13 @@ def test_a_job_in_a_bucket_runs_on_ray(cluster, s3, shared, real_ckpt, tmp_path)
     scores are those of the same files on local disk."""
     fs = s3["fs"]
     speech = sorted((shared / "audio" / "vctk").rglob("*.wav"))[::10][:4]
-    names = [p.name for p in speech]
-    for p in speech:
-        fs.put_file(str(p), f"{BUCKET}/ray/audio/{p.name}")
-    pairs = [(a, b) for a in names for b in names if a < b]
-    text = "enrollment,test\n" + "".join(f"audio/{a},audio/{b}\n" for a, b in pairs)
-    fs.pipe_file(f"{BUCKET}/ray/trials.csv", text.encode())
-    (tmp_path / "audio").mkdir()
-    for p in speech:
-        shutil.copy(p, tmp_path / "audio" / p.name)
-    (tmp_path / "trials.csv").write_text(text)
+    local = tmp_path / "local"
+    pairs = bucket_trials(fs, f"{BUCKET}/ray", speech, local)
     common = ["--model-dir", str(real_ckpt.parent), "--device", "cpu", "-q"]
-    ref = _invoke(["score", str(tmp_path / "trials.csv"), "--cache-dir", str(tmp_path / "c"),
-                   "-o", str(tmp_path / "s.csv"), *common])  # fmt: skip
+    ref = _invoke(["score", str(local / "trials.csv"), "--cache-dir", str(tmp_path / "c"),
+                   *common])  # fmt: skip
     assert ref.exit_code == 0, ref.output
-    want = {(a.rsplit("/", 1)[-1], b.rsplit("/", 1)[-1]): v
-            for (a, b), v in _scores(tmp_path / "s.csv").items()}  # fmt: skip
+    want = score_map(ref.stdout)
     opts = json.dumps({"s3": {"endpoint_url": s3["endpoint"], "key": "testing",
                               "secret": "testing",
                               "client_kwargs": {"region_name": "us-east-1"}}})  # fmt: skip
@@ -436,13 +432,11 @@ def test_a_job_in_a_bucket_runs_on_ray(cluster, s3, shared, real_ckpt, tmp_path)
                    f"{url}/store", "-o", f"{url}/scores.csv", "--report", f"{url}/r.json",
                    "--ray", "--ray-actors", "1", *common])  # fmt: skip
     assert res.exit_code == 0, res.output
-    rows = csv.DictReader(io.StringIO(fs.cat_file(f"{BUCKET}/ray/scores.csv").decode()))
-    got = {(r["enrollment"].rsplit("/", 1)[-1], r["test"].rsplit("/", 1)[-1]): float(r["score"])
-           for r in rows}  # fmt: skip
+    got = score_map(fs.cat_file(f"{BUCKET}/ray/scores.csv").decode())
     assert set(got) == set(want) == set(pairs)
     assert _close(got, want) <= 1e-5
     report = json.loads(fs.cat_file(f"{BUCKET}/ray/r.json"))
-    assert report["engine"] == "ray" and report["counts"]["embedded"] == len(names)
+    assert report["engine"] == "ray" and report["counts"]["embedded"] == len(speech)
     assert any("/shards/" in k for k in fs.find(f"{BUCKET}/ray/store"))
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import http.server
-import io
 import json
 import os
 import threading
@@ -18,7 +17,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import moto_s3  # type: ignore[import-not-found]
+from conftest import (  # type: ignore[import-not-found]
+    bucket_trials,
+    moto_s3,
+    score_map,
+)
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.io import storage
 
@@ -51,30 +54,12 @@ def run(args: list[str], options: str | None = None) -> object:
     return CliRunner().invoke(app, [*pre, *args])
 
 
-def score_map(text: str) -> dict[tuple[str, str], float]:
-    rows = csv.DictReader(io.StringIO(text))
-    return {
-        (r["enrollment"].rsplit("/", 1)[-1], r["test"].rsplit("/", 1)[-1]): float(r["score"])
-        for r in rows
-        if r.get("score")
-    }
-
-
 @pytest.mark.slow
 @pytest.mark.weights
 def test_s3_round_trip_gives_the_scores_of_local_files(s3, speech, real_ckpt, tmp_path):
     fs = s3["fs"]
-    names = [p.name for p in speech]
-    for p in speech:
-        fs.put_file(str(p), f"{BUCKET}/rt/audio/{p.name}")
-    pairs = [(a, b) for a in names for b in names if a < b]
-    text = "enrollment,test\n" + "".join(f"audio/{a},audio/{b}\n" for a, b in pairs)
-    fs.pipe_file(f"{BUCKET}/rt/trials.csv", text.encode())
     local = tmp_path / "local"
-    (local / "audio").mkdir(parents=True)
-    for p in speech:
-        (local / "audio" / p.name).write_bytes(p.read_bytes())
-    (local / "trials.csv").write_text(text)
+    pairs = bucket_trials(fs, f"{BUCKET}/rt", speech, local)
     common = ["--model-dir", str(real_ckpt.parent), "--device", "cpu", "--workers", "0", "-q"]
     ref = run(["score", str(local / "trials.csv"), "--cache-dir", str(tmp_path / "c"), *common])
     assert ref.exit_code == 0, ref.output
@@ -101,7 +86,7 @@ def test_s3_round_trip_gives_the_scores_of_local_files(s3, speech, real_ckpt, tm
         )
         assert res.exit_code == 0, res.output
         # cold: one signed GET per recording (hash, header and decode share it); warm: a HEAD
-        assert fetch.COUNTS["fetched"] - before["fetched"] == len(names)
+        assert fetch.COUNTS["fetched"] - before["fetched"] == len(speech)
         assert fetch.COUNTS["fallback"] == before["fallback"]
         got = score_map(fs.cat_file(f"{BUCKET}/rt/out/scores.csv").decode())
         assert got.keys() == want.keys()
@@ -110,14 +95,14 @@ def test_s3_round_trip_gives_the_scores_of_local_files(s3, speech, real_ckpt, tm
         report = json.loads(fs.cat_file(f"{BUCKET}/rt/out/report.json"))
         counts = report["counts"]
         if attempt == "cold":
-            assert counts["embedded"] == len(names) and counts["from_cache"] == 0
+            assert counts["embedded"] == len(speech) and counts["from_cache"] == 0
         else:  # every vector comes back from the store in the bucket
-            assert counts["embedded"] == 0 and counts["from_cache"] == len(names)
+            assert counts["embedded"] == 0 and counts["from_cache"] == len(speech)
     shards = fs.glob(f"{BUCKET}/rt/cache/emb/*/shards/*.arrow")
     assert len(shards) == 1
     assert not fs.glob(f"{BUCKET}/rt/out/.*"), "temp objects left in the bucket"
     info = run(["cache", "info", "--json", "--cache-dir", f"{url}/cache"], s3["options"])
-    assert info.exit_code == 0 and json.loads(info.stdout)["entries"] == len(names)
+    assert info.exit_code == 0 and json.loads(info.stdout)["entries"] == len(speech)
 
 
 @pytest.mark.slow
