@@ -70,8 +70,15 @@ def cluster():
 @pytest.fixture(autouse=True)
 def two_workers(cluster):
     """Every test starts on two live 1-CPU worker nodes with both CPUs free; a driver process a
-    test left running is killed after it."""
-    _two_free_workers(*cluster)
+    test left running is killed after it. Once the cluster failed to come back, the tests
+    after fail at once (not one wait each)."""
+    if _BROKEN:
+        pytest.fail(f"the cluster did not come back after an earlier test: {_BROKEN[0]}")
+    try:
+        _two_free_workers(*cluster)
+    except BaseException as exc:
+        _BROKEN.append(str(exc))
+        raise
     yield
     for d in _DRIVERS:
         if d.is_alive():
@@ -90,11 +97,14 @@ def _two_free_workers(c: Any, nodes: dict[str, Any], limit_s: float = 180) -> No
             c.remove_node(nodes.pop(k), allow_graceful=False)
     while len(nodes) < 2:
         nodes[f"w{next(_NAMES)}"] = c.add_node(num_cpus=1, object_store_memory=STORE_MB)
+    # A node a test removed stays alive for Ray until its health checks fail (seconds): wait
+    # for that too, so that the next job sees the cluster the test means (head + two nodes).
     deadline = time.monotonic() + limit_s
     while True:
         alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
         free = ray.available_resources().get("CPU", 0.0)
-        if all(n.node_id in alive for n in nodes.values()) and free >= 2:
+        ours = {n.node_id for n in nodes.values()}
+        if ours <= alive and len(alive - ours) == 1 and free >= 2:
             return
         if time.monotonic() > deadline:
             pytest.fail(f"the cluster did not come back to two free worker nodes in "
@@ -103,6 +113,7 @@ def _two_free_workers(c: Any, nodes: dict[str, Any], limit_s: float = 180) -> No
 
 
 _NAMES = itertools.count(3)
+_BROKEN: list[str] = []
 
 
 def _score_args(shared: Path, trials: Path, cache: Path, out: Path, *extra: str) -> list[str]:
@@ -401,6 +412,34 @@ def test_an_actor_no_node_has_room_for_stops_the_job_after_the_stall_bound(clust
     msg = str(err.value)
     assert "no progress for 3 s" in msg and "1 waiting for a node with room" in msg, msg
     assert "the cluster, described" in msg
+
+
+def test_an_actor_that_fails_to_start_is_recreated_with_back_off(cluster):
+    """Every actor creation fails at once (the actor is bound to a node Ray does not have, as
+    one placed on a node that died before Ray knew it did): the pool re-creates it after a
+    doubling back-off, not at once, and stops after the stall bound. Re-creating at once made
+    ~25,000 actors in 120 s and flooded Ray's control store."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from speaker_sim_cli.engine.ray_pool import START_BACKOFF_S
+    from speaker_sim_cli.engine.ray_worker import EmbedActor
+    from speaker_sim_cli.errors import SpeakerSimError
+
+    stall_s = 4.0
+    nowhere = NodeAffinitySchedulingStrategy(node_id=secrets.token_hex(28), soft=False)
+    pool = _standin_pool(ray, EmbedActor, stall_s, num_cpus=1, scheduling_strategy=nowhere)
+    try:
+        with pytest.raises(SpeakerSimError) as err:
+            list(pool.run(iter(_units(4))))
+    finally:
+        pool.shutdown()
+    # Creations at 0, 0.25, 0.75, 1.75, 3.75, 7.75 s at most (each also takes its start-up
+    # time); the stall may wait up to 2 x stall_s for an actor Ray has placed.
+    first, _ = START_BACKOFF_S
+    bound = 2 + sum(1 for k in range(20) if first * (2**k - 1) <= 2 * stall_s)
+    assert 1 <= pool.lost_actors <= bound, (pool.lost_actors, bound)
+    assert "no progress for 4 s" in str(err.value)
 
 
 def test_an_actor_still_loading_its_model_is_not_given_up(cluster):

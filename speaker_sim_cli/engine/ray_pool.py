@@ -30,6 +30,11 @@ MAX_CRASHES = 3
 IN_FLIGHT = 2
 # How often the pool compares its size with what the cluster has room for (nodes come and go).
 RESIZE_S = 2.0
+# An actor that fails to start (e.g. placed on a node that died and that Ray does not yet know
+# is dead: the creation fails at once) is re-created after a back-off that doubles with each
+# failure in a row, from the first to the last value: re-creating at once made ~200 actor
+# creations a second, which flooded Ray's control store until the job stalled.
+START_BACKOFF_S = (0.25, 8.0)
 
 
 @dataclass
@@ -95,6 +100,8 @@ class ActorPool:
         # Starting actors seen placed on a node (loading the model) once the job stalled: when.
         self.placed: dict[Any, float] = {}
         self.slow_loads = 0
+        self.start_failures = 0  # in a row; an actor that starts resets it
+        self.make_after = 0.0  # no actor is created before this (monotonic) time
         self.done: queue.SimpleQueue[tuple[Any, Future[Any]]] = queue.SimpleQueue()
 
     def run(self, units: Iterator[Unit]) -> Iterator[dict[str, Any]]:
@@ -106,7 +113,7 @@ class ActorPool:
             if now >= next_resize:
                 self.target = max(1, self.want())
                 next_resize = now + RESIZE_S
-            while len(self.slots) + len(self.starting) < self.target:
+            while len(self.slots) + len(self.starting) < self.target and now >= self.make_after:
                 handle = self.make()
                 ref = handle.ready.remote()
                 self.starting[ref] = handle
@@ -237,9 +244,15 @@ class ActorPool:
             if not _actor_gone(exc):
                 raise SpeakerSimError(f"a Ray worker failed to start: {_first_line(exc)}") from None
             self.lost_actors += 1
+            first, last = START_BACKOFF_S
+            self.make_after = time.monotonic() + min(
+                last, first * 2 ** min(self.start_failures, 16)
+            )
+            self.start_failures += 1
             return False
         if info.get("fatal"):
             raise SpeakerSimError(info["fatal"])
+        self.start_failures = 0
         self.slots[handle._actor_id] = _Slot(handle, info)
         self.hungry[handle._actor_id] = None
         return True
