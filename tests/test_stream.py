@@ -157,7 +157,7 @@ def test_a_field_over_the_limit_is_named_in_kaldi_lists_too(tmp_path):
 # -- metrics -----------------------------------------------------------------------------------
 
 
-def test_sorted_metrics_are_evaluate_bit_for_bit(monkeypatch):
+def test_sorted_metrics_are_evaluate_bit_for_bit(monkeypatch, tmp_path):
     monkeypatch.setattr(sorted_metrics, "BLOCK", 257)  # many blocks, curve points across them
     rng = np.random.default_rng(3)
     for k in range(25):
@@ -171,8 +171,13 @@ def test_sorted_metrics_are_evaluate_bit_for_bit(monkeypatch):
         got = evaluate_sorted(np.sort(s[y == 1]), np.sort(s[y == 0]), (0.01, 0.05, 0.5),
                               threshold=thr)  # fmt: skip
         assert got == ref
+        # the same scores as several sorted runs of each class (ties across runs included)
+        cut = rng.integers(0, 3, n)
+        runs = [[np.sort(s[(y == c) & (cut == r)]) for r in range(3)] for c in (1, 0)]
+        assert evaluate_sorted(*runs, (0.01, 0.05, 0.5), threshold=thr) == ref
         n_t = int(y.sum())
-        for col in (ScoreCollector(dtype), ScoreCollector(dtype, n_t + 5, n - n_t)):
+        for col in (ScoreCollector(dtype), ScoreCollector(dtype, n_t + 5, n - n_t),
+                    ScoreCollector(dtype, spill=tmp_path)):  # fmt: skip
             for lo in range(0, n, 999):
                 col.add(s[lo : lo + 999], y[lo : lo + 999])
             monkeypatch.setattr(sorted_metrics, "EXACT_LIMIT", 0 if k % 3 else 10**9)
@@ -498,6 +503,23 @@ def test_score_collector_with_a_capacity_gives_the_same_metrics():
             c.add(s[lo : lo + 4096], y[lo : lo + 4096])
         assert c.count == len(s)
         assert c.evaluate() == want
+
+
+def test_spilled_scores_leave_no_file_and_give_the_same_metrics(tmp_path, monkeypatch):
+    monkeypatch.setattr(sorted_metrics, "EXACT_LIMIT", 0)  # the sorted walk, two sort threads
+    rng = np.random.default_rng(1)
+    s = np.round(rng.normal(size=50_000), 3)
+    y = (rng.random(50_000) < 0.1).astype(np.int8)
+    c = ScoreCollector(np.float64, capacity=10, spill=tmp_path)
+    for lo in range(0, len(s), 4096):
+        c.add(s[lo : lo + 4096], y[lo : lo + 4096])
+    assert list(tmp_path.iterdir()) == []  # unnamed temp files: nothing to leave behind
+    assert c.count == len(s)
+    assert c.evaluate() == evaluate(s, y)
+    closed = ScoreCollector(np.float64, spill=tmp_path)
+    closed.add(s[:10], y[:10])
+    closed.close()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_interrupt_in_one_pass_leaves_no_file_and_no_reader_thread(

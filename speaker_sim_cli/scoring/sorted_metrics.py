@@ -6,7 +6,11 @@ alone (``evaluate`` holds five arrays as long as the list of distinct scores). n
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import tempfile
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -24,14 +28,23 @@ class ScoreCollector:
 
     def __init__(
         self, dtype: type = np.float64, targets: int | None = None, nontargets: int | None = None,
-        capacity: int | None = None,
+        capacity: int | None = None, spill: str | Path | None = None,
     ) -> None:  # fmt: skip
         """``targets`` / ``nontargets``: at most how many of each will come (a first pass
         counted them): one array each, filled in place, instead of chunks joined at the end
         (which would hold the scores twice). ``capacity``: about how many will come, classes
         unknown (a list read once): one array, targets filled from its start and non-targets
-        from its end, so only what is filled takes memory; past it, chunks are joined."""
+        from its end, so only what is filled takes memory; past it, chunks are joined.
+        ``spill``: a folder where the scores are written as they come instead (two unnamed
+        temp files, gone when closed or when the process dies), read back by
+        :meth:`evaluate`: a scorer's vectors and the scores are then never in memory at once.
+        """
         self.dtype = dtype
+        self._spill: list[IO[bytes]] | None = None
+        if spill is not None:
+            self._spill = [tempfile.TemporaryFile(dir=spill, prefix=".speaker-sim-scores.")
+                           for _ in range(2)]  # fmt: skip
+            targets = nontargets = capacity = None
         self._t: list[np.ndarray] = []
         self._n: list[np.ndarray] = []
         self._fixed = targets is not None and nontargets is not None
@@ -48,6 +61,12 @@ class ScoreCollector:
         s: np.ndarray = scores.astype(self.dtype, copy=False)
         is_t = labels == 1
         t, n = s[is_t], s[~is_t]
+        if self._spill is not None:
+            for f, part, k in ((self._spill[0], t, 0), (self._spill[1], n, 1)):
+                f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
+                self._fill[k] += len(part)
+            self.count += len(s)
+            return
         b = self._both
         if b is not None and self._fill[0] + self._fill[1] + len(s) <= len(b):
             lo, hi = self._fill[0], len(b) - self._fill[1]
@@ -66,6 +85,19 @@ class ScoreCollector:
         self.count += len(s)
 
     def _take(self, k: int) -> np.ndarray:
+        if self._spill is not None:
+            f = self._spill[k]
+            out = np.empty(self._fill[k], self.dtype)
+            view = memoryview(out).cast("B")
+            f.seek(0)
+            got = 0
+            while got < len(view):
+                n = f.readinto(view[got:])
+                if not n:
+                    raise OSError(f"spilled scores: {got} of {len(view)} bytes read back")
+                got += n
+            f.close()
+            return out
         parts = self._t if k == 0 else self._n
         if self._fixed:
             return parts[0][: self._fill[k]]
@@ -86,34 +118,60 @@ class ScoreCollector:
     ) -> Metrics:
         """EER / minDCF as :func:`evaluate` gives them for these scores; the chunks are freed."""
         t, n = self._take(0), self._take(1)
-        self._t, self._n, self._both = [], [], None
+        self._t, self._n, self._both, self._spill = [], [], None, None
         if len(t) + len(n) <= EXACT_LIMIT:
             labels = np.zeros(len(t) + len(n), dtype=np.int8)
             labels[: len(t)] = 1
             return evaluate(np.concatenate([t, n]), labels, p_targets, c_miss, c_fa, threshold)
+        runs = _sort_in_two(t, n)
+        return evaluate_sorted(t, runs, p_targets, c_miss, c_fa, threshold)
+
+    def close(self) -> None:
+        """Let go of the scores (and remove spilled ones) without evaluating them."""
+        for f in self._spill or []:
+            f.close()
+        self._t, self._n, self._both, self._spill = [], [], None, None
+
+
+def _sort_in_two(t: np.ndarray, n: np.ndarray) -> list[np.ndarray]:
+    """Sort ``t`` in place, and ``n`` as two halves in place (the runs returned): two threads
+    (numpy's sort releases the GIL) each sort about half of all the scores."""
+    h = max(0, (len(n) - len(t)) // 2)
+    a, b = n[:h], n[h:]
+
+    def first() -> None:
         t.sort()
-        n.sort()
-        return evaluate_sorted(t, n, p_targets, c_miss, c_fa, threshold)
+        a.sort()
+
+    th = threading.Thread(target=first, name="speaker-sim-sort")
+    th.start()
+    try:
+        b.sort()
+    finally:
+        th.join()
+    return [a, b]
 
 
 def evaluate_sorted(
-    targets: np.ndarray,
-    nontargets: np.ndarray,
+    targets: np.ndarray | Sequence[np.ndarray],
+    nontargets: np.ndarray | Sequence[np.ndarray],
     p_targets: Iterable[float] = (0.01, 0.05),
     c_miss: float = 1.0,
     c_fa: float = 1.0,
     threshold: float | None = None,
 ) -> Metrics:
     """:func:`evaluate` of ``targets`` (label 1) and ``nontargets`` (label 0), each sorted
-    ascending. Same definition, same floating-point operations, the same result."""
+    ascending, or each given as several sorted runs (e.g. the halves of an array that two
+    threads sorted). Same definition, same floating-point operations, the same result."""
     ps = tuple(float(p) for p in p_targets)
     for p in ps:
         _check_dcf_params(p, c_miss, c_fa)
-    T, N = targets, nontargets
-    n_t, n_n = len(T), len(N)
+    T = [targets] if isinstance(targets, np.ndarray) else list(targets)
+    N = [nontargets] if isinstance(nontargets, np.ndarray) else list(nontargets)
+    n_t, n_n = sum(len(r) for r in T), sum(len(r) for r in N)
     if n_t + n_n == 0:
         raise ValueError("no trials: scores and labels are empty")
-    bad = int(np.count_nonzero(np.isnan(T)) + np.count_nonzero(np.isnan(N)))
+    bad = sum(int(np.count_nonzero(np.isnan(r))) for r in (*T, *N))
     if bad:
         raise ValueError(f"scores contain {bad} NaN value(s); drop or fix those trials first")
     if n_t == 0:
@@ -125,18 +183,35 @@ def evaluate_sorted(
     eer: float | None = None
     eer_thr = 0.0
     prev: tuple[float, float] | None = None  # (fnr, fpr) of the last point of the last block
-    ti = ni = 0
+    runs = [*T, *N]
+    pos = [0] * len(runs)
+    ti = ni = 0  # targets / non-targets at or below the last block's largest score
     first = True
-    while ti < n_t or ni < n_n:
-        ub_t = T[min(ti + BLOCK, n_t) - 1] if ti < n_t else np.inf
-        ub_n = N[min(ni + BLOCK, n_n) - 1] if ni < n_n else np.inf
-        ub = min(ub_t, ub_n)
-        tj = int(np.searchsorted(T, ub, side="right"))
-        nj = int(np.searchsorted(N, ub, side="right"))
-        vals = np.unique(np.concatenate([T[ti:tj], N[ni:nj]]))
-        tgt_le = ti + np.searchsorted(T[ti:tj], vals, side="right").astype(np.int64)
-        non_le = ni + np.searchsorted(N[ni:nj], vals, side="right").astype(np.int64)
-        ti, ni = tj, nj
+    while any(p < len(r) for p, r in zip(pos, runs)):
+        # Every score up to ub, from every run: at most BLOCK from each, all of a tie at once.
+        ub = min(r[min(p + BLOCK, len(r)) - 1] for p, r in zip(pos, runs) if p < len(r))
+        parts = []
+        for k, r in enumerate(runs):
+            j = int(np.searchsorted(r, ub, side="right"))
+            parts.append(r[pos[k] : j])
+            pos[k] = j
+        n_tb = sum(len(x) for x in parts[: len(T)])
+        # The sorted runs merged (a stable sort of sorted runs is a merge), each score's class
+        # kept by its place in the concatenation; the curve's points are the last of each tie.
+        both = np.concatenate(parts)
+        order = np.argsort(both, kind="stable")
+        merged = both[order]
+        last = np.empty(len(merged), dtype=bool)
+        np.not_equal(merged[1:], merged[:-1], out=last[:-1])
+        last[-1] = True
+        ends = np.flatnonzero(last)
+        is_t = np.cumsum(order < n_tb)[ends]
+        vals = merged[ends]
+        tgt_le = ti + is_t
+        non_le = ni + (ends + 1 - is_t)
+        ti += n_tb
+        ni += len(both) - n_tb
+        del both, order, merged, last, ends, is_t
         k0 = 1 if first else 0  # the accept-all point opens the first block
         m = len(vals) + k0
         fnr = np.empty(m, dtype=np.float64)
@@ -178,8 +253,8 @@ def evaluate_sorted(
     if threshold is not None:
         if math.isnan(threshold):
             raise ValueError("threshold is NaN")
-        tgt_acc = n_t - int(np.searchsorted(T, threshold, side="right"))
-        non_acc = n_n - int(np.searchsorted(N, threshold, side="right"))
+        tgt_acc = n_t - sum(int(np.searchsorted(r, threshold, side="right")) for r in T)
+        non_acc = n_n - sum(int(np.searchsorted(r, threshold, side="right")) for r in N)
         far, frr = non_acc / n_n, (n_t - tgt_acc) / n_t
         actual = _actual_dcf(ps, c_miss, c_fa, far, frr)
     return Metrics(
