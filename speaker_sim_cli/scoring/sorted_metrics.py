@@ -42,7 +42,7 @@ class ScoreCollector:
         self.dtype = dtype
         self._spill: list[IO[bytes]] | None = None
         if spill is not None:
-            self._spill = [tempfile.TemporaryFile(dir=spill, prefix=".speaker-sim-scores.")
+            self._spill = [tempfile.TemporaryFile(dir=spill, prefix=".speaker-sim-scores.")  # noqa: SIM115 (closed by evaluate / close)
                            for _ in range(2)]  # fmt: skip
             targets = nontargets = capacity = None
         self._t: list[np.ndarray] = []
