@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from .score import ScoreJob
 
 DUPLICATES_LIMIT = 16_000_000  # 8 bytes a trial to count duplicate trials
+WRITE_BEHIND = 1  # chunks written by a thread of their own while the next ones are scored
 SPILL_TRIALS = 8_000_000  # past this many, the metrics' scores wait in a temp file
 
 
@@ -366,7 +367,7 @@ def _run(job: ScoreJob, progress: ProgressFn | None, once: bool, t0: float) -> S
         chunks = prefetch(looked_up(regroup(stream)))
         try:
             st = score_chunks(chunks, _rows_of, lk.vt, reasons.get, writer, norm, advance,
-                              extra, collector=collector)  # fmt: skip
+                              extra, collector=collector, behind=WRITE_BEHIND)  # fmt: skip
         finally:
             chunks.close()  # a run that stops early (an error, an interrupt) stops the reader
         if st.trials == 0:

@@ -7,8 +7,9 @@ computed once), one ``einsum`` per 512 trials, cohort statistics once per record
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -179,41 +180,71 @@ def score_chunks(
     extra: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
     keep_scores: bool = True,
     collector: ScoreCollector | None = None,
+    behind: int = 0,
 ) -> StreamStats:
     """Score every chunk, write it, keep its labelled scores for the metrics.
 
     ``ids(chunk)``: the key rows of its two sides (-1 = no such key); ``reason(key)``: why a
-    key has no vector. Nothing is kept per trial but the two metric arrays.
+    key has no vector. Nothing is kept per trial but the two metric arrays. ``behind`` > 0:
+    a chunk is written (and its scores kept) by a thread of its own, in order, while the next
+    ones are scored, up to ``behind`` chunks behind; ``progress`` counts written chunks, and
+    the scorer never returns or raises while that thread is still writing.
     """
     st = StreamStats()
     if collector is not None:
         st.metrics = collector
-    for ch in chunks:
-        a, b = ids(ch)
-        s = cosine_ids(vt, a, b)
-        ok = ~np.isnan(s)
-        if norm is not None and ok.any():
-            s[ok] = norm.apply(s[ok], a[ok], b[ok])
-        n = len(ch)
-        st.trials += n
-        n_ok = int(np.count_nonzero(ok))
-        st.scored += n_ok
-        if n_ok:
-            st.score_sum += float(s[ok].sum())
-            st.score_sq += float(np.square(s[ok]).sum())
-        if ch.labels is not None:
-            st.labelled = True
-            st.targets += int(ch.labels.sum(dtype=np.int64))
-            if keep_scores:
-                st.metrics.add(s[ok], ch.labels[ok])
-        if writer is not None:
-            errors = None
-            if n_ok < n:
-                errors = trial_errors(_as_list(ch.enroll), _as_list(ch.test), ok, reason)
-            st.written += writer.write(ch.enroll, ch.test, s, ch.labels, errors,
-                                       extra(s) if extra else None)  # fmt: skip
-        if progress is not None:
-            progress(n)
+
+    def finish(ch: Chunk, s: np.ndarray, ok: np.ndarray, n_ok: int) -> int:
+        if ch.labels is not None and keep_scores:
+            st.metrics.add(s[ok], ch.labels[ok])
+        if writer is None:
+            return 0
+        errors = None
+        if n_ok < len(ch):
+            errors = trial_errors(_as_list(ch.enroll), _as_list(ch.test), ok, reason)
+        return writer.write(ch.enroll, ch.test, s, ch.labels, errors,
+                            extra(s) if extra else None)  # fmt: skip
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="speaker-sim-write") if behind > 0 else None
+    pending: deque[tuple[Future[int], int]] = deque()
+
+    def settle(keep: int) -> None:
+        while len(pending) > keep:
+            f, n = pending.popleft()
+            st.written += f.result()
+            if progress is not None:
+                progress(n)
+
+    try:
+        for ch in chunks:
+            a, b = ids(ch)
+            s = cosine_ids(vt, a, b)
+            ok = ~np.isnan(s)
+            if norm is not None and ok.any():
+                s[ok] = norm.apply(s[ok], a[ok], b[ok])
+            n = len(ch)
+            st.trials += n
+            n_ok = int(np.count_nonzero(ok))
+            st.scored += n_ok
+            if n_ok:
+                st.score_sum += float(s[ok].sum())
+                st.score_sq += float(np.square(s[ok]).sum())
+            if ch.labels is not None:
+                st.labelled = True
+                st.targets += int(ch.labels.sum(dtype=np.int64))
+            if pool is None:
+                st.written += finish(ch, s, ok, n_ok)
+                if progress is not None:
+                    progress(n)
+                continue
+            pending.append((pool.submit(finish, ch, s, ok, n_ok), n))
+            settle(behind)
+        settle(0)
+    finally:
+        if pool is not None:  # an error or an interrupt: the writes under way end first
+            for f in [f for f, _ in pending]:
+                f.cancel()
+            pool.shutdown(wait=True)
     return st
 
 
