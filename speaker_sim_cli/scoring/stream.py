@@ -53,10 +53,31 @@ def _cosine_part(vt: VectorTable, ia: np.ndarray, ib: np.ndarray, res: np.ndarra
         res[s : s + COSINE_CHUNK] = np.einsum("ij,ij->i", x, y)
 
 
+def _row_order(rows: np.ndarray) -> np.ndarray:
+    """``np.argsort(rows, kind="stable")`` of rows >= 0, by one sort of ``row << k | position``
+    (about twice as fast)."""
+    k = max(1, (len(rows) - 1).bit_length())
+    key = rows.astype(np.int64) << k
+    key |= np.arange(len(rows), dtype=np.int64)
+    key.sort()
+    key &= (1 << k) - 1
+    return key
+
+
+def _cosine_sorted(vt: VectorTable, ia: np.ndarray, ib: np.ndarray, res: np.ndarray) -> None:
+    """:func:`_cosine_part` in the enrolment side's row order, whose rows are then read nearly
+    in sequence (about 10 % faster on 0.5 M trials over 1 M rows), put back in place."""
+    order = _row_order(ia)
+    got = np.empty(len(ia))
+    _cosine_part(vt, ia[order], ib[order], got)
+    res[order] = got
+
+
 def cosine_ids(vt: VectorTable, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine of rows ``a[i]`` and ``b[i]``, float64; NaN where a side is absent (-1) or
-    has no vector. A long chunk is split between two threads (numpy's gathers and products
-    release the GIL; each score is computed alone, so the split changes nothing)."""
+    has no vector. A long chunk is split in two halves, each ordered and scored by a thread
+    of its own (numpy's sorts, gathers and products release the GIL; each score is computed
+    alone, so neither the split nor the order changes a bit)."""
     global _POOL
     out = np.full(len(a), np.nan)
     ok = (a >= 0) & (b >= 0)
@@ -66,17 +87,12 @@ def cosine_ids(vt: VectorTable, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if len(ia) < 1 << 16:
         _cosine_part(vt, ia, ib, res)
     else:
-        # In the enrolment side's row order, its rows are read nearly in sequence (about 10 %
-        # faster on 0.5 M trials over 1 M rows; each score is computed alone, so the same).
-        order = np.argsort(ia, kind="stable")
-        ia, ib = ia[order], ib[order]
         if _POOL is None:
             _POOL = ThreadPoolExecutor(2, thread_name_prefix="speaker-sim-cosine")
-        half = (len(ia) // 2 // COSINE_CHUNK + 1) * COSINE_CHUNK
+        half = len(ia) // 2
         parts = [(ia[:half], ib[:half], res[:half]), (ia[half:], ib[half:], res[half:])]
-        for f in [_POOL.submit(_cosine_part, vt, *p) for p in parts]:
+        for f in [_POOL.submit(_cosine_sorted, vt, *p) for p in parts]:
             f.result()
-        res[order] = res.copy()
     out[ok] = res
     return out
 
