@@ -10,7 +10,7 @@ import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import BinaryIO
 
 import numpy as np
 
@@ -40,7 +40,7 @@ class ScoreCollector:
         :meth:`evaluate`: a scorer's vectors and the scores are then never in memory at once.
         """
         self.dtype = dtype
-        self._spill: list[IO[bytes]] | None = None
+        self._spill: list[BinaryIO] | None = None
         if spill is not None:
             self._spill = [tempfile.TemporaryFile(dir=spill, prefix=".speaker-sim-scores.")  # noqa: SIM115 (closed by evaluate / close)
                            for _ in range(2)]  # fmt: skip
@@ -63,7 +63,7 @@ class ScoreCollector:
         t, n = s[is_t], s[~is_t]
         if self._spill is not None:
             for f, part, k in ((self._spill[0], t, 0), (self._spill[1], n, 1)):
-                f.write(memoryview(np.ascontiguousarray(part)).cast("B"))
+                f.write(np.ascontiguousarray(part).data)
                 self._fill[k] += len(part)
             self.count += len(s)
             return
@@ -87,16 +87,11 @@ class ScoreCollector:
     def _take(self, k: int) -> np.ndarray:
         if self._spill is not None:
             f = self._spill[k]
-            out = np.empty(self._fill[k], self.dtype)
-            view = memoryview(out).cast("B")
             f.seek(0)
-            got = 0
-            while got < len(view):
-                n = f.readinto(view[got:])
-                if not n:
-                    raise OSError(f"spilled scores: {got} of {len(view)} bytes read back")
-                got += n
+            out: np.ndarray = np.fromfile(f, self.dtype, self._fill[k])
             f.close()
+            if len(out) != self._fill[k]:
+                raise OSError(f"spilled scores: {len(out)} of {self._fill[k]} read back")
             return out
         parts = self._t if k == 0 else self._n
         if self._fixed:
