@@ -82,8 +82,9 @@ def cosine_ids(vt: VectorTable, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     out = np.full(len(a), np.nan)
     ok = (a >= 0) & (b >= 0)
     ok[ok] = vt.valid[a[ok]] & vt.valid[b[ok]]
-    ia, ib = a[ok], b[ok]
-    res = np.empty(len(ia))
+    every = bool(ok.all())  # the usual case: no copies of the rows, scores written in place
+    ia, ib = (a, b) if every else (a[ok], b[ok])
+    res = out if every else np.empty(len(ia))
     if len(ia) < 1 << 16:
         _cosine_part(vt, ia, ib, res)
     else:
@@ -93,7 +94,8 @@ def cosine_ids(vt: VectorTable, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         parts = [(ia[:half], ib[:half], res[:half]), (ia[half:], ib[half:], res[half:])]
         for f in [_POOL.submit(_cosine_sorted, vt, *p) for p in parts]:
             f.result()
-    out[ok] = res
+    if not every:
+        out[ok] = res
     return out
 
 
@@ -212,7 +214,8 @@ def score_chunks(
 
     def finish(ch: Chunk, s: np.ndarray, ok: np.ndarray, n_ok: int) -> int:
         if ch.labels is not None and keep_scores:
-            st.metrics.add(s[ok], ch.labels[ok])
+            every = n_ok == len(ch)
+            st.metrics.add(s if every else s[ok], ch.labels if every else ch.labels[ok])
         if writer is None:
             return 0
         errors = None
@@ -243,8 +246,9 @@ def score_chunks(
             n_ok = int(np.count_nonzero(ok))
             st.scored += n_ok
             if n_ok:
-                st.score_sum += float(s[ok].sum())
-                st.score_sq += float(np.square(s[ok]).sum())
+                s_ok = s if n_ok == n else s[ok]
+                st.score_sum += float(s_ok.sum())
+                st.score_sq += float(np.square(s_ok).sum())
             if ch.labels is not None:
                 st.labelled = True
                 st.targets += int(ch.labels.sum(dtype=np.int64))
