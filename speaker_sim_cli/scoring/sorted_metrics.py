@@ -9,8 +9,10 @@ import math
 import tempfile
 import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -180,8 +182,8 @@ def evaluate_sorted(
     prev: tuple[float, float] | None = None  # (fnr, fpr) of the last point of the last block
     runs = [*T, *N]
     pos = [0] * len(runs)
+    blocks: list[tuple[list[np.ndarray], int, int, int]] = []  # parts, targets, ti, ni
     ti = ni = 0  # targets / non-targets at or below the last block's largest score
-    first = True
     while any(p < len(r) for p, r in zip(pos, runs)):
         # Every score up to ub, from every run: at most BLOCK from each, all of a tie at once.
         ub = min(r[min(p + BLOCK, len(r)) - 1] for p, r in zip(pos, runs) if p < len(r))
@@ -191,57 +193,33 @@ def evaluate_sorted(
             parts.append(r[pos[k] : j])
             pos[k] = j
         n_tb = sum(len(x) for x in parts[: len(T)])
-        # The sorted runs merged (a stable sort of sorted runs is a merge), each score's class
-        # kept by its place in the concatenation; the curve's points are the last of each tie.
-        both = np.concatenate(parts)
-        order = np.argsort(both, kind="stable")
-        merged = both[order]
-        last = np.empty(len(merged), dtype=bool)
-        np.not_equal(merged[1:], merged[:-1], out=last[:-1])
-        last[-1] = True
-        ends = np.flatnonzero(last)
-        is_t = np.cumsum(order < n_tb)[ends]
-        vals = merged[ends]
-        tgt_le = ti + is_t
-        non_le = ni + (ends + 1 - is_t)
+        blocks.append((parts, n_tb, ti, ni))
         ti += n_tb
-        ni += len(both) - n_tb
-        del both, order, merged, last, ends, is_t
-        k0 = 1 if first else 0  # the accept-all point opens the first block
-        m = len(vals) + k0
-        fnr = np.empty(m, dtype=np.float64)
-        fpr = np.empty(m, dtype=np.float64)
-        thr = np.empty(m, dtype=np.float64)
-        if first:
-            fnr[0], fpr[0], thr[0] = 0.0, 1.0, -math.inf
-        np.divide(tgt_le, n_t, out=fnr[k0:])
-        np.divide(non_le, n_n, out=fpr[k0:])
-        np.subtract(1.0, fpr[k0:], out=fpr[k0:])
-        thr[k0:] = vals
-        first = False
-        if eer is None:
-            diff = fnr - fpr
-            hit = diff >= 0
-            if hit.any():
-                x1 = int(np.argmax(hit))
-                f1 = fnr[x1]
-                if x1 > 0:
-                    f2, p2 = fnr[x1 - 1], fpr[x1 - 1]
-                else:
-                    assert prev is not None
-                    f2, p2 = prev
-                d1 = float(diff[x1])
-                d2 = float(f2 - p2)
-                a = d1 / (d1 - d2)
-                eer = float(f1 + a * (f2 - f1))
-                eer_thr = float(thr[x1])
+        ni += sum(len(x) for x in parts) - n_tb
+
+    def walk(i: int) -> _Block:
+        parts, n_tb, ti, ni = blocks[i]
+        return _walk_block(parts, n_tb, ti, ni, n_t, n_n, i == 0, ps, c_miss, c_fa)
+
+    # The blocks are walked by two threads (numpy releases the GIL), their results joined in
+    # order: the same points, the same first crossing, the same first minimum.
+    with ThreadPoolExecutor(2, thread_name_prefix="speaker-sim-det") as pool:
+        done = list(pool.map(walk, range(len(blocks))))
+    for b in done:
+        if eer is None and b.hit is not None:
+            f1, d1, thr1, before = b.hit
+            if before is None:
+                assert prev is not None
+                before = prev
+            f2, p2 = before
+            d2 = float(f2 - p2)
+            a = d1 / (d1 - d2)
+            eer = float(f1 + a * (f2 - f1))
+            eer_thr = thr1
         for p in ps:
-            cost = fnr * (c_miss * p)
-            cost += fpr * (c_fa * (1.0 - p))
-            k = int(np.argmin(cost))
-            if cost[k] < best[p][0]:
-                best[p] = (float(cost[k]), float(thr[k]))
-        prev = (fnr[-1], fpr[-1])
+            if b.best[p][0] < best[p][0]:
+                best[p] = b.best[p]
+        prev = b.last
     assert eer is not None  # the reject-all point has fnr 1 >= fpr 0
     far = frr = None
     actual: dict[float, float] | None = None
@@ -266,3 +244,61 @@ def evaluate_sorted(
         frr=frr,
         actual_dcf=actual,
     )
+
+
+@dataclass
+class _Block:
+    """What one block of the DET walk gives: its first point at or past the EER crossing (fnr,
+    fnr - fpr, threshold, the point before it or None when that is the last block's last),
+    each p's lowest cost and its threshold, and its last point."""
+
+    hit: tuple[Any, float, float, tuple[Any, Any] | None] | None
+    best: dict[float, tuple[float, float]]
+    last: tuple[Any, Any]
+
+
+def _walk_block(
+    parts: list[np.ndarray], n_tb: int, ti: int, ni: int, n_t: int, n_n: int, first: bool,
+    ps: tuple[float, ...], c_miss: float, c_fa: float,
+) -> _Block:  # fmt: skip
+    """One block of :func:`evaluate_sorted`'s walk: ``parts`` are the sorted runs' scores in
+    it, targets' first (``n_tb`` of them); ``ti`` / ``ni`` targets / non-targets lie below."""
+    # The sorted runs merged (a stable sort of sorted runs is a merge), each score's class
+    # kept by its place in the concatenation; the curve's points are the last of each tie.
+    both = np.concatenate(parts)
+    order = np.argsort(both, kind="stable")
+    merged = both[order]
+    last = np.empty(len(merged), dtype=bool)
+    np.not_equal(merged[1:], merged[:-1], out=last[:-1])
+    last[-1] = True
+    ends = np.flatnonzero(last)
+    is_t = np.cumsum(order < n_tb)[ends]
+    vals = merged[ends]
+    tgt_le = ti + is_t
+    non_le = ni + (ends + 1 - is_t)
+    del both, order, merged, last, ends, is_t
+    k0 = 1 if first else 0  # the accept-all point opens the first block
+    m = len(vals) + k0
+    fnr = np.empty(m, dtype=np.float64)
+    fpr = np.empty(m, dtype=np.float64)
+    thr = np.empty(m, dtype=np.float64)
+    if first:
+        fnr[0], fpr[0], thr[0] = 0.0, 1.0, -math.inf
+    np.divide(tgt_le, n_t, out=fnr[k0:])
+    np.divide(non_le, n_n, out=fpr[k0:])
+    np.subtract(1.0, fpr[k0:], out=fpr[k0:])
+    thr[k0:] = vals
+    hit = None
+    diff = fnr - fpr
+    crossed = diff >= 0
+    if crossed.any():
+        x1 = int(np.argmax(crossed))
+        before = (fnr[x1 - 1], fpr[x1 - 1]) if x1 > 0 else None
+        hit = (fnr[x1], float(diff[x1]), float(thr[x1]), before)
+    best = {}
+    for p in ps:
+        cost = fnr * (c_miss * p)
+        cost += fpr * (c_fa * (1.0 - p))
+        k = int(np.argmin(cost))
+        best[p] = (float(cost[k]), float(thr[k]))
+    return _Block(hit, best, (fnr[-1], fpr[-1]))
