@@ -9,6 +9,7 @@ import filecmp
 import json
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from speaker_sim_cli.job import ModelSource, Outputs, ScoreJob, ScoringSetup, Tr
 from speaker_sim_cli.scoring import sorted_metrics
 from speaker_sim_cli.scoring.metrics import evaluate
 from speaker_sim_cli.scoring.sorted_metrics import ScoreCollector, evaluate_sorted
+from speaker_sim_cli.scoring.stream import VectorTable, score_chunks
 
 SHARED_LISTS = ("audio/trials.csv", "audio/dev_hard/trials.csv")
 
@@ -157,7 +159,7 @@ def test_a_field_over_the_limit_is_named_in_kaldi_lists_too(tmp_path):
 # -- metrics -----------------------------------------------------------------------------------
 
 
-def test_sorted_metrics_are_evaluate_bit_for_bit(monkeypatch):
+def test_sorted_metrics_are_evaluate_bit_for_bit(monkeypatch, tmp_path):
     monkeypatch.setattr(sorted_metrics, "BLOCK", 257)  # many blocks, curve points across them
     rng = np.random.default_rng(3)
     for k in range(25):
@@ -171,8 +173,13 @@ def test_sorted_metrics_are_evaluate_bit_for_bit(monkeypatch):
         got = evaluate_sorted(np.sort(s[y == 1]), np.sort(s[y == 0]), (0.01, 0.05, 0.5),
                               threshold=thr)  # fmt: skip
         assert got == ref
+        # the same scores as several sorted runs of each class (ties across runs included)
+        cut = rng.integers(0, 3, n)
+        runs = [[np.sort(s[(y == c) & (cut == r)]) for r in range(3)] for c in (1, 0)]
+        assert evaluate_sorted(*runs, (0.01, 0.05, 0.5), threshold=thr) == ref
         n_t = int(y.sum())
-        for col in (ScoreCollector(dtype), ScoreCollector(dtype, n_t + 5, n - n_t)):
+        for col in (ScoreCollector(dtype), ScoreCollector(dtype, n_t + 5, n - n_t),
+                    ScoreCollector(dtype, spill=tmp_path)):  # fmt: skip
             for lo in range(0, n, 999):
                 col.add(s[lo : lo + 999], y[lo : lo + 999])
             monkeypatch.setattr(sorted_metrics, "EXACT_LIMIT", 0 if k % 3 else 10**9)
@@ -500,6 +507,23 @@ def test_score_collector_with_a_capacity_gives_the_same_metrics():
         assert c.evaluate() == want
 
 
+def test_spilled_scores_leave_no_file_and_give_the_same_metrics(tmp_path, monkeypatch):
+    monkeypatch.setattr(sorted_metrics, "EXACT_LIMIT", 0)  # the sorted walk, two sort threads
+    rng = np.random.default_rng(1)
+    s = np.round(rng.normal(size=50_000), 3)
+    y = (rng.random(50_000) < 0.1).astype(np.int8)
+    c = ScoreCollector(np.float64, capacity=10, spill=tmp_path)
+    for lo in range(0, len(s), 4096):
+        c.add(s[lo : lo + 4096], y[lo : lo + 4096])
+    assert list(tmp_path.iterdir()) == []  # unnamed temp files: nothing to leave behind
+    assert c.count == len(s)
+    assert c.evaluate() == evaluate(s, y)
+    closed = ScoreCollector(np.float64, spill=tmp_path)
+    closed.add(s[:10], y[:10])
+    closed.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_interrupt_in_one_pass_leaves_no_file_and_no_reader_thread(
     vectors, tmp_path, monkeypatch
 ):
@@ -524,4 +548,74 @@ def test_an_interrupt_in_one_pass_leaves_no_file_and_no_reader_thread(
     with pytest.raises(KeyboardInterrupt):
         job.run(progress)
     assert list(out.parent.iterdir()) == []
-    assert not any(t.name == "speaker-sim-prefetch" for t in threading.enumerate())
+    assert not any(t.name.startswith(("speaker-sim-prefetch", "speaker-sim-write"))
+                   for t in threading.enumerate())  # fmt: skip
+
+
+class _SlowWriter:
+    """A score writer that takes its time, fails on a given chunk, and says whether a write
+    was under way when the scorer returned or raised."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.fail_on, self.calls, self.busy, self.rows = fail_on, 0, False, []
+
+    def write(self, enroll, test, scores, labels, errors, extra=None):
+        import time
+
+        self.busy = True
+        self.calls += 1
+        time.sleep(0.02)
+        self.busy = False
+        if self.calls == self.fail_on:
+            raise OSError("disk full")
+        self.rows.append(scores.copy())
+        return len(scores)
+
+
+class _Chunk(SimpleNamespace):
+    def __len__(self) -> int:
+        return len(self.enroll)
+
+
+def _chunks(n_chunks: int, fail_at: int | None = None):
+    rng = np.random.default_rng(4)
+    for k in range(n_chunks):
+        if k == fail_at:
+            raise UsageError("t.txt:1234: malformed line")
+        a = rng.integers(-1, 50, 300)
+        b = rng.integers(0, 50, 300)
+        lab = (rng.random(300) < 0.3).astype(np.int8)
+        yield _Chunk(enroll=[f"k{i}" for i in a], test=[f"k{i}" for i in b], labels=lab,
+                     rows=(a, b))  # fmt: skip
+
+
+@pytest.mark.parametrize("behind", [1, 2])
+def test_writing_behind_the_scorer_gives_the_same_rows_stats_and_metrics(behind):
+    vt = VectorTable(np.random.default_rng(5).normal(size=(50, 8)).astype(np.float32))
+    runs = []
+    for b in (0, behind):
+        w = _SlowWriter()
+        st = score_chunks(_chunks(9), lambda ch: ch.rows, vt, lambda k: "gone", w, behind=b)
+        assert not w.busy
+        runs.append((w.rows, st.trials, st.scored, st.written, st.score_sum, st.metrics.evaluate()))
+    (rows0, *rest0), (rows1, *rest1) = runs
+    assert rest0 == rest1 and len(rows0) == len(rows1) == 9
+    assert all(np.array_equal(x, y, equal_nan=True) for x, y in zip(rows0, rows1))
+
+
+def test_a_late_error_while_writing_behind_waits_for_the_write_under_way():
+    import threading
+
+    vt = VectorTable(np.random.default_rng(5).normal(size=(50, 8)).astype(np.float32))
+    w = _SlowWriter()
+    with pytest.raises(UsageError, match="1234"):  # the reader fails on its 6th chunk
+        score_chunks(_chunks(9, fail_at=5), lambda ch: ch.rows, vt, lambda k: "gone", w,
+                     behind=1)  # fmt: skip
+    assert not w.busy and 4 <= w.calls <= 5  # no write left under way (the last may not start)
+    w = _SlowWriter(fail_on=3)
+    seen = []
+    with pytest.raises(OSError, match="disk full"):  # the writer fails: the scorer stops
+        score_chunks(_chunks(9), lambda ch: ch.rows, vt, lambda k: "gone", w,
+                     progress=seen.append, behind=1)  # fmt: skip
+    assert not w.busy and w.calls <= 4 and seen == [300, 300]
+    assert not any(t.name.startswith("speaker-sim-write") for t in threading.enumerate())

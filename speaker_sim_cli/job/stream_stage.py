@@ -14,6 +14,7 @@ collects the unique keys before any model work, and a second pass scores.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,8 @@ if TYPE_CHECKING:
     from .score import ScoreJob
 
 DUPLICATES_LIMIT = 16_000_000  # 8 bytes a trial to count duplicate trials
+WRITE_BEHIND = 1  # chunks written by a thread of their own while the next ones are scored
+SPILL_TRIALS = 8_000_000  # past this many, the metrics' scores wait in a temp file
 
 
 def streamable(job: ScoreJob) -> bool:
@@ -348,18 +351,23 @@ def _run(job: ScoreJob, progress: ProgressFn | None, once: bool, t0: float) -> S
             return rescaled_columns(scale, s)
 
     collector = None
+    # A long list's scores wait on disk (beside the score file) while the vectors are in
+    # memory, and are read back for the metrics once the vectors are let go.
+    spill = None
+    if total > SPILL_TRIALS:
+        spill = str(out.out.parent) if out.out is not None else tempfile.gettempdir()
     if summary is not None and summary.targets is not None:
         t = summary.targets
-        collector = ScoreCollector(np.float64, t, summary.trials - t)
+        collector = ScoreCollector(np.float64, t, summary.trials - t, spill=spill)
     elif labelled:
-        collector = ScoreCollector(np.float64, capacity=total + total // 4 + 1024)
+        collector = ScoreCollector(np.float64, capacity=total + total // 4 + 1024, spill=spill)
     if progress is not None:
         progress(Progress("score", "start", total))
     with writer if writer is not None else contextlib.nullcontext():
         chunks = prefetch(looked_up(regroup(stream)))
         try:
             st = score_chunks(chunks, _rows_of, lk.vt, reasons.get, writer, norm, advance,
-                              extra, collector=collector)  # fmt: skip
+                              extra, collector=collector, behind=WRITE_BEHIND)  # fmt: skip
         finally:
             chunks.close()  # a run that stops early (an error, an interrupt) stops the reader
         if st.trials == 0:

@@ -7,8 +7,9 @@ computed once), one ``einsum`` per 512 trials, cohort statistics once per record
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -52,31 +53,49 @@ def _cosine_part(vt: VectorTable, ia: np.ndarray, ib: np.ndarray, res: np.ndarra
         res[s : s + COSINE_CHUNK] = np.einsum("ij,ij->i", x, y)
 
 
+def _row_order(rows: np.ndarray) -> np.ndarray:
+    """``np.argsort(rows, kind="stable")`` of rows >= 0, by one sort of ``row << k | position``
+    (about twice as fast)."""
+    k = max(1, (len(rows) - 1).bit_length())
+    key = rows.astype(np.int64) << k
+    key |= np.arange(len(rows), dtype=np.int64)
+    key.sort()
+    key &= (1 << k) - 1
+    return key
+
+
+def _cosine_sorted(vt: VectorTable, ia: np.ndarray, ib: np.ndarray, res: np.ndarray) -> None:
+    """:func:`_cosine_part` in the enrolment side's row order, whose rows are then read nearly
+    in sequence (about 10 % faster on 0.5 M trials over 1 M rows), put back in place."""
+    order = _row_order(ia)
+    got = np.empty(len(ia))
+    _cosine_part(vt, ia[order], ib[order], got)
+    res[order] = got
+
+
 def cosine_ids(vt: VectorTable, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Cosine of rows ``a[i]`` and ``b[i]``, float64; NaN where a side is absent (-1) or
-    has no vector. A long chunk is split between two threads (numpy's gathers and products
-    release the GIL; each score is computed alone, so the split changes nothing)."""
+    has no vector. A long chunk is split in two halves, each ordered and scored by a thread
+    of its own (numpy's sorts, gathers and products release the GIL; each score is computed
+    alone, so neither the split nor the order changes a bit)."""
     global _POOL
     out = np.full(len(a), np.nan)
     ok = (a >= 0) & (b >= 0)
     ok[ok] = vt.valid[a[ok]] & vt.valid[b[ok]]
-    ia, ib = a[ok], b[ok]
-    res = np.empty(len(ia))
+    every = bool(ok.all())  # the usual case: no copies of the rows, scores written in place
+    ia, ib = (a, b) if every else (a[ok], b[ok])
+    res = out if every else np.empty(len(ia))
     if len(ia) < 1 << 16:
         _cosine_part(vt, ia, ib, res)
     else:
-        # In the enrolment side's row order, its rows are read nearly in sequence (about 10 %
-        # faster on 0.5 M trials over 1 M rows; each score is computed alone, so the same).
-        order = np.argsort(ia, kind="stable")
-        ia, ib = ia[order], ib[order]
         if _POOL is None:
             _POOL = ThreadPoolExecutor(2, thread_name_prefix="speaker-sim-cosine")
-        half = (len(ia) // 2 // COSINE_CHUNK + 1) * COSINE_CHUNK
+        half = len(ia) // 2
         parts = [(ia[:half], ib[:half], res[:half]), (ia[half:], ib[half:], res[half:])]
-        for f in [_POOL.submit(_cosine_part, vt, *p) for p in parts]:
+        for f in [_POOL.submit(_cosine_sorted, vt, *p) for p in parts]:
             f.result()
-        res[order] = res.copy()
-    out[ok] = res
+    if not every:
+        out[ok] = res
     return out
 
 
@@ -179,41 +198,73 @@ def score_chunks(
     extra: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
     keep_scores: bool = True,
     collector: ScoreCollector | None = None,
+    behind: int = 0,
 ) -> StreamStats:
     """Score every chunk, write it, keep its labelled scores for the metrics.
 
     ``ids(chunk)``: the key rows of its two sides (-1 = no such key); ``reason(key)``: why a
-    key has no vector. Nothing is kept per trial but the two metric arrays.
+    key has no vector. Nothing is kept per trial but the two metric arrays. ``behind`` > 0:
+    a chunk is written (and its scores kept) by a thread of its own, in order, while the next
+    ones are scored, up to ``behind`` chunks behind; ``progress`` counts written chunks, and
+    the scorer never returns or raises while that thread is still writing.
     """
     st = StreamStats()
     if collector is not None:
         st.metrics = collector
-    for ch in chunks:
-        a, b = ids(ch)
-        s = cosine_ids(vt, a, b)
-        ok = ~np.isnan(s)
-        if norm is not None and ok.any():
-            s[ok] = norm.apply(s[ok], a[ok], b[ok])
-        n = len(ch)
-        st.trials += n
-        n_ok = int(np.count_nonzero(ok))
-        st.scored += n_ok
-        if n_ok:
-            st.score_sum += float(s[ok].sum())
-            st.score_sq += float(np.square(s[ok]).sum())
-        if ch.labels is not None:
-            st.labelled = True
-            st.targets += int(ch.labels.sum(dtype=np.int64))
-            if keep_scores:
-                st.metrics.add(s[ok], ch.labels[ok])
-        if writer is not None:
-            errors = None
-            if n_ok < n:
-                errors = trial_errors(_as_list(ch.enroll), _as_list(ch.test), ok, reason)
-            st.written += writer.write(ch.enroll, ch.test, s, ch.labels, errors,
-                                       extra(s) if extra else None)  # fmt: skip
-        if progress is not None:
-            progress(n)
+
+    def finish(ch: Chunk, s: np.ndarray, ok: np.ndarray, n_ok: int) -> int:
+        if ch.labels is not None and keep_scores:
+            every = n_ok == len(ch)
+            st.metrics.add(s if every else s[ok], ch.labels if every else ch.labels[ok])
+        if writer is None:
+            return 0
+        errors = None
+        if n_ok < len(ch):
+            errors = trial_errors(_as_list(ch.enroll), _as_list(ch.test), ok, reason)
+        return writer.write(ch.enroll, ch.test, s, ch.labels, errors,
+                            extra(s) if extra else None)  # fmt: skip
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="speaker-sim-write") if behind > 0 else None
+    pending: deque[tuple[Future[int], int]] = deque()
+
+    def settle(keep: int) -> None:
+        while len(pending) > keep:
+            f, n = pending.popleft()
+            st.written += f.result()
+            if progress is not None:
+                progress(n)
+
+    try:
+        for ch in chunks:
+            a, b = ids(ch)
+            s = cosine_ids(vt, a, b)
+            ok = ~np.isnan(s)
+            if norm is not None and ok.any():
+                s[ok] = norm.apply(s[ok], a[ok], b[ok])
+            n = len(ch)
+            st.trials += n
+            n_ok = int(np.count_nonzero(ok))
+            st.scored += n_ok
+            if n_ok:
+                s_ok = s if n_ok == n else s[ok]
+                st.score_sum += float(s_ok.sum())
+                st.score_sq += float(np.square(s_ok).sum())
+            if ch.labels is not None:
+                st.labelled = True
+                st.targets += int(ch.labels.sum(dtype=np.int64))
+            if pool is None:
+                st.written += finish(ch, s, ok, n_ok)
+                if progress is not None:
+                    progress(n)
+                continue
+            pending.append((pool.submit(finish, ch, s, ok, n_ok), n))
+            settle(behind)
+        settle(0)
+    finally:
+        if pool is not None:  # an error or an interrupt: the writes under way end first
+            for f in [f for f, _ in pending]:
+                f.cancel()
+            pool.shutdown(wait=True)
     return st
 
 
