@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -254,3 +255,9 @@ def score_map(text: str) -> dict[tuple[str, str], float]:
         for r in rows
         if r.get("score")
     }
+
+
+# Ray keeps the first auth token it reads for the life of the process: a second cluster in the
+# same test process with another token refuses this process's calls (every actor it creates
+# fails at once). Every Ray cluster of the tests uses this one token.
+RAY_TOKEN = secrets.token_hex(32)

@@ -12,7 +12,6 @@ import csv
 import http.server
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -28,6 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import (  # type: ignore[import-not-found]
+    RAY_TOKEN,
     bucket_trials,
     moto_s3,
     score_map,
@@ -180,7 +180,7 @@ def cluster():
     # RAY_AUTH_MODE=token then), with a token of our own: nothing is written to ~/.ray, and the
     # subprocess driver below inherits both.
     os.environ.pop("RAY_AUTH_MODE", None)
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    os.environ["RAY_AUTH_TOKEN"] = RAY_TOKEN  # one token per process (conftest)
     ctx = ray.init(num_cpus=2, object_store_memory=250 * 2**20, include_dashboard=False,
                    _temp_dir=tmp, logging_level="WARNING")  # fmt: skip
     try:

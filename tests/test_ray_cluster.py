@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import store_count, store_entries  # type: ignore[import-not-found]
+from conftest import RAY_TOKEN, store_count, store_entries  # type: ignore[import-not-found]
 from speaker_sim_cli.cli.main import app
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared, pytest.mark.weights]
@@ -48,7 +48,7 @@ def cluster():
     (Path(tmp) / "ray").mkdir()
     os.environ["RAY_TMPDIR"] = tmp
     os.environ.pop("RAY_AUTH_MODE", None)
-    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # the subprocess driver inherits it
+    os.environ["RAY_AUTH_TOKEN"] = RAY_TOKEN  # one per process (conftest); drivers inherit it
     os.environ["SPEAKER_SIM_RAY_STALL_S"] = "120"
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0,
                                                       "object_store_memory": STORE_MB})  # fmt: skip
