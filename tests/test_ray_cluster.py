@@ -415,10 +415,9 @@ def test_an_actor_no_node_has_room_for_stops_the_job_after_the_stall_bound(clust
 
 
 def test_an_actor_that_fails_to_start_is_recreated_with_back_off(cluster):
-    """Every actor creation fails at once (the actor is bound to a node Ray does not have, as
-    one placed on a node that died before Ray knew it did): the pool re-creates it after a
-    doubling back-off, not at once, and stops after the stall bound. Re-creating at once made
-    ~25,000 actors in 120 s and flooded Ray's control store."""
+    """Every actor creation fails at once (the actor is bound to a node Ray does not have): the
+    pool re-creates it after a doubling back-off, not at once, and stops after the stall bound.
+    Re-creating at once made ~25,000 actors in 120 s and flooded Ray's control store."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

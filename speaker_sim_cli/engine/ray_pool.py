@@ -30,10 +30,11 @@ MAX_CRASHES = 3
 IN_FLIGHT = 2
 # How often the pool compares its size with what the cluster has room for (nodes come and go).
 RESIZE_S = 2.0
-# An actor that fails to start (e.g. placed on a node that died and that Ray does not yet know
-# is dead: the creation fails at once) is re-created after a back-off that doubles with each
-# failure in a row, from the first to the last value: re-creating at once made ~200 actor
-# creations a second, which flooded Ray's control store until the job stalled.
+# An actor that fails to start is re-created after a back-off that doubles with each failure
+# in a row, from the first to the last value. When every creation fails at once (the actor is
+# bound to a node that is gone, or Ray drops it: seen when a process ran a second Ray cluster),
+# re-creating at once made 200-300 actor creations a second, which flooded Ray's control store
+# until the job stalled.
 START_BACKOFF_S = (0.25, 8.0)
 
 
