@@ -328,7 +328,8 @@ def driver_cost(
         ray.init(num_cpus=actors, include_dashboard=False, logging_level="WARNING")
         try:
             cache = EmbeddingCache(Path(tmp) / "store", {"bench": "standin"}, 192)
-            for n in sizes:
+            filled = 0
+            for n in sorted(sizes):
                 run = RayRun(RayOptions(actors=actors, device="cpu"), None, Path("/none"),
                              EngineConfig(device="cpu", batch_size=rows), cache,
                              standin=True, in_flight=in_flight)  # fmt: skip
@@ -347,7 +348,8 @@ def driver_cost(
                 items = Synthetic(n, blocks)  # before the clock: the caller's list
                 if api.startswith("paths"):  # the store holds every stand-in key (unclocked)
                     paths = items[0:n]
-                    _fill_store(cache, paths)
+                    _fill_store(cache, paths[filled:])  # the sizes grow: each key once
+                    filled = n
                 c0, t0 = time.process_time(), time.perf_counter()
                 if api == "units":  # what a driver at scale consumes: one row per unit
                     for _lo, status, _digests, _reasons in run.embed_units(items):

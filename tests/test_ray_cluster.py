@@ -171,9 +171,7 @@ def test_node_removed_mid_run_and_node_added_mid_run(cluster, local, shared, tmp
                        "--batch-size", "1")  # fmt: skip
     job = _Driver(args, tmp_path, hold)
     try:
-        on = _held(hold, job, lambda ids: len(ids) == 2, "both actors holding a unit")
-        gone = next(k for k in nodes if nodes[k].node_id == on[0])
-        c.remove_node(nodes.pop(gone), allow_graceful=False)
+        _remove_a_holding_node(c, nodes, hold, job)
         added = nodes[f"w{next(_NAMES)}"] = c.add_node(num_cpus=1, object_store_memory=STORE_MB)
         _held(hold, job, lambda ids: added.node_id in ids, "the added node's actor holding a unit")
     finally:
@@ -304,9 +302,7 @@ def test_a_node_lost_under_a_fixed_pool_finishes_on_the_node_left(cluster, local
                        "--batch-size", "1")  # fmt: skip
     job = _Driver(args, tmp_path, hold)
     try:
-        on = _held(hold, job, lambda ids: len(ids) == 2, "both actors holding a unit")
-        gone = next(k for k in nodes if nodes[k].node_id == on[0])
-        c.remove_node(nodes.pop(gone), allow_graceful=False)
+        _remove_a_holding_node(c, nodes, hold, job)
     finally:
         hold.unlink(missing_ok=True)
     assert job.finish() == 0, job.output()
@@ -372,6 +368,13 @@ def _held(hold: Path, job: _Driver, enough: Any, what: str, limit_s: float = 240
         time.sleep(0.05)
     job.proc.kill()
     pytest.fail(f"no {what} after {limit_s:.0f} s; the job's output: {job.output()}")
+
+
+def _remove_a_holding_node(c: Any, nodes: dict[str, Any], hold: Path, job: _Driver) -> None:
+    """Once both of the job's actors hold a unit, remove (no grace) the node of the first."""
+    on = _held(hold, job, lambda ids: len(ids) == 2, "both actors holding a unit")
+    gone = next(k for k in nodes if nodes[k].node_id == on[0])
+    c.remove_node(nodes.pop(gone), allow_graceful=False)
 
 
 def _standin_pool(ray: Any, cls: Any, stall_s: float, **options: Any) -> Any:
