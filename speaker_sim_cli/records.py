@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -21,11 +22,42 @@ class Recording:
         return {"key": self.key, "path": str(self.path)}
 
 
+class RowEmbeddings(Mapping[str, np.ndarray]):
+    """Embeddings by path held as one matrix: row ``i`` is ``paths[i]``'s where ``have[i]``.
+    What a run over millions of recordings hands back without a Python object per vector; a
+    read-only mapping like the dict it stands for (its path index is built on first use)."""
+
+    def __init__(self, paths: Sequence[str], matrix: np.ndarray, have: np.ndarray) -> None:
+        self.paths, self.matrix, self.have = paths, matrix, have
+        self._ix: dict[str, int] | None = None
+
+    def _index(self) -> dict[str, int]:
+        if self._ix is None:
+            self._ix = dict(zip(self.paths, range(len(self.paths)), strict=True))
+        return self._ix
+
+    def __getitem__(self, path: str) -> np.ndarray:
+        i = self._index().get(path)
+        if i is None or not self.have[i]:
+            raise KeyError(path)
+        return self.matrix[i]
+
+    def __contains__(self, path: object) -> bool:
+        i = self._index().get(path) if isinstance(path, str) else None
+        return i is not None and bool(self.have[i])
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.paths[i] for i in np.flatnonzero(self.have).tolist())
+
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.have))
+
+
 @dataclass
 class EmbedResult:
     """Embeddings by resolved path, failures by resolved path, and what it took."""
 
-    embeddings: dict[str, np.ndarray]
+    embeddings: Mapping[str, np.ndarray]
     failures: dict[str, str]
     embedded: int = 0
     cached: int = 0

@@ -202,9 +202,17 @@ def test_a_corrupted_shard_is_a_miss_and_verify_names_it(tmp_path):
     data[where + 5] ^= 0x40
     bad.write_bytes(bytes(data))
     fresh = EmbeddingCache(tmp_path, BASE, DIM)
-    mat, found = fresh.get_many(keys)
+    mat, found = fresh.get_many(keys)  # every row of each shard: its vectors read whole
     assert not found[25] and found.sum() == 59 and fresh.stats.corrupt == 1
     np.testing.assert_array_equal(mat[found], np.stack([vec(k) for k in keys])[found])
+    # One row at a time: through the memory map, not the whole-shard read; the same verdicts.
+    monkey = EmbeddingCache(tmp_path, BASE, DIM)
+    for i in (24, 25, 26):
+        got = monkey.get(keys[i])
+        assert (got is None) == (i == 25)
+        if got is not None:
+            np.testing.assert_array_equal(got, vec(keys[i]))
+    assert monkey.stats.corrupt == 1
     runner = CliRunner()
     res = runner.invoke(app, ["cache", "verify", "--cache-dir", str(tmp_path)])
     assert res.exit_code == 1 and bad.name in res.output.replace("\n", "")
@@ -346,6 +354,23 @@ def test_index_reader_near_valid(n, seed, flips, truncate):
         np.testing.assert_array_equal(a, b)
 
 
+def test_row_checks_are_the_defined_sum_mod_2_32():
+    """The uint32 computation equals the definition (odd weights x 32-bit words, summed in
+    unbounded integers, mod 2^32), also for words near 2^32."""
+    from speaker_sim_cli.engine.store_shard import _weights, row_checks
+
+    rng = np.random.default_rng(5)
+    keys = rng.integers(0, 256, (9, 32), dtype=np.uint8)
+    keys[0] = 255
+    vecs = rng.standard_normal((9, DIM)).astype(np.float32)
+    vecs[1] = np.frombuffer(np.full(DIM, 0xFFFFFFFF, np.uint32).tobytes(), np.float32)
+    w = [int(x) for x in _weights(8 + DIM)]
+    got = row_checks(keys, vecs, block=4)  # blocks of 4: the last one short
+    for r in range(9):
+        words = [*keys[r].view("<u4").tolist(), *vecs[r].view("<u4").tolist()]
+        assert int(got[r]) == sum(a * b for a, b in zip(words, w, strict=True)) % 2**32
+
+
 def test_index_find_agrees_with_a_dict():
     rng = np.random.default_rng(3)
     keys = rng.integers(0, 256, (5000, 32), dtype=np.uint8)
@@ -424,3 +449,35 @@ def test_score_recomputes_the_entries_of_a_corrupted_shard(shared, real_ckpt, tm
     again, counts = score("warm")
     assert (counts["embedded"], counts["from_cache"]) == (1, 2)
     assert again == first
+
+
+def test_raw_keys_go_straight_into_a_callers_matrix(tmp_path):
+    """``get_many`` of raw (n, 32) keys with ``out``/``dest`` (the Ray read-back): each found
+    vector lands in its row, rows not asked for or not found are untouched; and the
+    mapping over that matrix behaves like the dict it replaces."""
+    from speaker_sim_cli.engine.store_shard import digests_to_keys
+    from speaker_sim_cli.records import RowEmbeddings
+
+    cache = EmbeddingCache(tmp_path, BASE, DIM)
+    keys = [key(i) for i in range(40)]
+    fill(cache, keys[:30], 10)  # 10 keys are never stored
+    cache.put_many(keys[30:32], np.stack([vec(k) for k in keys[30:32]]))  # pending, uncommitted
+    want = [5, 31, 35, 12, 0, 29]
+    out = np.full((10, DIM), 7.0, np.float32)
+    dest = np.array([9, 0, 3, 4, 6, 2])
+    mat, found = cache.get_many(digests_to_keys([keys[i] for i in want]), out=out, dest=dest)
+    assert mat is out and found.tolist() == [True, True, False, True, True, True]
+    for q, i in enumerate(want):
+        if found[q]:
+            np.testing.assert_array_equal(out[dest[q]], vec(keys[i]))
+    untouched = sorted(set(range(10)) - set(dest[found].tolist()))
+    assert (out[untouched] == 7.0).all()
+    paths = [f"/p/{r}.wav" for r in range(10)]
+    have = np.zeros(10, bool)
+    have[dest[found]] = True
+    emb = RowEmbeddings(paths, out, have)
+    assert len(emb) == 5 and list(emb) == [paths[r] for r in np.flatnonzero(have)]
+    assert "/p/3.wav" not in emb and "/p/9.wav" in emb and 3 not in emb
+    assert emb.get("/p/3.wav") is None and emb.get("/nope") is None
+    np.testing.assert_array_equal(emb["/p/0.wav"], vec(keys[31]))
+    assert dict(emb).keys() == set(emb)

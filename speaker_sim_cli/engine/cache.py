@@ -230,33 +230,51 @@ class EmbeddingCache:
         self.stats.misses += 1
         return None
 
-    def get_many(self, digests: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    def get_many(
+        self,
+        digests: Sequence[str] | np.ndarray,
+        out: np.ndarray | None = None,
+        dest: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``(matrix (n, dim) float32, found (n,) bool)`` for many keys at once (one index
-        search; rows not found are zero)."""
+        search; rows not found are zero). ``digests``: hex strings, or raw keys as an (n, 32)
+        uint8 array (what Ray workers send: no hex on the way); for raw keys, ``out`` and
+        ``dest`` put key ``i``'s vector straight into ``out[dest[i]]`` (returned as the
+        matrix)."""
         if self.store is None:
             self.stats.misses += len(digests)
             return np.zeros((len(digests), self.dim), np.float32), np.zeros(len(digests), bool)
-        mat, found = self._lookup(digests)
+        mat, found = self._lookup(digests, out=out, dest=dest)
         n_found = int(found.sum())
         self.stats.hits += n_found
         self.stats.misses += len(digests) - n_found
         return mat, found
 
-    def _lookup(self, digests: Sequence[str], cheap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def _lookup(
+        self,
+        digests: Sequence[str] | np.ndarray,
+        cheap: bool = False,
+        out: np.ndarray | None = None,
+        dest: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         assert self.store is not None
+        raw = isinstance(digests, np.ndarray)
+        if not raw or out is None:
+            out = dest = None
         before = self.store.corrupt
         try:
-            mat, found = self.store.get_many(digests, cheap=cheap)
+            if raw:
+                mat, found = self.store.get_keys(digests, cheap=cheap, out=out, dest=dest)
+            else:
+                mat, found = self.store.get_many(digests, cheap=cheap)
         except OSError:  # an unreadable store is a cold cache
-            mat, found = (
-                np.zeros((len(digests), self.dim), np.float32),
-                np.zeros(len(digests), bool),
-            )
+            mat = np.zeros((len(digests), self.dim), np.float32) if out is None else out
+            found = np.zeros(len(digests), bool)
         self.stats.corrupt += self.store.corrupt - before
         for i in np.flatnonzero(~found).tolist():
-            arr = self._legacy(digests[i])
+            arr = self._legacy(digests[i].tobytes().hex() if raw else digests[i])
             if arr is not None:
-                mat[i], found[i] = arr, True
+                mat[i if dest is None else dest[i]], found[i] = arr, True
         return mat, found
 
     def put(self, digest: str, emb: np.ndarray) -> None:

@@ -32,7 +32,7 @@ import os
 import re
 import time
 from array import array
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SpeakerSimError, UsageError
+from ..records import RowEmbeddings
 from .config import EngineConfig, EngineStats
 from .ray_connect import INSTALL_HINT, Connection, _refused, connect
 from .ray_pool import IN_FLIGHT, ActorPool, Unit
@@ -49,9 +50,11 @@ from .ray_worker import (
     CRASH_ENV,
     FAILED,
     HOLD_ENV,
+    OK,
     EmbedActor,
     pack_paths,
 )
+from .store_index import split_keys
 
 __all__ = ["RAY_SPEC", "EmbedActor", "RayOptions", "RayRun", "_refused", "load_weights"]
 
@@ -477,45 +480,43 @@ def embed_unique(
     progress: Callable[[int, float], None] | None = None,
     on_start: Callable[[int, float], None] | None = None,
     stop_on_error: bool = False,
-) -> tuple[dict[str, Any], dict[str, str], int, int]:
+) -> tuple[Mapping[str, Any], dict[str, str], int, int]:
     """``Extractor.embed_paths`` on Ray: (embeddings by path, failures, embedded, from store).
 
     The workers hash, look up, decode and embed; this process reads the vectors back from the
-    store by the digests the workers sent (two paths with the same content count once), many
-    at a time: the first unit's at once (a driver that cannot read the store stops the job
-    then, not at the end), the rest in batches of ``READBACK_ROWS``. One key at a time cost
-    ~100x more driver CPU per recording than the scheduling itself.
+    store by the keys the workers sent, many at a time and without a Python object per
+    recording: the first unit's at once (a driver that cannot read the store stops the job
+    then, not at the end), the rest in batches of ``READBACK_ROWS``, into one matrix in the
+    order of ``unique`` (:class:`~speaker_sim_cli.records.RowEmbeddings`). Two paths with the
+    same content count once as embedded.
     """
     cache = run.cache
-    embeddings: dict[str, Any] = {}
     failures: dict[str, str] = {}
-    new: set[str] = set()
-    counts = [0, 0]  # embedded, from the store
-    pending: list[tuple[int, bytes, bytes]] = []  # units not read back yet: (lo, status, digests)
+    pending: list[tuple[int, bytes, bytes]] = []  # units not read back: (lo, status, keys)
+    fresh: list[np.ndarray] = []  # keys of the recordings embedded now (status OK)
+    got = {"rows": 0}
+    have = np.zeros(len(unique), dtype=bool)
+    out: list[np.ndarray] = []  # the (len(unique), dim) matrix, made at the first read
 
     def read_back() -> None:
-        where: list[int] = []
-        keys: list[str] = []
-        stored: list[bool] = []
-        for lo, status, digest in pending:
-            for j, s in enumerate(status):
-                if s != FAILED:
-                    where.append(lo + j)
-                    keys.append(digest[32 * j : 32 * j + 32].hex())
-                    stored.append(s == CACHED)
+        if not pending:
+            return
+        at = np.concatenate([np.arange(lo, lo + len(st)) for lo, st, _ in pending])
+        status = np.frombuffer(b"".join(st for _, st, _ in pending), np.uint8)
+        keys = np.frombuffer(b"".join(d[: 32 * len(st)] for _, st, d in pending), np.uint8)
         pending.clear()
-        mat, found = cache.get_many(keys)
+        live = status != FAILED
+        at, status, keys = at[live], status[live], keys.reshape(-1, 32)[live]
+        if not out:
+            out.append(np.empty((len(unique), cache.dim), np.float32))
+        _, found = cache.get_many(keys, out=out[0], dest=at)  # straight into the matrix
         if not found.all():
-            path = unique[where[int(np.flatnonzero(~found)[0])]]
+            path = unique[int(at[np.flatnonzero(~found)[0]])]
             raise SpeakerSimError(f"{path}: embedded by a Ray worker under {cache.root}, but "
                                   f"this process cannot read it there; {CACHE_HINT}")  # fmt: skip
-        for i, key, from_store, vec in zip(where, keys, stored, mat, strict=True):
-            embeddings[unique[i]] = vec
-            if from_store or key in new:
-                counts[1] += 1
-            else:
-                counts[0] += 1
-                new.add(key)
+        have[at] = True
+        fresh.append(keys[status == OK])
+        got["rows"] += len(at)
 
     if on_start is not None:
         on_start(len(unique), 0.0)  # durations are only known on the workers
@@ -523,11 +524,12 @@ def embed_unique(
     with contextlib.closing(run.embed_units(unique, progress)) as units:
         for lo, status, digest, reasons in units:
             stop = len(status)
-            for j in [j for j, s in enumerate(status) if s == FAILED]:
-                failures[unique[lo + j]] = reasons.get(j) or "unknown error"
-                if stop_on_error:
-                    stop = j
-                    break
+            if FAILED in status:
+                for j in [j for j, s in enumerate(status) if s == FAILED]:
+                    failures[unique[lo + j]] = reasons.get(j) or "unknown error"
+                    if stop_on_error:
+                        stop = j
+                        break
             pending.append((lo, bytes(status[:stop]), digest))
             held += stop
             if first or held >= READBACK_ROWS or stop < len(status):
@@ -536,4 +538,17 @@ def embed_unique(
             if stop < len(status):
                 break
     read_back()
-    return embeddings, failures, counts[0], counts[1]
+    embedded = _distinct(np.concatenate(fresh)) if fresh else 0
+    matrix = out[0] if out else np.zeros((len(unique), cache.dim), np.float32)
+    return RowEmbeddings(unique, matrix, have), failures, embedded, got["rows"] - embedded
+
+
+def _distinct(keys: np.ndarray) -> int:
+    """How many different keys among ``keys`` ((n, 32) uint8; by their first 16 bytes, as the
+    store's index tells them apart)."""
+    if not len(keys):
+        return 0
+    hi, lo = split_keys(keys)
+    order = np.lexsort((lo, hi))
+    hi, lo = hi[order], lo[order]
+    return 1 + int(np.count_nonzero((hi[1:] != hi[:-1]) | (lo[1:] != lo[:-1])))
