@@ -223,7 +223,8 @@ class SpeakerSim:
         raises for a bad file.
         """
         res = self.embed_paths(list(paths))
-        return res.embeddings, res.failures
+        emb = res.embeddings
+        return emb if isinstance(emb, dict) else dict(emb), res.failures
 
     def embed_paths(
         self,

@@ -263,7 +263,7 @@ class EmbeddingCache:
             out = dest = None
         before = self.store.corrupt
         try:
-            if raw:
+            if isinstance(digests, np.ndarray):
                 mat, found = self.store.get_keys(digests, cheap=cheap, out=out, dest=dest)
             else:
                 mat, found = self.store.get_many(digests, cheap=cheap)
