@@ -309,8 +309,14 @@ def driver_cost(
     api: str,
     blocks: bool = False,
     in_flight: int = 2,
+    warm_mb: int = 0,
 ) -> dict[str, Any]:
-    """Driver CPU-us, bytes and peak RSS per synthetic item through the real scheduling path."""
+    """Driver CPU-us, bytes and peak RSS per synthetic item through the real scheduling path.
+
+    ``warm_mb``: touch and free that much memory first (unclocked). On this VM, memory the
+    guest has never used costs ~2.7 ms/MB at its first touch (~0.26 ms/MB once it has been
+    used and freed): the read-back's result matrix (768 bytes a recording) pays it in a fresh
+    process, a driver host that has run for a while does not. Both are reported."""
     import pickle
     import resource
 
@@ -322,7 +328,11 @@ def driver_cost(
 
     out: dict[str, Any] = {"unit_rows": rows, "actors": actors, "api": api,
                            "items": "blocks" if blocks else "str", "in_flight": in_flight,
-                           "sizes": []}  # fmt: skip
+                           "warm_mb": warm_mb, "sizes": []}  # fmt: skip
+    if warm_mb:
+        t = time.perf_counter()
+        np.ones(warm_mb * 2**18, np.float32)  # touched, then freed at once
+        out["warm_s"] = round(time.perf_counter() - t, 2)
     with tempfile.TemporaryDirectory(prefix="bench-ray-", dir="/tmp") as tmp:
         os.environ.setdefault("RAY_TMPDIR", tmp)
         ray.init(num_cpus=actors, include_dashboard=False, logging_level="WARNING")
@@ -370,6 +380,10 @@ def driver_cost(
                        "wall_s": round(wall, 2), "items_per_s": round(n / wall),
                        "row_bytes_per_item": round(float(np.mean(sampled)), 1),
                        "peak_rss_mb": round(rss, 1)}  # fmt: skip
+                if "readback_cpu_s" in run.info:  # the read-back thread's share of ``cpu``
+                    back = float(run.info["readback_cpu_s"])
+                    row["readback_cpu_us_per_item"] = round(back / n * 1e6, 2)
+                    row["scheduling_cpu_us_per_item"] = round((cpu - back) / n * 1e6, 2)
                 out["sizes"].append(row)
                 print(f"driver {n}: {json.dumps(row)}", file=sys.stderr)
         finally:
@@ -377,6 +391,13 @@ def driver_cost(
     xs = np.array([r["items"] for r in out["sizes"]], float)
     cpu_s = np.array([r["cpu_us_per_item"] * r["items"] / 1e6 for r in out["sizes"]])
     rss = np.array([r["peak_rss_mb"] for r in out["sizes"]])
+    if len(xs) >= 2 and "scheduling_cpu_us_per_item" in out["sizes"][0]:
+        # the thread that hands out work (and Ray's own threads), without the read-back's
+        sched = np.array([r["scheduling_cpu_us_per_item"] * r["items"] / 1e6
+                          for r in out["sizes"]])  # fmt: skip
+        back = np.array([r["readback_cpu_us_per_item"] * r["items"] / 1e6 for r in out["sizes"]])
+        out["slope_scheduling_cpu_us_per_item"] = round(float(np.polyfit(xs, sched, 1)[0]) * 1e6, 2)
+        out["slope_readback_cpu_us_per_item"] = round(float(np.polyfit(xs, back, 1)[0]) * 1e6, 2)
     if len(xs) >= 2:
         slope_cpu = float(np.polyfit(xs, cpu_s, 1)[0]) * 1e6  # us per item
         slope_rss = float(np.polyfit(xs, rss, 1)[0]) * 1e6  # MB per million items
@@ -393,6 +414,15 @@ def driver_cost(
             "driver_items_per_s_one_core": round(1e6 / slope_cpu),
             "gpu_nodes_one_driver_core_feeds": round(1e6 / slope_cpu / per_gpu),
         }
+        if "slope_scheduling_cpu_us_per_item" in out:  # the read-back on a core of its own
+            sched_slope = max(1e-3, out["slope_scheduling_cpu_us_per_item"])
+            back_slope = max(1e-3, out["slope_readback_cpu_us_per_item"])
+            out["cost_model"]["gpu_nodes_the_scheduling_core_feeds"] = round(
+                1e6 / sched_slope / per_gpu
+            )
+            out["cost_model"]["gpu_nodes_the_readback_core_keeps_up_with"] = round(
+                1e6 / back_slope / per_gpu
+            )
     return out
 
 
@@ -435,6 +465,14 @@ def main() -> None:
         help="--driver: units queued on each actor (2 x actors in flight)",
     )
     ap.add_argument(
+        "--warm-memory",
+        dest="warm_mb",
+        type=int,
+        default=0,
+        metavar="MB",
+        help="--driver: touch and free this much memory first (a fresh VM's first-touch cost)",
+    )
+    ap.add_argument(
         "--scaling",
         action="store_true",
         help="throughput against worker nodes (ray.cluster_utils.Cluster)",
@@ -447,7 +485,7 @@ def main() -> None:
                "machine": {"cores": os.cpu_count(), "platform": platform.platform()},
                **driver_cost(args.driver or [10_000, 100_000, 1_000_000], args.unit_rows,
                              2, args.mean_seconds, args.api, args.blocks,
-                             args.in_flight)}  # fmt: skip
+                             args.in_flight, args.warm_mb)}  # fmt: skip
         _emit(doc, args.out)
         return
     if args.files:
