@@ -324,7 +324,8 @@ def driver_cost(
 
     from speaker_sim_cli.engine.cache import EmbeddingCache
     from speaker_sim_cli.engine.config import EngineConfig
-    from speaker_sim_cli.engine.ray_engine import RayOptions, RayRun, embed_unique
+    from speaker_sim_cli.engine.ray_engine import RayOptions, RayRun
+    from speaker_sim_cli.engine.ray_readback import embed_unique
 
     out: dict[str, Any] = {"unit_rows": rows, "actors": actors, "api": api,
                            "items": "blocks" if blocks else "str", "in_flight": in_flight,

@@ -225,7 +225,8 @@ class Extractor:
         by_digest: dict[str, list[str]] = {}
         unique = list(dict.fromkeys(str(x) for x in paths))
         if self.ray is not None:  # the Ray workers hash, look up, decode, embed and store
-            from .engine.ray_engine import RayRun, embed_unique
+            from .engine.ray_engine import RayRun
+            from .engine.ray_readback import embed_unique
 
             self._ray_run = RayRun(self.ray, self.spec, self.found.path, self.engine_cfg,
                                    self.cache)  # fmt: skip

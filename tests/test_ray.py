@@ -36,6 +36,7 @@ from conftest import (  # type: ignore[import-not-found]
 )
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.cli.ray_opt import split_ray_address
+from speaker_sim_cli.errors import SpeakerSimError
 
 ACTOR = "ray::EmbedActor"
 BUCKET = "speaker-sim-ray"
@@ -450,11 +451,11 @@ def test_the_driver_reads_vectors_back_in_batches_and_stops_at_the_first_failure
     keys at a time (here 3, with 2-recording units: the first unit alone, then batches that
     span units): the same vectors as the local engine, two paths of one content counted once.
     With ``stop_on_error`` it stops at the first failure and keeps what came before it."""
-    from speaker_sim_cli.engine import ray_engine
+    from speaker_sim_cli.engine import ray_engine, ray_readback
     from speaker_sim_cli.engine.config import EngineConfig
     from speaker_sim_cli.pipeline import Extractor
 
-    monkeypatch.setattr(ray_engine, "READBACK_ROWS", 3)
+    monkeypatch.setattr(ray_readback, "READBACK_ROWS", 3)
     wavs = sorted(str(p) for p in (shared / "audio/dev_hard").rglob("*.wav"))[:9]
     twin = tmp_path / "twin.wav"
     shutil.copy(wavs[0], twin)
@@ -481,6 +482,21 @@ def test_the_driver_reads_vectors_back_in_batches_and_stops_at_the_first_failure
     assert list(stopped.failures) == [missing] and "not found" in stopped.failures[missing]
     assert set(wavs[:5]) <= set(stopped.embeddings) and missing not in stopped.embeddings
     assert len(stopped.embeddings) < len(wavs)
+    # A later batch this process cannot read back (read on the read-back thread): the run
+    # stops with the path and the store named, not a result with holes.
+    blind = extractor("blind", opts)
+    real_get = blind.cache.get_many
+    calls: list[int] = []
+
+    def get_many(keys: Any, out: Any = None, dest: Any = None) -> Any:
+        calls.append(len(keys))
+        mat, found = real_get(keys, out=out, dest=dest)
+        return mat, found & (len(calls) == 1)  # the first unit reads; later batches miss
+
+    monkeypatch.setattr(blind.cache, "get_many", get_many)
+    with pytest.raises(SpeakerSimError, match="cannot read it there") as err:
+        blind.embed_paths(wavs)
+    assert str(blind.cache.root) in str(err.value) and len(calls) >= 2
 
 
 @pytest.mark.slow
