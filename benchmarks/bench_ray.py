@@ -60,7 +60,8 @@ REPO = Path(__file__).resolve().parents[1]
 AUDIO = {".wav", ".flac", ".mp3", ".ogg"}
 ACTOR_KEYS = ("recordings", "x_realtime", "recordings_per_s", "busy_s", "cpu_s", "cpu_share")
 ENGINE_KEYS = ("actors", "unit_rows", "units", "first_result_s", "steady_recordings_per_s",
-               "steady_window_s", "steady_recordings")  # fmt: skip
+               "steady_window_s", "steady_recordings", "steady_actor_recordings_per_s",
+               "steady_actor_x_realtime")  # fmt: skip
 
 
 def find_shared() -> Path:
@@ -226,8 +227,8 @@ def scaling(files: list[str], nodes: list[int], copies: int) -> dict[str, Any]:
             ray.shutdown()
             c.shutdown()
 
-    def rate(r: dict[str, Any]) -> float:
-        return float(r["engine"]["steady_recordings_per_s"] or 0.0)
+    def rate(r: dict[str, Any], key: str = "steady_recordings_per_s") -> float:
+        return float(r["engine"].get(key) or 0.0)
 
     def per_cpu(r: dict[str, Any]) -> float:  # recordings per actor CPU-second
         return sum(a["recordings"] for a in r["per_actor"]) / max(
@@ -242,6 +243,13 @@ def scaling(files: list[str], nodes: list[int], copies: int) -> dict[str, Any]:
         out["steady_rec_per_s"] = {"n1": round(one, 2), "n2": round(two, 2),
                                    "local": local["steady_rec_per_s"]}  # fmt: skip
         out["scaling"] = round(two / (2 * one), 3) if one > 0 else None
+        # The same from each actor's own steady rate, summed (no unit cut at a shared window's
+        # edges), in recordings and in audio seconds (units weighed by their work).
+        for key, name in (("steady_actor_recordings_per_s", "scaling_actor_recordings"),
+                          ("steady_actor_x_realtime", "scaling_actor_x_realtime")):  # fmt: skip
+            a1 = float(np.mean([rate(r, key) for r in ones]))
+            a2 = float(np.mean([rate(r, key) for r in twos]))
+            out[name] = round(a2 / (2 * a1), 3) if a1 > 0 else None
         out["cpu_scaling"] = round(float(np.mean([per_cpu(r) for r in twos]))
                                    / float(np.mean([per_cpu(r) for r in ones])), 3)  # fmt: skip
         out["cpu_share"] = {f"n{r['nodes']}": [a["cpu_share"] for a in r["per_actor"]]

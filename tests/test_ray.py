@@ -68,6 +68,22 @@ def test_steady_rate_counts_only_while_every_actor_is_at_work():
     assert steady_rate([1.0, 3.0, 4.0], [0, 0, 0], [2, 2, 3]) == (5 / 3.0, 3.0, 5)
 
 
+def test_actor_rates_sum_each_actors_own_rate_past_its_first_unit():
+    """Each actor: what it finished after its first unit over its first-to-last span, in
+    recordings and audio seconds; the sum over actors (those with one unit left out)."""
+    from speaker_sim_cli.engine.ray_engine import actor_rates
+
+    t = [1.0, 2.0, 5.0, 3.0, 6.0, 9.0]
+    who = [0, 0, 0, 1, 1, 2]
+    n = [4, 4, 4, 10, 6, 7]
+    audio = [8.0, 10.0, 14.0, 1.0, 30.0, 5.0]
+    rec, xrt, k = actor_rates(t, who, n, audio)
+    assert k == 2  # actor 2 ran one unit
+    assert rec == pytest.approx(8 / 4.0 + 6 / 3.0) and xrt == pytest.approx(24 / 4.0 + 30 / 3.0)
+    assert actor_rates([1.0, 2.0], [0, 1], [5, 5], [1.0, 1.0]) is None
+    assert actor_rates([], [], [], []) is None
+
+
 def test_a_unit_travels_as_one_block_and_the_worker_resolves_it_against_the_drivers_cwd():
     from speaker_sim_cli.engine.ray_worker import absolute, pack_paths, unpack_paths
 
