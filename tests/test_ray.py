@@ -178,10 +178,14 @@ def test_a_worker_refuses_an_unwritable_cache_or_another_checkpoint(real_ckpt, t
     not_a_dir = tmp_path / "cache-is-a-file"
     not_a_dir.write_text("")
     actor = _actor(real_ckpt, not_a_dir)
+    # Constructed = placed on a node: ready() answers at once, nothing is loaded or checked yet.
+    assert actor.ready()["fatal"] == "" and actor.embedder is None
+    said = actor.setup()
     assert "cannot write the cache" in actor.fatal and "every node" in actor.fatal
-    assert actor.ready()["fatal"] == actor.fatal
+    assert said["fatal"] == actor.ready()["fatal"] == actor.fatal
     assert actor.run(0, [str(tmp_path / "a.wav")])["fatal"] == actor.fatal
     other = _actor(real_ckpt, tmp_path / "cache", checkpoint_sha256="f" * 64)
+    assert other.run(0, [str(tmp_path / "a.wav")])["fatal"] == other.fatal  # run() sets up
     assert "differs from the driver's" in other.fatal and other.embedder is None
 
 

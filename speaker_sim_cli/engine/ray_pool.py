@@ -7,7 +7,9 @@ and a recording that kills its worker ``MAX_CRASHES`` times fails alone with a r
 waits for an actor that cannot come back: no progress for ``stall_s`` stops the job with a
 message saying what the cluster lacks. An actor that Ray has placed on a node but that is still
 loading its model is waited for (``stall_s`` more from when the stall found it so); one that no
-node has room for is not. The driver holds only the units in flight.
+node has room for is not. Which is which comes from the actor itself: its constructor is cheap,
+so its ``ready()`` answers once it is on a node, its ``setup()`` once the model is loaded.
+The driver holds only the units in flight.
 """
 
 from __future__ import annotations
@@ -82,7 +84,11 @@ class ActorPool:
         self.want = want
         self.stall_s = stall_s
         self.describe = describe
-        self.starting: dict[Any, Any] = {}  # ready() ref -> handle
+        self.starting: dict[Any, Any] = {}  # setup() ref -> handle
+        # ready() ref -> its actor's setup() ref: ready() answers as soon as Ray has placed the
+        # actor on a node (its constructor is cheap), setup() once the model is loaded.
+        self.placing: dict[Any, Any] = {}
+        self.on_node: set[Any] = set()  # setup() refs of starting actors placed on a node
         self.slots: dict[Any, _Slot] = {}  # actor id -> slot
         self.work: dict[Any, tuple[Any, Unit]] = {}  # run() ref -> (actor id, unit)
         self.retry: deque[Unit] = deque()
@@ -116,8 +122,10 @@ class ActorPool:
                 next_resize = now + RESIZE_S
             while len(self.slots) + len(self.starting) < self.target and now >= self.make_after:
                 handle = self.make()
-                ref = handle.ready.remote()
+                placed, ref = handle.ready.remote(), handle.setup.remote()
                 self.starting[ref] = handle
+                self.placing[placed] = ref
+                self._watch(placed)
                 self._watch(ref)
             source = self._assign(source)
             while self.failed:
@@ -132,6 +140,11 @@ class ActorPool:
                 return
             done = self._completed(0.2 if not self.work and not self.starting else 1.0)
             for ref, fut in done:
+                if ref in self.placing:  # placed on a node (or gone: setup() will say)
+                    setup = self.placing.pop(ref)
+                    if setup in self.starting and fut.exception() is None:
+                        self.on_node.add(setup)
+                    continue
                 if ref in self.starting:
                     if self._started(ref, fut):
                         last_progress = time.monotonic()
@@ -161,7 +174,7 @@ class ActorPool:
                     f"{self.stall_s:.0f} s later" if self.slow_loads else ""  # fmt: skip
                 raise SpeakerSimError(
                     f"the Ray job made no progress for {self.stall_s:.0f} s "
-                    f"({len(self.slots)} actors ready, {len(self.starting) - self.slow_loads} "
+                    f"({len(self.slots)} actors ready, {len(self.starting) - len(self.on_node)} "
                     f"waiting for a node with room{slow}, {len(self.work)} units running, "
                     f"{len(self.retry)} to retry, {self.lost_actors} actors lost so far): "
                     f"{self.describe()}"
@@ -173,12 +186,8 @@ class ActorPool:
         once the job has made no progress for ``stall_s``."""
         loading = False
         self.slow_loads = 0
-        for ref, handle in self.starting.items():
-            try:  # a placed actor has a worker process (pid); one waiting for room has none
-                pid = self.ray._private.state.actors(handle._actor_id.hex()).get("Pid")
-            except Exception:
-                continue
-            if not pid:
+        for ref in self.starting:
+            if ref not in self.on_node:  # waiting for a node with room
                 continue
             since = self.placed.setdefault(ref, now)
             if now - since <= self.stall_s:
@@ -234,6 +243,7 @@ class ActorPool:
     def _started(self, ref: Any, fut: Future[Any]) -> bool:
         handle = self.starting.pop(ref)
         self.placed.pop(ref, None)
+        self.on_node.discard(ref)
         try:
             info = fut.result()
         except Exception as exc:  # its node went away while it started: replace it
@@ -331,6 +341,8 @@ class ActorPool:
                 self.ray.kill(handle, no_restart=True)
         self.slots.clear()
         self.starting.clear()
+        self.placing.clear()
+        self.on_node.clear()
 
 
 class _quiet:

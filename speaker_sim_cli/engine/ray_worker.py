@@ -103,9 +103,12 @@ def _node_id() -> str:
 class EmbedActor:
     """Ray actor: the model on this actor's device; runs work units and writes the store.
 
-    The constructor never raises: a node that cannot serve (checkpoint missing or different,
-    store not writable, model does not load) says so in :meth:`ready`, and the driver stops the
-    job with that message (naming the node and the path) instead of a restart loop.
+    The constructor only records who and where this actor is, so :meth:`ready` answers as soon
+    as Ray has placed it on a node; :meth:`setup` loads the model and opens the store (the
+    driver calls it next; :meth:`run` calls it too if nobody did). Neither raises: a node that
+    cannot serve (checkpoint missing or different, store not writable, model does not load)
+    says so in the answer, and the driver stops the job with that message (naming the node and
+    the path) instead of a restart loop.
     ``standin=True`` (benchmarks only) replaces the file work and the network by a hash of the
     item's key, so that the driver's own cost per item can be measured on synthetic items.
     """
@@ -143,15 +146,23 @@ class EmbedActor:
             from ..io.storage import set_options
 
             set_options(storage_options)
-        if standin:
-            return
-        try:
-            root = cache_root if "://" in cache_root else Path(cache_root)  # or a bucket
-            self._setup(spec, Path(checkpoint), cfg, root, ingredients, threads)
-        except Exception as exc:
-            self.fatal = self.fatal or (
-                f"{self.where}: cannot load the model: {type(exc).__name__}: {exc}"
-            )
+        self._todo: tuple[Any, ...] | None = (
+            None if standin else (spec, checkpoint, cfg, cache_root, ingredients, threads)
+        )
+
+    def setup(self) -> dict[str, Any]:
+        """Load the model and open the store (once); then :meth:`ready`'s answer."""
+        if self._todo is not None:
+            spec, checkpoint, cfg, cache_root, ingredients, threads = self._todo
+            self._todo = None
+            try:
+                root = cache_root if "://" in cache_root else Path(cache_root)  # or a bucket
+                self._setup(spec, Path(checkpoint), cfg, root, ingredients, threads)
+            except Exception as exc:
+                self.fatal = self.fatal or (
+                    f"{self.where}: cannot load the model: {type(exc).__name__}: {exc}"
+                )
+        return self.ready()
 
     def _setup(
         self,
@@ -217,6 +228,7 @@ class EmbedActor:
     def run(self, lo: int, block: bytes | Sequence[str]) -> dict[str, Any]:
         """Process items ``lo .. lo+n-1`` (their paths: a :func:`pack_paths` block, or a list);
         returns the unit's small result row."""
+        self.setup()
         if self.hold:
             self._wait_while_held()
         t0, c0 = time.perf_counter(), time.process_time()
