@@ -225,11 +225,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--recordings", type=int, default=1000)
     ap.add_argument(
         "--fetch",
-        default="fsspec,batch",
+        default="fsspec,batch,overlap",
         help="fetch modes to measure, comma-separated: fsspec (the old one-object-per-thread "
-        "path, the baseline), batch (signed GETs, many in flight)",
+        "path, the baseline), batch (signed GETs, many in flight; --chunk fetched, then "
+        "decoded), overlap (the batch path as the engine reads: the next 256 fetched while "
+        "the current ones are decoded)",
     )
     ap.add_argument("--chunk", type=int, default=500, help="objects fetched per read_many")
+    ap.add_argument(
+        "--decode-threads",
+        type=int,
+        default=None,
+        help="recordings decoded at once, local and fetched (default: storage.FETCH_THREADS)",
+    )
     ap.add_argument("--in-flight", type=int, default=None, help="requests in flight (batch)")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
     ap.add_argument(
@@ -240,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
+    if a.decode_threads:
+        os.environ["BENCH_DECODE_THREADS"] = str(a.decode_threads)
     if a.in_flight:
         os.environ["SPEAKER_SIM_FETCH_IN_FLIGHT"] = str(a.in_flight)
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=a.dir))

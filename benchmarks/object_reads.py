@@ -64,14 +64,26 @@ def _measure(proc: subprocess.Popen, files: list[Path], urls: list[str], modes: 
     from speaker_sim_cli.io import fetch
     from speaker_sim_cli.paths import map_in_threads
 
-    threads = storage.FETCH_THREADS
+    threads = int(os.environ.get("BENCH_DECODE_THREADS") or storage.FETCH_THREADS)
     n = len(files)
 
-    def run(items: list) -> float:
+    def run(items: list, overlap: bool = False) -> float:
         """Fetch ``chunk`` objects at once (the bytes kept, as the pipeline's hashing keeps
-        them), then decode them ``threads`` at a time from memory."""
+        them), then decode them ``threads`` at a time from memory. ``overlap``: as the
+        embedding engine reads (``engine.data.with_bytes``): batches of 64, the next
+        ``FETCH_WINDOW`` objects fetched while the current ones are decoded."""
         t0 = time.perf_counter()
         got = []
+        if overlap:
+            from speaker_sim_cli.engine.data import with_bytes
+
+            plan = [list(enumerate(items))[b : b + 64] for b in range(0, len(items), 64)]
+            for batch in with_bytes(plan):
+                assert all(isinstance(t[2], bytes) for t in batch), "a fetch failed"
+                got += map_in_threads(lambda t: load(t[1], 16000, data=t[2]).shape[0], batch,
+                                      threads)  # fmt: skip
+            assert len(got) == len(items) and all(g > 0 for g in got)
+            return time.perf_counter() - t0
         for c in range(0, len(items), chunk):
             part = items[c : c + chunk]
             if storage.is_url(part[0]):
@@ -81,11 +93,11 @@ def _measure(proc: subprocess.Popen, files: list[Path], urls: list[str], modes: 
         assert all(g > 0 for g in got)
         return time.perf_counter() - t0
 
-    def timed(items: list, reps: int = 3) -> dict:
+    def timed(items: list, overlap: bool = False, reps: int = 3) -> dict:
         """Best wall time of ``reps`` runs (and each); this process's and the server's CPU per
         run."""
         cpu0, client0 = _cpu_seconds(proc.pid), time.process_time()
-        walls = [run(items) for _ in range(reps)]
+        walls = [run(items, overlap) for _ in range(reps)]
         server = (_cpu_seconds(proc.pid) - cpu0) / reps
         client = (time.process_time() - client0) / reps
         return {
@@ -100,13 +112,13 @@ def _measure(proc: subprocess.Popen, files: list[Path], urls: list[str], modes: 
                  "in_flight": fetch.in_flight(), "load_before": os.getloadavg()}  # fmt: skip
     run(files[:50])
     out["local"] = timed(files)
-    for mode in modes:  # the baseline (fsspec, one object per thread) and the batch path
-        os.environ[fetch.ENV_MODE] = mode
+    for mode in modes:  # the baseline (fsspec, one object per thread), the batch path, overlap
+        os.environ[fetch.ENV_MODE] = "fsspec" if mode == "fsspec" else "batch"
         try:
             run(urls)  # warm: imports, the signer, connections, the server's first look at each
             # object (rclone lists the folder and hashes each file for its ETag once)
             before = dict(fetch.COUNTS)
-            out[mode] = timed(urls)
+            out[mode] = timed(urls, overlap=mode == "overlap")
         finally:
             os.environ.pop(fetch.ENV_MODE, None)
         out[mode]["objects_via_batch_path_per_run"] = (
