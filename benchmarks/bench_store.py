@@ -12,7 +12,9 @@
    from local disk, decoded ``storage.FETCH_THREADS`` at a time; for each ``--fetch`` mode
    (``fsspec``: the old path, one object per thread through s3fs; ``batch``: presigned GETs
    over aiohttp, ``--in-flight`` at once), in one process. Wall time, and the CPU of this
-   process and of the server. Target <= 1.5x. ``--entries 0`` skips the store part.
+   process and of the server. Target <= 1.5x. ``fetch_only``: the batch path's fetch alone
+   (no decode), the CPU per object of this process (what a remote store would leave on this
+   machine) and of the server. ``--entries 0`` skips the store part.
 4. ``--http``: the same from a local HTTP server with keep-alive (aiohttp's static files), whose
    CPU per request is far below moto's: what the client costs when the server is not the
    bottleneck.

@@ -128,6 +128,20 @@ def _measure(proc: subprocess.Popen, files: list[Path], urls: list[str], modes: 
         # this process's CPU per object above the local run's (the decode is in both)
         extra = out[mode]["client_cpu_s"] - out["local"]["client_cpu_s"]
         out[mode]["client_cpu_ms_per_object_above_local"] = round(1000 * extra / n, 2)
+    if "batch" in modes:  # the fetch alone: what a remote store would leave on this machine
+        walls, client, server = [], 0.0, 0.0
+        for _ in range(3):
+            c0, s0, t0 = time.process_time(), _cpu_seconds(proc.pid), time.perf_counter()
+            for c in range(0, n, chunk):
+                assert all(isinstance(g, fetch.Got) for g in fetch.fetch(urls[c : c + chunk]))
+            walls.append(time.perf_counter() - t0)
+            client += time.process_time() - c0
+            server += _cpu_seconds(proc.pid) - s0
+        out["fetch_only"] = {
+            "runs_s": [round(w, 2) for w in walls],
+            "client_cpu_ms_per_object": round(1000 * client / 3 / n, 3),
+            "server_cpu_ms_per_object": round(1000 * server / 3 / n, 3),
+        }
     out["load_after"] = os.getloadavg()
     return out
 
