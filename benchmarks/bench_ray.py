@@ -33,9 +33,13 @@ rewritten with its first sample moved by k LSBs, so that each has its own conten
 embedded, never found in the store). ``--nodes 1 2 1`` runs N=1, adds a node for N=2, removes
 one for N=1 again (bracketing drift in the machine's load); each run starts from an empty
 store, with the default pool (one actor per CPU) and units. Steady throughput is the engine's
-own figure: recordings per second while every actor is at work, past its first unit
-(:func:`steady_rate` over the units' completion times). ``scaling`` = steady(N=2) / (2 x mean
-steady(N=1)); the target is >= 0.9. The local engine (one process, its defaults) on the same
+own figure, two ways: recordings per second in the one window in which every actor is at work,
+past its first unit (:func:`steady_rate` over the units' completion times: ``scaling``), and
+the sum of each actor's own rate past its first unit (:func:`actor_rates`: no unit is cut at
+the window's edges, which with ~18 units moves the figure by several per cent), in recordings
+(``scaling_actor_recordings``) and in audio seconds (``scaling_actor_x_realtime``: units
+weighed by the speech they hold, which differs from unit to unit). Each is mean(N=2) /
+(2 x mean(N=1)); the target is >= 0.9. The local engine (one process, its defaults) on the same
 corpus is the baseline. Because the host is shared, every run also reports the CPU the actors
 got (``cpu_share``: their CPU time over their busy wall time), the machine's busy cores and
 load average (/proc), and ``cpu_scaling``: the same ratio per actor CPU-second, which is what

@@ -55,8 +55,12 @@ __all__ = ["RAY_SPEC", "EmbedActor", "RayOptions", "RayRun", "_refused", "load_w
 RAY_SPEC = "ray[data]>=2.60,<2.61"
 # A unit (one actor call) holds at most --batch-size recordings (default per device); it is the
 # scheduling grain only (the actor embeds it in sub-batches), and the driver's cost per
-# recording falls with it (benchmarks/bench_ray.py --driver).
-UNIT_ROWS = {"cpu": 32, "cuda": 1024}
+# recording falls with it: Ray's own cost of an actor call is ~0.5-1 ms of driver CPU here.
+# benchmarks/bench_ray.py --driver, same host, 10^5-3x10^6 items: 1.29 CPU-us per recording at
+# 1024, 0.49 at 4096 (one driver core then feeds ~1,650 GPUs of CAM++ at 10,000x realtime, 8 s
+# recordings). A GPU embeds 4096 such recordings in ~3 s: the tail of a job, and what a lost
+# node re-runs, stay a few seconds per actor; each unit's shard is 3 MB.
+UNIT_ROWS = {"cpu": 32, "cuda": 4096}
 # No result and no new actor for this long stops the job (a lost cluster, no room for any
 # actor): a message, never a hang. $SPEAKER_SIM_RAY_STALL_S overrides it.
 STALL_S = 600.0
