@@ -171,6 +171,22 @@ def store_count(cache: Path) -> int:
     return sum(int(r["entries"]) for r in cache_info(cache)) if cache.exists() else 0
 
 
+def fuzz_settings(examples: int) -> Any:
+    """Hypothesis settings of the fuzz tests: ``examples`` cases, reproducible (derandomised, no
+    example database), no deadline."""
+    from hypothesis import HealthCheck, Phase, settings
+
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        print_blob=False,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,23 +8,15 @@ import datetime as dt
 import os
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import moto_s3  # type: ignore[import-not-found]
+from conftest import fuzz_settings, moto_s3  # type: ignore[import-not-found]
 from speaker_sim_cli.io import fetch, storage
 
 pytest.importorskip("botocore")
 
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    phases=[Phase.explicit, Phase.generate],
-    print_blob=False,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+FUZZ = fuzz_settings(200)
 WHEN = dt.datetime(2026, 12, 7, 17, 4, 59, tzinfo=dt.timezone.utc)
 KEYS = [
     "rec/r00001.wav",

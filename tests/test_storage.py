@@ -13,27 +13,20 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from conftest import (  # type: ignore[import-not-found]
     bucket_trials,
+    fuzz_settings,
     moto_s3,
     score_map,
 )
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.io import storage
 
-FUZZ = settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    phases=[Phase.explicit, Phase.generate],
-    print_blob=False,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+FUZZ = fuzz_settings(100)
 BUCKET = "speaker-sim-test"
 
 

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
+from conftest import fuzz_settings  # type: ignore[import-not-found]
 from speaker_sim_cli.cli.main import app
 from speaker_sim_cli.engine import store as store_mod
 from speaker_sim_cli.engine import store_index as si
@@ -26,15 +27,7 @@ from speaker_sim_cli.engine.store import ShardError, ShardStore, parse_shard, sh
 
 DIM = 192
 BASE = {"format": 1, "model": "test-model", "checkpoint_sha256": "c" * 64, "mode": "full"}
-FUZZ = settings(
-    max_examples=100,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    phases=[Phase.explicit, Phase.generate],
-    print_blob=False,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
-)
+FUZZ = fuzz_settings(100)
 
 
 def key(i: int | str) -> str:
