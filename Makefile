@@ -86,7 +86,9 @@ bench: install
 	$(BIN)/python benchmarks/bench_warm.py --out bench-results/warm.json
 	SPEAKER_SIM_SHARED=$(SHARED) $(BIN)/python benchmarks/bench_store.py --formats --s3 --http --out bench-results/store.json
 	$(BIN)/python benchmarks/bench_ray.py --out bench-results/ray.json
-	$(BIN)/python benchmarks/bench_ray.py --driver --unit-rows 1024 --out bench-results/ray-driver.json
+	$(BIN)/python benchmarks/bench_ray.py --driver 100000 1000000 10000000 --blocks --unit-rows 4096 --out bench-results/ray-driver.json
+	$(BIN)/python benchmarks/bench_ray.py --driver 10000 100000 300000 --api paths --unit-rows 4096 --out bench-results/ray-driver-paths.json
+	$(BIN)/python benchmarks/bench_ray.py --scaling --nodes 1 2 1 2 --out bench-results/ray-scaling.json
 	$(BIN)/python benchmarks/bench_wavlm.py --seconds 30 --out bench-results/wavlm.json
 	$(BIN)/python benchmarks/bench_voiceprints.py --out bench-results/voiceprints.json
 	$(BIN)/python benchmarks/bench_voiceprint_service.py --out bench-results/voiceprint-service.json
