@@ -346,8 +346,9 @@ class ShardStore:
         whole = len(rows) == len(sh.vec) and bool((np.diff(rows) == 1).all())
         vec = None
         if sh.vec_offset is not None and len(rows) * DENSE_READ >= len(sh.vec):
-            # Many of its rows: one read of the file beats faulting in its pages one by one
-            # (~4x on this VM for a shard just written by another process).
+            # Many of its rows: one read of the file instead of faulting in the memory map's
+            # pages one by one (each fault is dear on a VM, and a shard just written by a
+            # worker is not mapped in this process yet).
             with contextlib.suppress(OSError, ShardError):
                 block = read_vectors(self._join("shards", name), sh)
                 vec = block if whole else block[rows]
