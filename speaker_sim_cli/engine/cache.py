@@ -259,13 +259,14 @@ class EmbeddingCache:
     ) -> tuple[np.ndarray, np.ndarray]:
         assert self.store is not None
         raw = isinstance(digests, np.ndarray)
-        if not raw or out is None:
-            out = dest = None
+        if out is None:
+            dest = None
         before = self.store.corrupt
         try:
-            if isinstance(digests, np.ndarray):
+            if isinstance(digests, np.ndarray):  # (raw, spelled out for the type checker)
                 mat, found = self.store.get_keys(digests, cheap=cheap, out=out, dest=dest)
             else:
+                out = dest = None  # hex digests: the store's own matrix
                 mat, found = self.store.get_many(digests, cheap=cheap)
         except OSError:  # an unreadable store is a cold cache
             mat = np.zeros((len(digests), self.dim), np.float32) if out is None else out

@@ -20,7 +20,6 @@ from ..errors import SpeakerSimError
 from ..records import RowEmbeddings
 from .ray_engine import RayRun
 from .ray_worker import CACHE_HINT, FAILED, OK
-from .store_index import split_keys
 
 __all__ = ["READBACK_ROWS", "embed_unique"]
 
@@ -117,17 +116,4 @@ def embed_unique(
 def _distinct(keys: np.ndarray) -> int:
     """How many different keys among ``keys`` ((n, 32) uint8; by their first 16 bytes, as the
     store's index tells them apart)."""
-    if not len(keys):
-        return 0
-    hi, lo = split_keys(keys)
-    order = np.argsort(hi)
-    hi, lo = hi[order], lo[order]
-    same = np.flatnonzero(hi[1:] == hi[:-1])  # twins, mostly: sort those runs by lo too
-    if not len(same):
-        return len(hi)
-    runs = np.unique(np.concatenate([same, same + 1]))
-    sub = np.lexsort((lo[runs], hi[runs]))
-    h, lo_ = hi[runs][sub], lo[runs][sub]
-    return (
-        len(hi) - len(runs) + 1 + int(np.count_nonzero((h[1:] != h[:-1]) | (lo_[1:] != lo_[:-1])))
-    )
+    return int(np.unique(np.ascontiguousarray(keys[:, :16]).view("V16")).size)

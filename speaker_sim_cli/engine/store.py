@@ -344,21 +344,19 @@ class ShardStore:
         order = np.argsort(rows, kind="stable")  # in file order: pages are touched once
         rows, qi = rows[order], qi[order]
         whole = len(rows) == len(sh.vec) and bool((np.diff(rows) == 1).all())
+        at: slice | np.ndarray = slice(None) if whole else rows  # every row: views, no gather
         vec = None
         if sh.vec_offset is not None and len(rows) * DENSE_READ >= len(sh.vec):
             # Many of its rows: one read of the file instead of faulting in the memory map's
             # pages one by one (each fault is dear on a VM, and a shard just written by a
             # worker is not mapped in this process yet).
             with contextlib.suppress(OSError, ShardError):
-                block = read_vectors(self._join("shards", name), sh)
-                vec = block if whole else block[rows]
+                vec = read_vectors(self._join("shards", name), sh)[at]
         if vec is None:
-            vec = sh.vec if whole else sh.vec[rows]
-        keys = sh.keys if whole else sh.keys[rows]
+            vec = sh.vec[at]
+        keys = sh.keys[at]
         good = (keys == qkeys[qi]).all(axis=1)
-        ok = (row_checks(keys, vec) == (sh.crc if whole else sh.crc[rows])) & np.isfinite(vec).all(
-            axis=1
-        )
+        ok = (row_checks(keys, vec) == sh.crc[at]) & np.isfinite(vec).all(axis=1)
         bad = good & ~ok
         if bad.any():
             self.corrupt += int(bad.sum())
